@@ -1,0 +1,3 @@
+from glotkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""The recipe schema: one YAML file describes a whole run.
+
+A recipe is validated when it is loaded, so a typo or a bad value fails before any model is
+touched, with a one-line message naming the file, the field and the value.  ``--set key=value``
+overrides are applied on top of the file before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from glotkit.errors import GlotkitError
+
+STAGES = ("eval_base", "train", "eval_tuned", "report")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """Which model to adapt: a registry name, a local Hugging Face folder, or a hub id."""
+
+    name: str = "gemma-3-270m"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    chat_template: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class DataSection(_Section):
+    """Where the (context, question, answer) examples come from and how to split them."""
+
+    train: str | None = None
+    test: str | None = None
+    format: Literal["auto", "squad", "jsonl", "csv", "hf"] = "auto"
+    context_field: str = "context"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str = "id"
+    test_ratio: float = Field(0.2, gt=0.0, lt=1.0)
+    language: str = "ro"
+    max_train: StrictInt | None = Field(None, gt=0)
+    max_test: StrictInt | None = Field(None, gt=0)
+
+
+class PromptSection(_Section):
+    """How an example becomes text: the prompt, and the target the model learns to write."""
+
+    template: str = "Context: {context}\nQuestion: {question}\nAnswer:"
+    target: str = " {answer}\n"
+    answer_marker: str = "Answer:"
+
+    @field_validator("template")
+    @classmethod
+    def _needs_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain {question}")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _needs_answer(cls, v: str) -> str:
+        if "{answer}" not in v:
+            raise ValueError("must contain {answer}")
+        return v
+
+
+class LoraSection(_Section):
+    """LoRA adapter settings.  ``alpha`` may be a number or tied to the rank: ``"4r"``."""
+
+    r: StrictInt = Field(8, gt=0)
+    alpha: Union[float, str] = 16.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[list[str], str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_form(cls, v: float | str) -> float | str:
+        if isinstance(v, str) and not re.fullmatch(r"\s*\d+(\.\d+)?\s*\*?\s*r\s*", v):
+            raise ValueError(f"must be a number or a multiple of the rank like '4r', got {v!r}")
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            v = v.strip()
+            if v == "all-linear":
+                return v
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        if not v:
+            raise ValueError("must name at least one module")
+        return v
+
+    def resolved_alpha(self) -> float:
+        """The alpha value, with a rank-tied form like '4r' multiplied out."""
+        if isinstance(self.alpha, str):
+            return float(self.alpha.replace("*", "").strip()[:-1].strip()) * self.r
+        return float(self.alpha)
+
+
+class TrainSection(_Section):
+    """The training loop: optimisation, batching, checkpoints."""
+
+    lr: float = Field(1e-4, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: StrictInt | None = Field(None, gt=0)
+    batch_size: StrictInt = Field(4, gt=0)
+    grad_accum: StrictInt = Field(1, gt=0)
+    max_length: StrictInt = Field(512, gt=8)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    too_long: Literal["drop", "truncate_context"] = "drop"
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    checkpoint_every: StrictInt = Field(25, gt=0)
+    log_every: StrictInt = Field(1, gt=0)
+
+
+class EvalSection(_Section):
+    """Generation settings for evaluation."""
+
+    max_new_tokens: StrictInt = Field(32, gt=0)
+    batch_size: StrictInt = Field(8, gt=0)
+    limit: StrictInt | None = Field(None, gt=0)
+
+
+class Recipe(_Section):
+    """A whole run: model, data, prompt, adapter, training, evaluation, and which stages to run."""
+
+    name: str = "run"
+    seed: StrictInt = 42
+    runs_dir: str = "runs"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    stages: list[Literal["eval_base", "train", "eval_tuned", "report"]] = Field(
+        default_factory=lambda: list(STAGES)
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", v):
+            raise ValueError(f"must be a plain folder name (letters, digits, . _ - = , +), got {v!r}")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data, every default filled in."""
+        return self.model_dump(mode="json")
+
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# --------------------------------------------------------------------------- loading
+
+_PATH_KEYS = (("data", "train"), ("data", "test"))
+
+
+def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
+    return dict(model.model_fields)
+
+
+def _check_unknown_keys(raw: dict[str, Any], model: type[BaseModel], where: str, prefix: str = "") -> None:
+    """Reject keys the schema does not know, suggesting the closest known one."""
+    fields = _section_fields(model)
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise GlotkitError(f"{where}: unknown recipe key '{dotted}'{hint}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, dict):
+                raise GlotkitError(f"{where}: '{dotted}' must be a mapping, got {value!r}")
+            _check_unknown_keys(value, annotation, where, prefix=f"{dotted}.")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into a key path and a YAML-parsed value."""
+    if "=" not in item:
+        raise GlotkitError(f"--set {item!r}: expected key=value, e.g. --set lora.r=4")
+    key, _, text = item.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise GlotkitError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return path, value
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise GlotkitError(f"--set {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, where: str, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    value: Any = raw
+    for part in first["loc"]:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        else:
+            value = first.get("input")
+            break
+    msg = first["msg"]
+    msg = msg.replace("Value error, ", "")
+    return f"{where}: {loc}: {msg} (got {value!r})"
+
+
+def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+    """Validate plain data against the schema, raising a one-line :class:`GlotkitError`."""
+    if not isinstance(raw, dict):
+        raise GlotkitError(f"{where}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    _check_unknown_keys(raw, Recipe, where)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise GlotkitError(_format_validation_error(err, where, raw)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply ``key=value`` overrides, validate.
+
+    Relative data paths written in the file are taken relative to the file's folder; paths given
+    with ``--set`` are taken relative to the current directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GlotkitError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise GlotkitError(f"{path}:{line} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise GlotkitError(f"{path}: a recipe must be a YAML mapping")
+    raw = copy.deepcopy(raw)
+    for section, key in _PATH_KEYS:
+        value = (raw.get(section) or {}).get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            raw[section][key] = str((path.parent / value).resolve())
+    for item in overrides or []:
+        key_path, value = parse_override(item)
+        apply_override(raw, key_path, value)
+    return validate_recipe(raw, where=str(path))
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the fully resolved recipe as YAML."""
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

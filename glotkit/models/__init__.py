@@ -1,0 +1,1 @@
+"""Models: the built-in registry, loading any local/hub model, and LoRA adapters."""
