@@ -1,0 +1,101 @@
+"""The command line: a thin layer over the library.
+
+    glotkit run RECIPE [--set key=value ...]
+    glotkit sweep RECIPE --grid lora.r=1,2,4,8 [--grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj']
+    glotkit validate RECIPE [--set ...]
+    glotkit models
+
+Errors the user can fix print one line and exit with status 2; Ctrl-C exits with 130 after
+saving what can be saved (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from glotkit.errors import GlotkitError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glotkit", description="Adapt language models to low-resource languages.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__import__('glotkit').__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_args(sp):
+        sp.add_argument("recipe", help="recipe YAML file")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set lora.r=4 (repeatable)")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("run", help="run a recipe's stages (resumes an interrupted run)")
+    recipe_args(sp)
+    sp = sub.add_parser("sweep", help="run a grid of recipe variants and tabulate them")
+    recipe_args(sp)
+    sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="values to sweep; use | between values when a value itself has commas")
+    sp = sub.add_parser("validate", help="check a recipe and print it fully resolved")
+    recipe_args(sp)
+    sub.add_parser("models", help="list the built-in models")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "models":
+            from glotkit.models.registry import BUILTIN_MODELS, DEFAULT_MODEL
+
+            for m in BUILTIN_MODELS.values():
+                star = " (default)" if m.name == DEFAULT_MODEL else ""
+                print(f"{m.name}{star}: {m.description}  [pip: {m.package}]")
+            return 0
+        from glotkit.config import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "validate":
+            import yaml
+
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), end="")
+            return 0
+        _quiet_libraries()
+        if args.command == "run":
+            from glotkit.pipeline import run_recipe
+
+            run_recipe(recipe, log=_log, progress=not args.no_progress)
+            return 0
+        if args.command == "sweep":
+            from glotkit.sweep import run_sweep
+
+            run_sweep(recipe, args.grid, log=_log, progress=not args.no_progress)
+            return 0
+    except GlotkitError as err:
+        print(f"glotkit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nglotkit: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 1
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - transformers missing is reported elsewhere
+        pass
+    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

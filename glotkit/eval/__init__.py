@@ -1,0 +1,1 @@
+"""Evaluation: language-aware answer normalization and QA metrics (EM, token F1)."""

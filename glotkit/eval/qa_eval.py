@@ -1,0 +1,108 @@
+"""Evaluate a model on QA examples: generate, extract, score; resumable and written incrementally."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from glotkit.config import EvalSection
+from glotkit.data.prompts import PromptFormatter
+from glotkit.data.qa import QAExample
+from glotkit.eval.qa_metrics import aggregate, extract_answer, score_one, QAScore
+from glotkit.generate.local import generate_greedy
+
+PARTIAL = "predictions.partial.jsonl"
+
+
+def evaluate_qa(
+    model,
+    tokenizer,
+    fmt: PromptFormatter,
+    examples: Sequence[QAExample],
+    cfg: EvalSection,
+    *,
+    language: str,
+    out_dir: Path,
+    device: str = "cpu",
+    desc: str = "eval",
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
+    """Write ``out_dir/predictions.jsonl`` and ``out_dir/metrics.json``; return the metrics.
+
+    Predictions are appended to a partial file after every batch, so an interrupted evaluation
+    continues with the examples it has not done yet.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = list(examples)[: cfg.limit] if cfg.limit else list(examples)
+    partial = out_dir / PARTIAL
+    done: dict[str, dict] = {}
+    if partial.is_file():
+        with partial.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: it is redone
+                done[rec["id"]] = rec
+        if done:
+            log(f"[glotkit] {desc}: resuming, {len(done)} of {len(examples)} predictions already written")
+        # rewrite without a possibly cut last line
+        with partial.open("w", encoding="utf-8") as fh:
+            for rec in done.values():
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    todo = [ex for ex in examples if ex.id not in done]
+    prompts = [fmt.prompt_ids(ex) for ex in todo]
+
+    def record(ex: QAExample, generation: str) -> dict:
+        pred = extract_answer(generation, fmt.cfg.answer_marker)
+        s = score_one(pred, ex.answers, language)
+        return {
+            "id": ex.id,
+            "question": ex.question,
+            "gold": ex.answers,
+            "generation": generation,
+            "prediction": pred,
+            "em": s.em,
+            "f1": round(s.f1, 4),
+            "em_raw": s.em_raw,
+            "f1_raw": round(s.f1_raw, 4),
+        }
+
+    t0 = time.perf_counter()
+    new_tokens = 0
+    with partial.open("a", encoding="utf-8") as fh:
+
+        def on_batch(idx: list[int], texts: list[str]) -> None:
+            nonlocal new_tokens
+            for i, t in zip(idx, texts):
+                rec = record(todo[i], t)
+                done[rec["id"]] = rec
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                new_tokens += len(tokenizer(t, add_special_tokens=False)["input_ids"])
+            fh.flush()
+            os.fsync(fh.fileno())
+
+        if todo:
+            generate_greedy(
+                model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                device=device, progress=progress, desc=desc, on_batch=on_batch,
+            )
+    seconds = time.perf_counter() - t0
+    ordered = [done[ex.id] for ex in examples]
+    metrics = aggregate([QAScore(r["em"], r["f1"], r["em_raw"], r["f1_raw"]) for r in ordered])
+    metrics["seconds"] = round(seconds, 2)
+    if todo:
+        metrics["examples_per_s"] = round(len(todo) / max(seconds, 1e-9), 2)
+        metrics["generated_tokens_per_s"] = round(new_tokens / max(seconds, 1e-9), 1)
+    tmp = out_dir / "predictions.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
+    os.replace(tmp, out_dir / "predictions.jsonl")
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out_dir / "metrics.json")
+    partial.unlink(missing_ok=True)
+    return metrics

@@ -1,0 +1,1 @@
+"""Generation backends. ``local`` runs batched greedy decoding on a loaded model."""

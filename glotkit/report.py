@@ -1,0 +1,118 @@
+"""Reports: the run's metrics.json, merged predictions.jsonl, report.md and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from glotkit.config import Recipe
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def plot_loss(log: list[dict], path: Path, title: str = "training loss") -> Path | None:
+    if not log:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot([h["step"] for h in log], [h["loss"] for h in log], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per answer token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(v, nd=2):
+    return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def write_report(run_dir: Path, recipe: Recipe) -> Path:
+    base = _read_json(run_dir / "eval_base" / "metrics.json")
+    tuned = _read_json(run_dir / "eval_tuned" / "metrics.json")
+    tr = _read_json(run_dir / "train" / "result.json")
+    versions = _read_json(run_dir / "versions.json") or {}
+    metrics = {k: v for k, v in (("base", base), ("tuned", tuned)) if v is not None}
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, run_dir / "metrics.json")
+
+    # merged predictions, one line per test example
+    base_p = {r["id"]: r for r in _read_jsonl(run_dir / "eval_base" / "predictions.jsonl")}
+    tuned_p = {r["id"]: r for r in _read_jsonl(run_dir / "eval_tuned" / "predictions.jsonl")}
+    ids = list(tuned_p or base_p)
+    merged = []
+    for i in ids:
+        src = tuned_p.get(i) or base_p.get(i)
+        row = {"id": i, "question": src["question"], "gold": src["gold"]}
+        for tag, table in (("base", base_p), ("tuned", tuned_p)):
+            if i in table:
+                r = table[i]
+                row[tag] = {k: r[k] for k in ("generation", "prediction", "em", "f1", "em_raw", "f1_raw")}
+        merged.append(row)
+    tmp = run_dir / "predictions.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged), encoding="utf-8")
+    os.replace(tmp, run_dir / "predictions.jsonl")
+
+    log = _read_jsonl(run_dir / "train" / "log.jsonl")
+    png = plot_loss(log, run_dir / "loss.png", f"{recipe.name}: loss per answer token")
+
+    lines = [f"# glotkit run `{recipe.name}`", ""]
+    lines.append(f"Model `{recipe.model.name}` on {versions.get('device', '?')}; "
+                 f"LoRA r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, "
+                 f"targets {recipe.lora.target_modules}; language `{recipe.data.language}`.")
+    lines += ["", "## Test-set scores (%)", "",
+              "| model | EM | F1 | EM raw | F1 raw | n |", "|---|---:|---:|---:|---:|---:|"]
+    for tag, m in metrics.items():
+        lines.append(f"| {tag} | {_fmt(m['em'])} | {_fmt(m['f1'])} | {_fmt(m['em_raw'])} | {_fmt(m['f1_raw'])} | {m['n']} |")
+    if base and tuned:
+        lines += ["", f"Change: EM {tuned['em'] - base['em']:+.2f}, F1 {tuned['f1'] - base['f1']:+.2f} points."]
+    lines += ["", "EM/F1 use language-aware normalization (NFC, Romanian cedilla → comma-below, case, "
+              "Unicode punctuation, whitespace; English articles only for English); *raw* compares the "
+              "stripped strings as generated."]
+    if tr:
+        lines += ["", "## Training", "",
+                  f"- {tr['trainable_line']}",
+                  f"- {tr['steps']} steps over {tr['examples']} examples "
+                  f"(encoding: {tr['encode']['truncated']} truncated, {tr['encode']['dropped']} dropped as too long)",
+                  f"- {tr['seconds']:.0f} s, **{tr['tokens_per_s']:.0f} tokens/s** "
+                  f"({tr['supervised_tokens_per_s']:.0f} supervised tokens/s), final loss {tr['final_loss']}",
+                  f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in tr['memory'].items())}",
+                  f"- loss on answer tokens only, LM head at answer positions only: {tr['fast_loss']}"]
+        if png:
+            lines += ["", "![training loss](loss.png)"]
+    for tag, m in metrics.items():
+        if "examples_per_s" in m:
+            lines.append(f"- generation ({tag}): {m['examples_per_s']:.2f} examples/s, "
+                         f"{m['generated_tokens_per_s']:.1f} new tokens/s, {m['seconds']:.0f} s")
+    changed = [r for r in merged if "base" in r and "tuned" in r and r["base"]["prediction"] != r["tuned"]["prediction"]]
+    if changed:
+        lines += ["", "## Sample predictions", "", "| question | gold | base | tuned |", "|---|---|---|---|"]
+        for r in changed[:8]:
+            cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:80]
+            lines.append(f"| {cell(r['question'])} | {cell(r['gold'][0])} | {cell(r['base']['prediction'])} | "
+                         f"{cell(r['tuned']['prediction'])} |")
+    lines += ["", "## Environment", "", "```", json.dumps(versions, indent=1), "```", ""]
+    out = run_dir / "report.md"
+    tmp = run_dir / "report.md.tmp"
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
