@@ -38,7 +38,7 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_model(path: Path, arch: str = "gemma3", seed: int = 0):
+def build_model(path: Path, arch: str = "gemma3", seed: int = 0, init: float = 0.02):
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
@@ -46,7 +46,7 @@ def build_model(path: Path, arch: str = "gemma3", seed: int = 0):
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                  pad_token_id=0, eos_token_id=1, bos_token_id=2)
+                  pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=init)
     if arch == "gemma3":
         cfg = Gemma3TextConfig(head_dim=16, sliding_window=16, final_logit_softcapping=30.0,
                                query_pre_attn_scalar=16, **common)

@@ -1,0 +1,145 @@
+"""The training engine: exact loss, batching plan, resume, prompt encoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_model
+from glotkit.config import LoraSection, PromptSection, TrainSection
+from glotkit.data.prompts import IGNORE, EncodeStats, PromptFormatter
+from glotkit.data.qa import QAExample
+from glotkit.models.lora import apply_lora
+from glotkit.train.engine import SupervisedLoss, collate, epoch_batches, plan_steps, reference_loss_sum, train
+
+
+def _examples(n=12):
+    return [QAExample(f"e{i}", f"Context număr {i}: Sibiu este pe râul Cibin." + " x" * (i % 5),
+                      f"Întrebarea {i}?", [f"Cibin {i}"]) for i in range(n)]
+
+
+def _encoded(tok, n=12, max_length=128):
+    fmt = PromptFormatter(PromptSection(), tok)
+    stats = EncodeStats()
+    return [fmt.encode_train(ex, max_length, "drop", stats) for ex in _examples(n)]
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_fast_loss_equals_full_logits_reference(tmp_path, arch):
+    model, tok = build_model(tmp_path, arch)
+    model = apply_lora(model, LoraSection(r=4, target_modules="all-linear", dropout=0.0))
+    # make LoRA B non-zero so the adapter matters
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    batch = collate(_encoded(tok, 5), tok.pad_token_id)
+    assert (batch["labels"] != IGNORE).sum() > 0
+    model.eval()
+    fast, n_fast = SupervisedLoss(model)(batch)
+    ref, n_ref = reference_loss_sum(model, batch)
+    assert n_fast == n_ref
+    assert abs(fast.item() / n_fast - ref.item() / n_ref) < 1e-5
+    # and the gradients agree too
+    model.zero_grad()
+    (SupervisedLoss(model)(batch)[0] / n_fast).backward()
+    g_fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    (reference_loss_sum(model, batch)[0] / n_ref).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(g_fast[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_softcapping_is_applied(tmp_path):
+    model, tok = build_model(tmp_path, "gemma3")
+    assert SupervisedLoss(model).cap == 30.0
+
+
+def test_labels_only_on_target(tmp_path):
+    _, tok = build_model(tmp_path, "llama")
+    fmt = PromptFormatter(PromptSection(), tok)
+    ex = _examples(1)[0]
+    enc = fmt.encode_train(ex, 256, "drop", EncodeStats())
+    prompt = fmt.prompt_ids(ex)
+    assert enc.input_ids[: len(prompt)] == prompt
+    assert all(x == IGNORE for x in enc.labels[: len(prompt)])
+    assert tok.decode(enc.input_ids[len(prompt):]) == " Cibin 0\n"
+    assert enc.input_ids[0] == tok.bos_token_id
+
+
+def test_too_long_drop_and_truncate_counts(tmp_path):
+    _, tok = build_model(tmp_path, "llama")
+    fmt = PromptFormatter(PromptSection(), tok)
+    long_ctx = "Munții Carpați sunt frumoși. " * 40 + "Sibiu este pe râul Cibin. " + "Brașov și Iași. " * 40
+    exs = [QAExample("long", long_ctx, "Pe ce râu?", ["Cibin"])] + _examples(3)
+    stats = EncodeStats()
+    kept = [fmt.encode_train(e, 120, "drop", stats) for e in exs]
+    assert kept[0] is None and stats.dropped == 1 and stats.kept == 3
+    assert "1 were dropped" in stats.line(120)
+    stats = EncodeStats()
+    enc = fmt.encode_train(exs[0], 120, "truncate_context", stats)
+    assert enc is not None and len(enc.input_ids) <= 120 and stats.truncated == 1
+    assert "Cibin" in tok.decode(enc.input_ids)  # the window keeps the answer
+
+
+def test_batches_are_deterministic_and_cover_everything():
+    lengths = [5, 50, 7, 33, 2, 90, 14, 8, 61, 3]
+    a = epoch_batches(lengths, 3, seed=1, epoch=0, group_by_length=True)
+    assert a == epoch_batches(lengths, 3, seed=1, epoch=0, group_by_length=True)
+    assert a != epoch_batches(lengths, 3, seed=1, epoch=1, group_by_length=True)
+    assert sorted(i for b in a for i in b) == list(range(10))
+    assert 5 in a[0]  # the longest example's batch comes first
+    steps = plan_steps(lengths, TrainSection(batch_size=3, grad_accum=2, epochs=2.0), seed=1)
+    assert len(steps) == 4  # ceil(ceil(10/3)/2) = 2 per epoch
+    assert len(plan_steps(lengths, TrainSection(batch_size=3, max_steps=7), seed=1)) == 7
+
+
+def test_grad_accumulation_weights_every_token_equally(tmp_path):
+    """One step of batch 4 equals one step of batch 2 × accumulation 2 (same examples, same order)."""
+    results = []
+    for bs, acc in ((4, 1), (2, 2)):
+        model, tok = build_model(tmp_path / f"{bs}", "llama", seed=0)
+        model = apply_lora(model, LoraSection(r=4, dropout=0.0))
+        enc = _encoded(tok, 4)
+        cfg = TrainSection(batch_size=bs, grad_accum=acc, max_steps=1, lr=1e-2, group_by_length=False)
+        train(model, enc, cfg, seed=3, work_dir=tmp_path / f"w{bs}", pad_id=tok.pad_token_id, progress=False)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in results[0]:
+        torch.testing.assert_close(results[0][n], results[1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    cfg = TrainSection(batch_size=2, grad_accum=2, max_steps=6, lr=5e-3, checkpoint_every=2, warmup_ratio=0.2)
+
+    def fresh():
+        model, tok = build_model(tmp_path / "m", "gemma3", seed=0)
+        torch.manual_seed(0)
+        return apply_lora(model, LoraSection(r=4, dropout=0.1)), tok  # dropout: RNG state must resume too
+
+    model, tok = fresh()
+    enc = _encoded(tok, 10)
+    full = train(model, enc, cfg, seed=7, work_dir=tmp_path / "a", pad_id=tok.pad_token_id, progress=False)
+    want = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model, tok = fresh()
+    part = train(model, enc, cfg, seed=7, work_dir=tmp_path / "b", pad_id=tok.pad_token_id, progress=False, stop_after=3)
+    assert part.steps == 3 and (tmp_path / "b" / "checkpoint.pt").is_file()
+    model, tok = fresh()  # a new process would start from the base weights again
+    rest = train(model, enc, cfg, seed=7, work_dir=tmp_path / "b", pad_id=tok.pad_token_id, progress=False)
+    assert rest.steps == 6
+    assert [h["loss"] for h in rest.log] == pytest.approx([h["loss"] for h in full.log], abs=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), want[n], rtol=0, atol=1e-6)
+
+
+def test_loss_falls_on_tiny_model(tmp_path):
+    # a wider initialisation: with std 0.02 a 32-wide random model cannot make peaked logits at all
+    model, tok = build_model(tmp_path, "llama", init=0.2)
+    model = apply_lora(model, LoraSection(r=8, target_modules="all-linear", dropout=0.0))
+    enc = _encoded(tok, 4)
+    res = train(model, enc, TrainSection(batch_size=4, max_steps=40, lr=5e-2, scheduler="constant"), seed=0, work_dir=tmp_path / "w",
+                pad_id=tok.pad_token_id, progress=False)
+    assert res.log[-1]["loss"] < 0.6 * res.log[0]["loss"], [h["loss"] for h in res.log]
+    assert res.fast_loss and res.tokens > 0 and res.memory["peak_rss_mb"] > 0
