@@ -95,6 +95,7 @@ def _quiet_libraries() -> None:
     except Exception:  # pragma: no cover - transformers missing is reported elsewhere
         pass
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 if __name__ == "__main__":  # pragma: no cover

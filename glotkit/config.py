@@ -153,6 +153,8 @@ class Recipe(_Section):
     stages: list[Literal["eval_base", "train", "eval_tuned", "report"]] = Field(
         default_factory=lambda: list(STAGES)
     )
+    # for `glotkit sweep`: dotted key -> list of values, e.g. {"lora.r": [1, 2, 4, 8]}
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod

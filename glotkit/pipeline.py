@@ -39,6 +39,8 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         path = f"{prefix}{key}"
+        if path == "sweep":  # a sweep block describes other runs, not this one
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff(a, b, path + ".")
         elif a != b and tuple(path.split(".")) not in _RESULT_NEUTRAL:
@@ -97,7 +99,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
     from glotkit.models.loading import load_model
     from glotkit.models.lora import apply_lora, count_trainable
     from glotkit.report import write_report
-    from glotkit.train.engine import atomic_write_text, train
+    from glotkit.train.engine import train
 
     import torch
 

@@ -99,7 +99,10 @@ def write_report(run_dir: Path, recipe: Recipe) -> Path:
                   f"- loss on answer tokens only, LM head at answer positions only: {tr['fast_loss']}"]
         if png:
             lines += ["", "![training loss](loss.png)"]
-    for tag, m in metrics.items():
+    gen = [(t, m) for t, m in metrics.items() if "examples_per_s" in m]
+    if gen:
+        lines += ["", "## Generation", ""]
+    for tag, m in gen:
         if "examples_per_s" in m:
             lines.append(f"- generation ({tag}): {m['examples_per_s']:.2f} examples/s, "
                          f"{m['generated_tokens_per_s']:.1f} new tokens/s, {m['seconds']:.0f} s")

@@ -330,8 +330,8 @@ def train(
             if not math.isfinite(loss):
                 raise GlotkitError(f"training diverged at step {step}: loss is {loss}; lower train.lr (now {cfg.lr})")
             history.append({"step": step, "loss": round(loss, 6), "lr": lr, "tokens": tokens, "seconds": round(elapsed, 3)})
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
             if step % cfg.checkpoint_every == 0 and step < total:
                 save(step, rng_at_step)
     except KeyboardInterrupt:

@@ -1,0 +1,211 @@
+"""Sweeps: run a grid of recipe variants one after another and tabulate them.
+
+    glotkit sweep RECIPE --grid lora.r=1,2,4,8 --grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj'
+
+or a ``sweep:`` block in the recipe (``lora.r: [1, 2, 4, 8]``).  Values are separated by commas,
+or by ``|`` when a value itself contains commas.  Every trial is an ordinary run folder under
+``runs/<name>-sweep/``; finished trials are skipped, so an interrupted sweep continues where it
+stopped.  When the grid touches only the adapter and training, the base model is evaluated once
+and shared by all trials.  Results: ``sweep.csv``, ``sweep.md`` and ``f1_vs_<key>.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from glotkit.config import Recipe, apply_override, validate_recipe
+from glotkit.errors import GlotkitError
+
+_SHARED_BASE_SECTIONS = {"lora", "train"}
+
+
+def parse_grid(item: str) -> tuple[str, list[Any]]:
+    """``lora.r=1,2,4`` -> ("lora.r", [1, 2, 4]); ``|`` separates values that contain commas."""
+    if "=" not in item:
+        raise GlotkitError(f"--grid {item!r}: expected key=v1,v2,..., e.g. --grid lora.r=1,2,4,8")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    parts = text.split("|") if "|" in text else text.split(",")
+    values = []
+    for part in parts:
+        part = part.strip()
+        if not part:
+            raise GlotkitError(f"--grid {item!r}: empty value")
+        try:
+            values.append(yaml.safe_load(part))
+        except yaml.YAMLError:
+            values.append(part)
+    return key, values
+
+
+def _value_tag(v: Any) -> str:
+    if isinstance(v, list):
+        v = "+".join(map(str, v))
+    text = str(v).replace(",", "+")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+
+
+def trial_recipes(recipe: Recipe, grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any], Recipe]]:
+    keys = list(grid)
+    out = []
+    base = recipe.to_dict()
+    base["sweep"] = {}
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        raw = json.loads(json.dumps(base))
+        for k, v in zip(keys, combo):
+            apply_override(raw, k.split("."), v)
+        tag = ",".join(f"{k.split('.')[-1]}={_value_tag(v)}" for k, v in zip(keys, combo))
+        raw["name"] = f"{recipe.name}--{tag}"
+        raw["runs_dir"] = str(Path(recipe.runs_dir) / f"{recipe.name}-sweep")
+        out.append((raw["name"], dict(zip(keys, combo)), validate_recipe(raw, where=f"sweep trial {tag}")))
+    return out
+
+
+def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    from glotkit.pipeline import run_recipe
+
+    grid = dict(recipe.sweep)
+    for item in grid_args:
+        k, v = parse_grid(item)
+        grid[k] = v
+    if not grid:
+        raise GlotkitError("sweep: nothing to sweep; give --grid key=v1,v2 or a 'sweep:' block in the recipe")
+    trials = trial_recipes(recipe, grid)
+    sweep_dir = Path(recipe.runs_dir) / f"{recipe.name}-sweep"
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[glotkit] sweep of {len(trials)} trials over {', '.join(grid)} in {sweep_dir}")
+
+    share_base = all(k.split(".")[0] in _SHARED_BASE_SECTIONS for k in grid) and "eval_base" in recipe.stages
+    base_eval = None
+    if share_base:
+        raw = recipe.to_dict()
+        raw.update(name="base", runs_dir=str(sweep_dir), stages=["eval_base"], sweep={})
+        base_recipe = validate_recipe(raw, where="sweep base")
+        run_recipe(base_recipe, log=log, progress=progress)
+        base_eval = sweep_dir / "base" / "eval_base"
+
+    rows = []
+    for i, (name, values, trial) in enumerate(trials, 1):
+        run_dir = trial.run_dir()
+        log(f"[glotkit] trial {i}/{len(trials)}: {name}")
+        if base_eval is not None:
+            trial = trial.model_copy(update={"stages": [s for s in trial.stages if s != "eval_base"]})
+            if not (run_dir / "eval_base" / "metrics.json").is_file():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                tmp = run_dir / ".eval_base.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(base_eval, tmp)
+                os.replace(tmp, run_dir / "eval_base")
+        status, error = "ok", ""
+        if (run_dir / "report.md").is_file() and (run_dir / "eval_tuned" / "metrics.json").is_file():
+            log(f"[glotkit] trial {name}: finished before, skipped")
+        else:
+            try:
+                run_recipe(trial, log=log, progress=progress)
+            except GlotkitError as err:
+                status, error = "failed", str(err)
+                log(f"[glotkit] trial {name} failed: {err}")
+            gc.collect()
+        rows.append(_row(name, values, run_dir, status, error))
+        _write_tables(sweep_dir, list(grid), rows)
+    _plot(sweep_dir, list(grid), rows)
+    log(f"[glotkit] sweep table: {sweep_dir / 'sweep.md'}")
+    return sweep_dir
+
+
+def _row(name: str, values: dict[str, Any], run_dir: Path, status: str, error: str) -> dict[str, Any]:
+    def read(p):
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    tuned = read(run_dir / "eval_tuned" / "metrics.json")
+    base = read(run_dir / "eval_base" / "metrics.json")
+    tr = read(run_dir / "train" / "result.json")
+    if status == "ok" and not tuned:
+        status = "incomplete"
+    return {
+        "trial": name, **{k: values[k] for k in values}, "status": status,
+        "trainable_params": tr.get("trainable_params"), "trainable_percent": tr.get("trainable_percent"),
+        "em": tuned.get("em"), "f1": tuned.get("f1"), "em_raw": tuned.get("em_raw"), "f1_raw": tuned.get("f1_raw"),
+        "base_em": base.get("em"), "base_f1": base.get("f1"),
+        "train_seconds": tr.get("seconds"), "tokens_per_s": tr.get("tokens_per_s"), "error": error,
+    }
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def _write_tables(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    cols = list(rows[0])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _cell(v) for k, v in r.items()})
+    tmp = sweep_dir / "sweep.csv.tmp"
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    os.replace(tmp, sweep_dir / "sweep.csv")
+    show = keys + ["trainable_params", "trainable_percent", "em", "f1", "em_raw", "f1_raw", "tokens_per_s", "status"]
+    lines = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r[k]) for k in show) + " |")
+    base = next((r for r in rows if r.get("base_f1") is not None), None)
+    if base:
+        lines += ["", f"Base model: EM {base['base_em']}, F1 {base['base_f1']}."]
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in failed:
+        lines.append(f"- {r['trial']} failed: {r['error']}")
+    tmp = sweep_dir / "sweep.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, sweep_dir / "sweep.md")
+
+
+def _plot(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> Path | None:
+    done = [r for r in rows if r["f1"] is not None]
+    if not done:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key = "lora.r" if "lora.r" in keys else keys[0]
+    others = [k for k in keys if k != x_key]
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
+    groups: dict[str, list[dict]] = {}
+    for r in done:
+        groups.setdefault(" ".join(f"{k.split('.')[-1]}={_cell(r[k])}" for k in others) or "F1", []).append(r)
+    for label, rs in groups.items():
+        try:
+            rs = sorted(rs, key=lambda r: r[x_key])
+        except TypeError:
+            pass
+        ax.plot([_cell(r[x_key]) for r in rs], [r["f1"] for r in rs], marker="o", label=label)
+    if done[0].get("base_f1") is not None:
+        ax.axhline(done[0]["base_f1"], color="grey", ls="--", lw=1, label="base model")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("F1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = sweep_dir / f"f1_vs_{x_key.split('.')[-1]}.png"
+    tmp = sweep_dir / f".tmp-{path.name}"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,160 @@
+"""Bad input: one line naming the file/field/value, exit status 2, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from glotkit.cli import main
+from glotkit.config import load_recipe, validate_recipe
+from glotkit.errors import GlotkitError
+
+
+def _recipe(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(body, encoding="utf-8")
+    return p
+
+
+def _run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _assert_one_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("glotkit: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    code, err = _run_cli(capsys, "validate", str(tmp_path / "nope.yaml"))
+    _assert_one_line(code, err, "nope.yaml", "not found")
+
+
+def test_unknown_key_suggests_closest(tmp_path, capsys):
+    p = _recipe(tmp_path, "lora:\n  rank: 4\n")
+    code, err = _run_cli(capsys, "validate", str(p))
+    _assert_one_line(code, err, "lora.rank", "did you mean 'lora.r'")
+    p = _recipe(tmp_path, "trian:\n  lr: 0.1\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "'trian'", "did you mean 'train'")
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "2.5", "'eight'"])
+def test_rank_must_be_positive_integer(tmp_path, capsys, value):
+    p = _recipe(tmp_path, f"lora:\n  r: {value}\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "lora.r")
+
+
+def test_override_errors(tmp_path, capsys):
+    p = _recipe(tmp_path, "name: x\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p), "--set", "lora.r=0"), "lora.r", "0")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p), "--set", "lora.r"), "key=value")
+    r = load_recipe(p, ["lora.alpha=4r", "lora.r=4", "lora.target_modules=q_proj,v_proj"])
+    assert r.lora.resolved_alpha() == 16.0 and r.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    p = _recipe(tmp_path, "lora: [unclosed\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "not valid YAML")
+
+
+def _run_recipe_cli(tmp_path, capsys, model_dir, data: dict, **extra) -> tuple[int, str]:
+    raw = {"name": "bad", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(model_dir)}, "data": data,
+           "train": {"max_steps": 1}, "eval": {"max_new_tokens": 2}}
+    raw.update(extra)
+    p = tmp_path / "bad.yaml"
+    p.write_text(json.dumps(raw), encoding="utf-8")  # JSON is YAML
+    return _run_cli(capsys, "run", "--no-progress", str(p))
+
+
+def test_missing_data_file(tmp_path, capsys, tiny_llama):
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, {"train": str(tmp_path / "missing.jsonl")})
+    _assert_one_line(code, err, "missing.jsonl", "not found")
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing written
+
+
+def test_wrong_column(tmp_path, capsys, tiny_llama):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"context": "c", "query": "q?", "answer": "c"}) + "\n", encoding="utf-8")
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, {"train": str(f), "test": str(f)})
+    _assert_one_line(code, err, "d.jsonl: line 1", "missing field 'question'", "query", "data.question_field")
+
+
+def test_wrong_csv_column(tmp_path, capsys, tiny_llama):
+    f = tmp_path / "d.csv"
+    f.write_text("ctx,question,answer\nSibiu e pe Cibin,Pe ce rau?,Cibin\n", encoding="utf-8")
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, {"train": str(f), "test": str(f)})
+    _assert_one_line(code, err, "d.csv: line 2", "'context'")
+
+
+def test_empty_data(tmp_path, capsys, tiny_llama):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("\n", encoding="utf-8")
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, {"train": str(f)})
+    _assert_one_line(code, err, "empty.jsonl", "no examples")
+
+
+def test_bad_json_line(tmp_path, capsys, tiny_llama):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"context": "a", "question": "b", "answer": "a"}) + "\n{oops\n", encoding="utf-8")
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, {"train": str(f), "test": str(f)})
+    _assert_one_line(code, err, "line 2", "not valid JSON")
+
+
+def test_unknown_target_module_lists_layers(tmp_path, capsys, tiny_llama, qa_files):
+    train, test = qa_files
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, {"train": str(train), "test": str(test)},
+                                lora={"target_modules": ["q_proj", "query"]}, stages=["train"])
+    _assert_one_line(code, err, "lora.target_modules", "'query'", "q_proj", "down_proj")
+    assert not (tmp_path / "runs" / "bad" / "adapter").exists()
+
+
+def test_model_folder_without_config(tmp_path, capsys, qa_files):
+    train, test = qa_files
+    (tmp_path / "notamodel").mkdir()
+    code, err = _run_recipe_cli(tmp_path, capsys, tmp_path / "notamodel", {"train": str(train), "test": str(test)})
+    _assert_one_line(code, err, "notamodel", "config.json")
+
+
+def test_answers_not_in_context_warns_with_count(tmp_path, capsys, tiny_llama):
+    f = tmp_path / "d.jsonl"
+    rows = [{"context": f"Sibiu e pe Cibin {i}", "question": "Pe ce râu?", "answer": "Cibin" if i % 3 else "Mureș"}
+            for i in range(9)]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, {"train": str(f), "test": str(f)}, stages=["eval_base"])
+    assert code == 0, err
+    assert "3 of 9 answers do not occur in their context" in err
+
+
+def test_too_long_prompts_are_counted(tmp_path, capsys, tiny_llama):
+    f = tmp_path / "d.jsonl"
+    rows = [{"context": ("Munții Carpați. " * (60 if i < 2 else 1)) + "Sibiu e pe Cibin.", "question": "Pe ce râu?",
+             "answer": "Cibin"} for i in range(6)]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, {"train": str(f), "test": str(f)},
+                                stages=["train"], train={"max_steps": 1, "max_length": 64})
+    assert code == 0, err
+    assert "2 were dropped" in err and "train.max_length=64" in err
+
+
+def test_rerun_with_different_recipe_is_refused(tmp_path, capsys, tiny_llama, qa_files):
+    train, test = qa_files
+    data = {"train": str(train), "test": str(test)}
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, data, stages=["eval_base"])
+    assert code == 0, err
+    code, err = _run_recipe_cli(tmp_path, capsys, tiny_llama, data, stages=["eval_base"], lora={"r": 2})
+    _assert_one_line(code, err, "config.yaml", "lora.r: 8 -> 2", "--set name=")
+
+
+def test_split_ratio_too_coarse(tmp_path):
+    from glotkit.data.qa import QAExample, split_by_context
+
+    exs = [QAExample(str(i), "same context", "q", ["a"]) for i in range(5)]
+    with pytest.raises(GlotkitError, match="distinct contexts"):
+        split_by_context(exs, 0.2, 0)
