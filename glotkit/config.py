@@ -180,13 +180,24 @@ def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
     return dict(model.model_fields)
 
 
+# names users bring from PEFT/transformers/other tools -> ours
+_SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targets": "target_modules",
+    "target": "target_modules", "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length", "lr_scheduler_type": "scheduler", "model_name": "name", "path": "name",
+    "steps": "max_steps", "warmup": "warmup_ratio",
+}
+
+
 def _check_unknown_keys(raw: dict[str, Any], model: type[BaseModel], where: str, prefix: str = "") -> None:
     """Reject keys the schema does not know, suggesting the closest known one."""
     fields = _section_fields(model)
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            close = [_SYNONYMS[key]] if _SYNONYMS.get(key) in fields else []
+            close = close or difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise GlotkitError(f"{where}: unknown recipe key '{dotted}'{hint}")
         annotation = fields[key].annotation

@@ -18,9 +18,9 @@ from glotkit.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _write_recipe(tmp_path: Path, model_dir: Path, train: Path, test: Path, **extra) -> Path:
+def _write_recipe(tmp_path: Path, model_dir: Path, train_file: Path, test_file: Path, **extra) -> Path:
     raw = {"name": "tiny", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(model_dir)},
-           "data": {"train": str(train), "test": str(test)},
+           "data": {"train": str(train_file), "test": str(test_file)},
            "lora": {"r": 4, "target_modules": "all-linear"},
            "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 2},
            "eval": {"max_new_tokens": 4, "batch_size": 4}}
