@@ -1,0 +1,190 @@
+"""Training speed: glotkit's engine against TRL's SFTTrainer, same model, data and machine.
+
+    python benchmarks/train_speed.py [--steps 8] [--warmup 2] [--batch-size 4] [--model gemma-3-270m]
+
+Both run LoRA r=8, alpha 16, dropout 0.05 on q/k/v/o_proj with the loss on the answer tokens
+only (TRL: prompt-completion data, ``completion_only_loss=True``, its other defaults, including
+gradient checkpointing), batch 4, on the first ``steps × batch`` questions of XQuAD-ro, each
+in its own fresh process.  Printed: tokens/s (non-padding input tokens per second, the first
+``warmup`` steps excluded), mean loss per answer token, peak resident memory (CUDA: peak
+allocated), and the ratio of the two speeds.  The anchor (TRL) is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+XQUAD = REPO.parent / "shared" / "data" / "xquad" / "xquad.ro.dev.json"
+TEMPLATE = "Context: {context}\nÎntrebare: {question}\nRăspuns:"
+
+
+def _examples(args):
+    from glotkit.config import DataSection
+    from glotkit.data.qa import read_examples
+
+    path = Path(args.data)
+    if not path.is_file():
+        sys.exit(f"benchmark: {path} not found (XQuAD-ro from ../shared/data, or pass --data)")
+    return read_examples(path, DataSection())[: args.steps * args.batch_size]
+
+
+def _peak(device: str) -> float:
+    from glotkit.train.memory import peak_memory
+
+    m = peak_memory(device)
+    return m.get("peak_cuda_mb", m["peak_rss_mb"])
+
+
+def worker_ours(args) -> dict:
+    import torch
+
+    from glotkit.config import LoraSection, ModelSection, PromptSection, TrainSection
+    from glotkit.data.prompts import EncodeStats, PromptFormatter
+    from glotkit.models.loading import load_model
+    from glotkit.models.lora import apply_lora
+    from glotkit.train.engine import train
+
+    model, tok, device = load_model(ModelSection(name=args.model))
+    torch.manual_seed(0)
+    model = apply_lora(model, LoraSection(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    fmt = PromptFormatter(PromptSection(template=TEMPLATE, answer_marker="Răspuns:"), tok)
+    enc = [fmt.encode_train(e, args.max_length, "drop", EncodeStats()) for e in _examples(args)]
+    enc = [e for e in enc if e is not None]
+    cfg = TrainSection(batch_size=args.batch_size, max_steps=args.steps, lr=2e-4, scheduler="linear",
+                       max_length=args.max_length, checkpoint_every=10**6,
+                       gradient_checkpointing=args.ours_checkpointing)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(model, enc, cfg, seed=42, work_dir=Path(tmp), pad_id=tok.pad_token_id, device=device, progress=False)
+    log = res.log
+    w = args.warmup
+    t = log[-1]["seconds"] - log[w - 1]["seconds"] if w else log[-1]["seconds"]
+    n = log[-1]["tokens"] - (log[w - 1]["tokens"] if w else 0)
+    return {"engine": "glotkit", "device": device, "tokens_per_s": n / t, "timed_steps": len(log) - w,
+            "timed_tokens": n, "seconds": t, "mean_loss": sum(h["loss"] for h in log) / len(log),
+            "peak_mb": _peak(device), "fast_loss": res.fast_loss, "gradient_checkpointing": args.ours_checkpointing}
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from glotkit.models.loading import pick_device, pick_dtype, resolve_model_path
+    from glotkit.train.memory import reset_peak
+
+    path = resolve_model_path(args.model)
+    device = pick_device("auto")
+    dtype = pick_dtype("auto", device)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    rows = [{"prompt": TEMPLATE.format(context=e.context, question=e.question), "completion": f" {e.answer}\n"}
+            for e in _examples(args)]
+    marks: list[tuple[float, int, float]] = []
+    counted = {"tokens": 0}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, a, state, control, logs=None, **kw):
+            marks.append((time.perf_counter(), counted["tokens"], 0.0))
+
+    losses: list[float] = []
+
+    class LossLog(TrainerCallback):
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = SFTConfig(
+            output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+            max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="linear", logging_steps=1,
+            save_strategy="no", report_to=[], max_length=args.max_length, completion_only_loss=True,
+            seed=42, dataloader_num_workers=0, use_cpu=device == "cpu", bf16=device.startswith("cuda"),
+            gradient_checkpointing=not args.trl_no_checkpointing, disable_tqdm=True,
+        )
+        peft_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                              task_type="CAUSAL_LM")
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             peft_config=peft_cfg, callbacks=[Timer(), LossLog()])
+
+        def count(module, a, kwargs):
+            mask = kwargs.get("attention_mask")
+            ids = kwargs.get("input_ids")
+            counted["tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
+
+        trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+        reset_peak(device)
+        start = time.perf_counter()
+        trainer.train()
+    w = args.warmup
+    t0, n0 = (marks[w - 1][0], marks[w - 1][1]) if w else (start, 0)
+    t = marks[-1][0] - t0
+    n = marks[-1][1] - n0
+    return {"engine": "trl", "device": device, "tokens_per_s": n / t, "timed_steps": len(marks) - w,
+            "timed_tokens": n, "seconds": t, "mean_loss": sum(losses) / max(len(losses), 1),
+            "peak_mb": _peak(device), "gradient_checkpointing": not args.trl_no_checkpointing}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--data", default=str(XQUAD))
+    p.add_argument("--trl-no-checkpointing", action="store_true", help="TRL with gradient checkpointing off")
+    p.add_argument("--ours-checkpointing", action="store_true", help="glotkit with gradient checkpointing on")
+    p.add_argument("--only", choices=["ours", "trl"])
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.warmup >= args.steps:
+        sys.exit("benchmark: --warmup must be smaller than --steps")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.worker:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        out = worker_ours(args) if args.worker == "ours" else worker_trl(args)
+        print("RESULT " + json.dumps(out))
+        return
+    results = {}
+    for engine in ("trl", "ours"):
+        if args.only and engine != args.only:
+            continue
+        cmd = [sys.executable, __file__, "--worker", engine, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--model", args.model,
+               "--data", args.data] + (["--trl-no-checkpointing"] if args.trl_no_checkpointing else [])
+        cmd += ["--ours-checkpointing"] if args.ours_checkpointing else []
+        print(f"[bench] running {engine} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode or not line:
+            sys.exit(f"benchmark: {engine} worker failed:\n{proc.stderr[-3000:]}")
+        results[engine] = json.loads(line[7:])
+    print(f"\nLoRA r=8 q/k/v/o, batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up steps not timed), "
+          f"model {args.model}, XQuAD-ro, device {next(iter(results.values()))['device']}")
+    print(f"{'engine':<10}{'tokens/s':>10}{'timed tokens':>14}{'seconds':>9}{'mean loss':>11}{'peak MB':>9}")
+    for r in results.values():
+        print(f"{r['engine']:<10}{r['tokens_per_s']:>10.1f}{r['timed_tokens']:>14}{r['seconds']:>9.1f}"
+              f"{r['mean_loss']:>11.4f}{r['peak_mb']:>9.0f}")
+    if len(results) == 2:
+        print(f"speed ratio glotkit/TRL: {results['ours']['tokens_per_s'] / results['trl']['tokens_per_s']:.1f}x; "
+              f"peak memory ratio: {results['ours']['peak_mb'] / results['trl']['peak_mb']:.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
