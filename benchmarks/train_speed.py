@@ -55,12 +55,14 @@ def worker_ours(args) -> dict:
     model, tok, device = load_model(ModelSection(name=args.model))
     torch.manual_seed(0)
     model = apply_lora(model, LoraSection(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    fmt = PromptFormatter(PromptSection(template=TEMPLATE, answer_marker="Răspuns:"), tok)
+    # TRL appends EOS to every completion: supervise exactly the same tokens
+    fmt = PromptFormatter(PromptSection(template=TEMPLATE, target=" {answer}\n" + tok.eos_token, answer_marker="Răspuns:"), tok)
     enc = [fmt.encode_train(e, args.max_length, "drop", EncodeStats()) for e in _examples(args)]
     enc = [e for e in enc if e is not None]
     cfg = TrainSection(batch_size=args.batch_size, max_steps=args.steps, lr=2e-4, scheduler="linear",
                        max_length=args.max_length, checkpoint_every=10**6,
-                       gradient_checkpointing=args.ours_checkpointing)
+                       gradient_checkpointing=args.ours_checkpointing,
+                       max_tokens_per_forward=args.max_tokens_per_forward or None)
     with tempfile.TemporaryDirectory() as tmp:
         res = train(model, enc, cfg, seed=42, work_dir=Path(tmp), pad_id=tok.pad_token_id, device=device, progress=False)
     log = res.log
@@ -69,7 +71,8 @@ def worker_ours(args) -> dict:
     n = log[-1]["tokens"] - (log[w - 1]["tokens"] if w else 0)
     return {"engine": "glotkit", "device": device, "tokens_per_s": n / t, "timed_steps": len(log) - w,
             "timed_tokens": n, "seconds": t, "mean_loss": sum(h["loss"] for h in log) / len(log),
-            "peak_mb": _peak(device), "fast_loss": res.fast_loss, "gradient_checkpointing": args.ours_checkpointing}
+            "peak_mb": _peak(device), "fast_loss": res.fast_loss, "gradient_checkpointing": args.ours_checkpointing,
+            "max_tokens_per_forward": args.max_tokens_per_forward}
 
 
 def worker_trl(args) -> dict:
@@ -144,6 +147,8 @@ def main() -> None:
     p.add_argument("--data", default=str(XQUAD))
     p.add_argument("--trl-no-checkpointing", action="store_true", help="TRL with gradient checkpointing off")
     p.add_argument("--ours-checkpointing", action="store_true", help="glotkit with gradient checkpointing on")
+    p.add_argument("--max-tokens-per-forward", type=int, default=1024,
+                   help="glotkit's train.max_tokens_per_forward (0: whole batch in one pass)")
     p.add_argument("--only", choices=["ours", "trl"])
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -168,6 +173,7 @@ def main() -> None:
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--model", args.model,
                "--data", args.data] + (["--trl-no-checkpointing"] if args.trl_no_checkpointing else [])
         cmd += ["--ours-checkpointing"] if args.ours_checkpointing else []
+        cmd += ["--max-tokens-per-forward", str(args.max_tokens_per_forward)]
         print(f"[bench] running {engine} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)

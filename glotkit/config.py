@@ -126,8 +126,10 @@ class TrainSection(_Section):
     too_long: Literal["drop", "truncate_context"] = "drop"
     group_by_length: bool = True
     gradient_checkpointing: bool = False
+    # split each batch into forward passes of at most this many (padded) tokens: same loss and
+    # gradients, a fraction of the activation memory; null = the whole batch in one pass
+    max_tokens_per_forward: StrictInt | None = Field(1024, gt=0)
     checkpoint_every: StrictInt = Field(25, gt=0)
-    log_every: StrictInt = Field(1, gt=0)
 
 
 class EvalSection(_Section):

@@ -31,7 +31,8 @@ from glotkit.config import Recipe, dump_recipe
 from glotkit.errors import GlotkitError
 
 # keys that change how a run is carried out but not its results
-_RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "log_every"), ("eval", "batch_size")}
+_RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "max_tokens_per_forward"),
+                   ("eval", "batch_size")}
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -143,3 +143,29 @@ def test_loss_falls_on_tiny_model(tmp_path):
                 pad_id=tok.pad_token_id, progress=False)
     assert res.log[-1]["loss"] < 0.6 * res.log[0]["loss"], [h["loss"] for h in res.log]
     assert res.fast_loss and res.tokens > 0 and res.memory["peak_rss_mb"] > 0
+
+
+def test_split_by_tokens():
+    from glotkit.train.engine import split_by_tokens
+
+    lengths = [100, 30, 60, 200, 10]
+    chunks = split_by_tokens([0, 1, 2, 3, 4], lengths, 250)
+    assert sorted(i for c in chunks for i in c) == [0, 1, 2, 3, 4]
+    assert all(max(lengths[i] for i in c) * len(c) <= 250 or len(c) == 1 for c in chunks)
+    assert split_by_tokens([0, 1], lengths, None) == [[0, 1]]
+
+
+def test_token_budget_gives_the_same_step(tmp_path):
+    """Splitting a batch into several forward passes changes memory, not the result."""
+    results = []
+    for budget in (None, 40):
+        model, tok = build_model(tmp_path / f"{budget}", "llama", seed=0)
+        model = apply_lora(model, LoraSection(r=4, dropout=0.0))
+        enc = _encoded(tok, 6)
+        cfg = TrainSection(batch_size=6, max_steps=2, lr=1e-2, max_tokens_per_forward=budget)
+        res = train(model, enc, cfg, seed=3, work_dir=tmp_path / f"w{budget}", pad_id=tok.pad_token_id, progress=False)
+        results.append(({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, res))
+    assert max(len(e.input_ids) for e in enc) * 6 > 40  # the budget really splits
+    for n in results[0][0]:
+        torch.testing.assert_close(results[0][0][n], results[1][0][n], rtol=1e-4, atol=1e-6)
+    assert [h["loss"] for h in results[0][1].log] == pytest.approx([h["loss"] for h in results[1][1].log], abs=1e-5)

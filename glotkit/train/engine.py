@@ -73,6 +73,26 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return [first] + batches
 
 
+def split_by_tokens(batch: list[int], lengths: Sequence[int], budget: int | None) -> list[list[int]]:
+    """Cut a micro-batch into forward passes of at most ``budget`` padded tokens (rows × longest).
+
+    A single example longer than the budget gets a pass of its own.
+    """
+    if not budget:
+        return [batch]
+    order = sorted(batch, key=lambda i: -lengths[i])
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = max([lengths[j] for j in cur] + [lengths[i]])
+        if cur and width * (len(cur) + 1) > budget:
+            chunks.append(cur)
+            cur = []
+        cur.append(i)
+    chunks.append(cur)
+    return chunks
+
+
 def plan_steps(lengths: Sequence[int], cfg: TrainSection, seed: int) -> list[list[list[int]]]:
     """Every optimizer step as a list of micro-batches of example indices."""
     if not lengths:
@@ -306,7 +326,8 @@ def train(
     try:
         while step < end:
             micro = steps[step]
-            batches = [collate([examples[i] for i in mb], pad_id, device) for mb in micro]
+            batches = [collate([examples[i] for i in chunk], pad_id, device)
+                       for mb in micro for chunk in split_by_tokens(mb, lengths, cfg.max_tokens_per_forward)]
             n_sup = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
             step_loss = 0.0
             for b in batches:
