@@ -76,7 +76,6 @@ def worker_ours(args) -> dict:
 
 
 def worker_trl(args) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback

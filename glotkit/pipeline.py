@@ -17,11 +17,9 @@ A stage whose outputs exist is skipped, so the same command resumes an interrupt
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +27,7 @@ import yaml
 
 from glotkit.config import Recipe, dump_recipe
 from glotkit.errors import GlotkitError
+from glotkit.io import atomic_write_json
 
 # keys that change how a run is carried out but not its results
 _RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "max_tokens_per_forward"),
@@ -86,12 +85,6 @@ def versions(device: str) -> dict:
     return out
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Run every stage of the recipe that is not finished yet; return the run folder."""
     from glotkit.data.prompts import EncodeStats, PromptFormatter
@@ -120,7 +113,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
     if any(todo):
         torch.manual_seed(recipe.seed)
         model, tok, device = load_model(recipe.model, log=log)
-        _write_json(run_dir / "versions.json", versions(device))
+        atomic_write_json(run_dir / "versions.json", versions(device))
         fmt = PromptFormatter(recipe.prompt, tok, recipe.model.chat_template)
         lang = recipe.data.language
 
@@ -153,7 +146,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
                         trainable_percent=round(params.percent, 4), trainable_line=params.line(),
                         encode={"total": stats.total, "kept": stats.kept, "truncated": stats.truncated,
                                 "dropped": stats.dropped})
-            _write_json(train_dir / "result.json", info)
+            atomic_write_json(train_dir / "result.json", info)
             (train_dir / "checkpoint.pt").unlink(missing_ok=True)
             log(f"[glotkit] trained {result.steps} steps in {result.seconds:.0f}s: "
                 f"{result.tokens_per_s:.0f} tokens/s, final loss {result.final_loss}, "

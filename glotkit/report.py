@@ -7,16 +7,11 @@ import os
 from pathlib import Path
 
 from glotkit.config import Recipe
+from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl as _read_jsonl
 
 
 def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
 
 
 def plot_loss(log: list[dict], path: Path, title: str = "training loss") -> Path | None:
@@ -51,9 +46,7 @@ def write_report(run_dir: Path, recipe: Recipe) -> Path:
     tr = _read_json(run_dir / "train" / "result.json")
     versions = _read_json(run_dir / "versions.json") or {}
     metrics = {k: v for k, v in (("base", base), ("tuned", tuned)) if v is not None}
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, run_dir / "metrics.json")
+    atomic_write_json(run_dir / "metrics.json", metrics)
 
     # merged predictions, one line per test example
     base_p = {r["id"]: r for r in _read_jsonl(run_dir / "eval_base" / "predictions.jsonl")}
@@ -68,9 +61,7 @@ def write_report(run_dir: Path, recipe: Recipe) -> Path:
                 r = table[i]
                 row[tag] = {k: r[k] for k in ("generation", "prediction", "em", "f1", "em_raw", "f1_raw")}
         merged.append(row)
-    tmp = run_dir / "predictions.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged), encoding="utf-8")
-    os.replace(tmp, run_dir / "predictions.jsonl")
+    atomic_write_jsonl(run_dir / "predictions.jsonl", merged)
 
     log = _read_jsonl(run_dir / "train" / "log.jsonl")
     png = plot_loss(log, run_dir / "loss.png", f"{recipe.name}: loss per answer token")
@@ -115,7 +106,5 @@ def write_report(run_dir: Path, recipe: Recipe) -> Path:
                          f"{cell(r['tuned']['prediction'])} |")
     lines += ["", "## Environment", "", "```", json.dumps(versions, indent=1), "```", ""]
     out = run_dir / "report.md"
-    tmp = run_dir / "report.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(lines))
     return out

@@ -26,6 +26,7 @@ import yaml
 
 from glotkit.config import Recipe, apply_override, validate_recipe
 from glotkit.errors import GlotkitError
+from glotkit.io import atomic_write_text
 
 _SHARED_BASE_SECTIONS = {"lora", "train"}
 
@@ -157,9 +158,7 @@ def _write_tables(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) 
     w.writeheader()
     for r in rows:
         w.writerow({k: _cell(v) for k, v in r.items()})
-    tmp = sweep_dir / "sweep.csv.tmp"
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, sweep_dir / "sweep.csv")
+    atomic_write_text(sweep_dir / "sweep.csv", buf.getvalue())
     show = keys + ["trainable_params", "trainable_percent", "em", "f1", "em_raw", "f1_raw", "tokens_per_s", "status"]
     lines = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     for r in rows:
@@ -170,9 +169,7 @@ def _write_tables(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) 
     failed = [r for r in rows if r["status"] == "failed"]
     for r in failed:
         lines.append(f"- {r['trial']} failed: {r['error']}")
-    tmp = sweep_dir / "sweep.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, sweep_dir / "sweep.md")
+    atomic_write_text(sweep_dir / "sweep.md", "\n".join(lines) + "\n")
 
 
 def _plot(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> Path | None:

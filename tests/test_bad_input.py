@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from glotkit.cli import main
-from glotkit.config import load_recipe, validate_recipe
+from glotkit.config import load_recipe
 from glotkit.errors import GlotkitError
 
 

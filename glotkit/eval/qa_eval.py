@@ -13,6 +13,7 @@ from glotkit.data.prompts import PromptFormatter
 from glotkit.data.qa import QAExample
 from glotkit.eval.qa_metrics import aggregate, extract_answer, score_one, QAScore
 from glotkit.generate.local import generate_greedy
+from glotkit.io import atomic_write_json, atomic_write_jsonl
 
 PARTIAL = "predictions.partial.jsonl"
 
@@ -98,11 +99,7 @@ def evaluate_qa(
     if todo:
         metrics["examples_per_s"] = round(len(todo) / max(seconds, 1e-9), 2)
         metrics["generated_tokens_per_s"] = round(new_tokens / max(seconds, 1e-9), 1)
-    tmp = out_dir / "predictions.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
-    os.replace(tmp, out_dir / "predictions.jsonl")
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out_dir / "metrics.json")
+    atomic_write_jsonl(out_dir / "predictions.jsonl", ordered)
+    atomic_write_json(out_dir / "metrics.json", metrics)
     partial.unlink(missing_ok=True)
     return metrics

@@ -13,7 +13,6 @@ a progress bar with tokens/s.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from glotkit.config import TrainSection
 from glotkit.data.prompts import IGNORE, Encoded
 from glotkit.errors import GlotkitError
+from glotkit.io import atomic_write_jsonl
 from glotkit.train.memory import peak_memory, reset_peak
 
 CHECKPOINT = "checkpoint.pt"
@@ -212,12 +212,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -313,7 +307,7 @@ def train(
             },
             ckpt_path,
         )
-        atomic_write_text(work_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_jsonl(work_dir / "log.jsonl", history)
 
     model.train()
     reset_peak(device)
@@ -366,7 +360,7 @@ def train(
     if step < total:  # stopped early on purpose (tests)
         save(step, rng_at_step)
     else:
-        atomic_write_text(work_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_jsonl(work_dir / "log.jsonl", history)
     elapsed = time.perf_counter() - t0
     return TrainResult(
         steps=step,
