@@ -110,7 +110,10 @@ def worker_trl(args) -> dict:
             output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
             max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="linear", logging_steps=1,
             save_strategy="no", report_to=[], max_length=args.max_length, completion_only_loss=True,
-            seed=42, dataloader_num_workers=0, use_cpu=device == "cpu", bf16=device.startswith("cuda"),
+            seed=42, dataloader_num_workers=0, use_cpu=device == "cpu",
+            # TRL's own default is bf16=True (autocast); on CPU we compare like with like (fp32)
+            # unless --trl-bf16 asks for TRL's default
+            bf16=device.startswith("cuda") or args.trl_bf16,
             gradient_checkpointing=not args.trl_no_checkpointing, disable_tqdm=True,
         )
         peft_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -133,7 +136,8 @@ def worker_trl(args) -> dict:
     n = marks[-1][1] - n0
     return {"engine": "trl", "device": device, "tokens_per_s": n / t, "timed_steps": len(marks) - w,
             "timed_tokens": n, "seconds": t, "mean_loss": sum(losses) / max(len(losses), 1),
-            "peak_mb": _peak(device), "gradient_checkpointing": not args.trl_no_checkpointing}
+            "peak_mb": _peak(device), "gradient_checkpointing": not args.trl_no_checkpointing,
+            "bf16_autocast": bool(cfg.bf16)}
 
 
 def main() -> None:
@@ -145,6 +149,7 @@ def main() -> None:
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--data", default=str(XQUAD))
     p.add_argument("--trl-no-checkpointing", action="store_true", help="TRL with gradient checkpointing off")
+    p.add_argument("--trl-bf16", action="store_true", help="TRL with its default bf16 autocast also on CPU")
     p.add_argument("--ours-checkpointing", action="store_true", help="glotkit with gradient checkpointing on")
     p.add_argument("--max-tokens-per-forward", type=int, default=1024,
                    help="glotkit's train.max_tokens_per_forward (0: whole batch in one pass)")
@@ -172,6 +177,7 @@ def main() -> None:
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--model", args.model,
                "--data", args.data] + (["--trl-no-checkpointing"] if args.trl_no_checkpointing else [])
         cmd += ["--ours-checkpointing"] if args.ours_checkpointing else []
+        cmd += ["--trl-bf16"] if args.trl_bf16 else []
         cmd += ["--max-tokens-per-forward", str(args.max_tokens_per_forward)]
         print(f"[bench] running {engine} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
