@@ -62,7 +62,8 @@ def worker_ours(args) -> dict:
     cfg = TrainSection(batch_size=args.batch_size, max_steps=args.steps, lr=2e-4, scheduler="linear",
                        max_length=args.max_length, checkpoint_every=10**6,
                        gradient_checkpointing=args.ours_checkpointing,
-                       max_tokens_per_forward=args.max_tokens_per_forward or None)
+                       max_tokens_per_forward=args.max_tokens_per_forward or None,
+                       share_prefix=not args.no_share_prefix)
     with tempfile.TemporaryDirectory() as tmp:
         res = train(model, enc, cfg, seed=42, work_dir=Path(tmp), pad_id=tok.pad_token_id, device=device, progress=False)
     log = res.log
@@ -71,7 +72,8 @@ def worker_ours(args) -> dict:
     n = log[-1]["tokens"] - (log[w - 1]["tokens"] if w else 0)
     return {"engine": "glotkit", "device": device, "tokens_per_s": n / t, "timed_steps": len(log) - w,
             "timed_tokens": n, "seconds": t, "mean_loss": sum(h["loss"] for h in log) / len(log),
-            "peak_mb": _peak(device), "fast_loss": res.fast_loss, "gradient_checkpointing": args.ours_checkpointing,
+            "peak_mb": _peak(device), "fast_loss": res.fast_loss, "shared_prefix": res.shared_prefix,
+            "computed_tokens": res.computed_tokens, "example_tokens": res.tokens, "gradient_checkpointing": args.ours_checkpointing,
             "max_tokens_per_forward": args.max_tokens_per_forward}
 
 
@@ -153,6 +155,8 @@ def main() -> None:
     p.add_argument("--ours-checkpointing", action="store_true", help="glotkit with gradient checkpointing on")
     p.add_argument("--max-tokens-per-forward", type=int, default=1024,
                    help="glotkit's train.max_tokens_per_forward (0: whole batch in one pass)")
+    p.add_argument("--no-share-prefix", action="store_true",
+                   help="glotkit without shared-prefix packing (each question computes its context again)")
     p.add_argument("--only", choices=["ours", "trl"])
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -178,6 +182,7 @@ def main() -> None:
                "--data", args.data] + (["--trl-no-checkpointing"] if args.trl_no_checkpointing else [])
         cmd += ["--ours-checkpointing"] if args.ours_checkpointing else []
         cmd += ["--trl-bf16"] if args.trl_bf16 else []
+        cmd += ["--no-share-prefix"] if args.no_share_prefix else []
         cmd += ["--max-tokens-per-forward", str(args.max_tokens_per_forward)]
         print(f"[bench] running {engine} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))

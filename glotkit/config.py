@@ -129,6 +129,9 @@ class TrainSection(_Section):
     # split each batch into forward passes of at most this many (padded) tokens: same loss and
     # gradients, a fraction of the activation memory; null = the whole batch in one pass
     max_tokens_per_forward: StrictInt | None = Field(1024, gt=0)
+    # questions about the same context share one computation of it (same loss and gradients);
+    # batches then hold questions of the same context together
+    share_prefix: bool = True
     checkpoint_every: StrictInt = Field(25, gt=0)
 
 

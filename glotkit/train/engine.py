@@ -31,26 +31,133 @@ from glotkit.io import atomic_write_jsonl
 from glotkit.train.memory import peak_memory, reset_peak
 
 CHECKPOINT = "checkpoint.pt"
+PREFIX_KEY = 16  # examples whose first 16 prompt tokens agree are candidates for a shared prefix
 
 
 # --------------------------------------------------------------------------- batching
 
 
-def collate(examples: Sequence[Encoded], pad_id: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; labels are ``IGNORE`` on the prompt and on padding."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
+@dataclass
+class Row:
+    """One row of a forward pass: one example, or several sharing a prompt prefix.
+
+    ``targets[t]`` is the token position ``t`` must predict (``IGNORE`` where there is no loss);
+    ``segments`` is 0 on a shared prefix and 1..k on the examples' own tokens.
+    """
+
+    input_ids: list[int]
+    position_ids: list[int]
+    segments: list[int]
+    targets: list[int]
+    n_examples: int
+    n_tokens: int  # tokens of the examples as written (a shared prefix counted once per example)
+
+
+def _targets(e: Encoded) -> list[int]:
+    return list(e.labels[1:]) + [IGNORE]
+
+
+def _first_label(e: Encoded) -> int:
+    return next((i for i, y in enumerate(e.labels) if y != IGNORE), len(e.labels))
+
+
+def _plain_row(e: Encoded) -> Row:
+    n = len(e.input_ids)
+    return Row(list(e.input_ids), list(range(n)), [1] * n, _targets(e), 1, n)
+
+
+def build_rows(examples: Sequence[Encoded], share_prefix: bool = False, min_prefix: int = 16) -> list[Row]:
+    """Rows for one forward pass.  With ``share_prefix``, examples whose prompts start with the same
+    tokens (SQuAD-style data: several questions about one context) become one row: the common
+    prefix once, then each example's remaining tokens, each attending to the prefix and to itself
+    only, at the positions it would have alone.  Loss and gradients are those of the separate
+    examples; the prefix is computed once instead of once per question.
+    """
+    if not share_prefix:
+        return [_plain_row(e) for e in examples]
+    groups: dict[tuple[int, ...], list[Encoded]] = {}
+    for e in examples:
+        groups.setdefault(tuple(e.input_ids[:min_prefix]), []).append(e)
+    rows = []
+    for group in groups.values():
+        if len(group) == 1:
+            rows.append(_plain_row(group[0]))
+            continue
+        lcp = min(len(e.input_ids) for e in group)
+        first = group[0].input_ids
+        for e in group[1:]:
+            same = next((i for i, (a, b) in enumerate(zip(first, e.input_ids)) if a != b), lcp)
+            lcp = min(lcp, same)
+        # the prefix must end before any supervised position: its last token predicts a prompt token
+        lp = min(lcp, min(_first_label(e) for e in group) - 1)
+        if lp < min_prefix:
+            rows.extend(_plain_row(e) for e in group)
+            continue
+        ids, pos, seg, tg = list(first[:lp]), list(range(lp)), [0] * lp, [IGNORE] * lp
+        for k, e in enumerate(group, 1):
+            n = len(e.input_ids)
+            ids += e.input_ids[lp:]
+            pos += range(lp, n)
+            seg += [k] * (n - lp)
+            tg += _targets(e)[lp:]
+        rows.append(Row(ids, pos, seg, tg, len(group), sum(len(e.input_ids) for e in group)))
+    return rows
+
+
+def collate_rows(rows: Sequence[Row], pad_id: int, device: str | torch.device = "cpu",
+                 mask_types: Sequence[str] | None = None, sliding_window: int | None = None) -> dict:
+    """Right-pad rows into tensors.  Rows of one example use an ordinary padding mask; rows with a
+    shared prefix get a 4-D boolean mask (a dict of them per attention type when the model has
+    sliding-window layers)."""
+    width = max(len(r.input_ids) for r in rows)
+    b = len(rows)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    targets = torch.full((b, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    seg = torch.full((b, width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        targets[i, :n] = torch.tensor(r.targets)
         mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        pos[i, :n] = torch.tensor(r.position_ids)
+        seg[i, :n] = torch.tensor(r.segments)
+    out = {"input_ids": ids.to(device), "targets": targets.to(device), "n_tokens": sum(r.n_tokens for r in rows),
+           "n_compute": sum(len(r.input_ids) for r in rows)}
+    if all(r.n_examples == 1 for r in rows):
+        out["attention_mask"] = mask.to(device)
+        return out
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = ((sq == sk) | (sk == 0)) & (sk >= 0) & causal
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no empty rows
+    full = allowed[:, None].to(device)
+    if mask_types:
+        masks = {t: full for t in mask_types}
+        if sliding_window and "sliding_attention" in masks:
+            near = (pos[:, :, None] - pos[:, None, :]) < sliding_window
+            masks["sliding_attention"] = ((allowed & near) | torch.eye(width, dtype=torch.bool))[:, None].to(device)
+        out["attention_mask"] = masks
+    else:
+        out["attention_mask"] = full
+    out["position_ids"] = pos.to(device)
+    return out
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def collate(examples: Sequence[Encoded], pad_id: int, device: str | torch.device = "cpu") -> dict:
+    """Right-pad a micro-batch, one example per row; ``labels`` (for reference computations) are
+    ``IGNORE`` on the prompt and on padding, ``targets`` are the labels shifted by one."""
+    out = collate_rows(build_rows(examples), pad_id, device)
+    labels = torch.full_like(out["input_ids"], IGNORE)
+    for i, e in enumerate(examples):
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    out["labels"] = labels.to(device)
+    return out
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                  keys: Sequence | None = None) -> list[list[int]]:
     """The micro-batches of one epoch, a pure function of (seed, epoch) so resume replays them.
 
     With ``group_by_length`` examples of similar length share a batch (less padding): shuffled
@@ -60,6 +167,14 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    if keys is not None:
+        # examples with the same prompt prefix side by side (in shuffled group order) so that they
+        # can share it; batches are then cut in that order
+        groups: dict = {}
+        for i in order:
+            groups.setdefault(keys[i], []).append(i)
+        order = [i for g in groups.values() for i in g]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if not group_by_length:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     mega = batch_size * 50
@@ -93,7 +208,7 @@ def split_by_tokens(batch: list[int], lengths: Sequence[int], budget: int | None
     return chunks
 
 
-def plan_steps(lengths: Sequence[int], cfg: TrainSection, seed: int) -> list[list[list[int]]]:
+def plan_steps(lengths: Sequence[int], cfg: TrainSection, seed: int, keys: Sequence | None = None) -> list[list[list[int]]]:
     """Every optimizer step as a list of micro-batches of example indices."""
     if not lengths:
         raise GlotkitError("data.train: no training examples left to train on")
@@ -102,7 +217,7 @@ def plan_steps(lengths: Sequence[int], cfg: TrainSection, seed: int) -> list[lis
     steps: list[list[list[int]]] = []
     epoch = 0
     while len(steps) < total:
-        batches = epoch_batches(lengths, cfg.batch_size, seed, epoch, cfg.group_by_length)
+        batches = epoch_batches(lengths, cfg.batch_size, seed, epoch, cfg.group_by_length, keys)
         for i in range(0, len(batches), cfg.grad_accum):
             steps.append(batches[i : i + cfg.grad_accum])
         epoch += 1
@@ -143,19 +258,58 @@ class SupervisedLoss:
         self.model = model
         self.base, self.body, self.head, self.cap = _causal_parts(model)
         self.fast = self.body is not None and self.head is not None
+        config = self.base.config
+        layer_types = getattr(config, "layer_types", None)
+        self.mask_types = sorted(set(layer_types)) if layer_types else None
+        self.sliding_window = getattr(config, "sliding_window", None)
+        self.device = next(model.parameters()).device
+
+    def collate(self, rows: Sequence[Row], pad_id: int) -> dict:
+        return collate_rows(rows, pad_id, self.device, self.mask_types, self.sliding_window)
+
+    @torch.no_grad()
+    def check_sharing(self, examples: Sequence[Encoded], pad_id: int, log: Callable[[str], None] = print) -> bool:
+        """True when shared-prefix rows give this model the same loss as separate examples."""
+        rows = build_rows(examples, share_prefix=True)
+        shared = [r for r in rows if r.n_examples > 1]
+        if not self.fast:
+            return False
+        if not shared:
+            return True  # nothing to compare on yet; rows are built the same way throughout
+        row = min(shared, key=lambda r: len(r.input_ids))
+        members = [e for e in examples if tuple(e.input_ids[:PREFIX_KEY]) == tuple(row.input_ids[:PREFIX_KEY])]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            packed, n1 = self(self.collate([row], pad_id))
+            alone, n2 = self(self.collate(build_rows(members), pad_id))
+        except Exception as err:  # an architecture that does not take custom masks
+            log(f"[glotkit] note: shared-prefix packing unavailable for this model ({type(err).__name__}); "
+                "each example is computed separately")
+            return False
+        finally:
+            self.model.train(was_training)
+        if n1 != n2 or not torch.allclose(packed / n1, alone / n2, rtol=1e-4, atol=1e-4):
+            log(f"[glotkit] note: shared-prefix packing disagrees for this model ({(packed / n1).item():.5f} vs "
+                f"{(alone / n2).item():.5f}); each example is computed separately")
+            return False
+        return True
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         if not self.fast:
+            if "position_ids" in batch:
+                raise RuntimeError("shared-prefix rows need the fast loss path")
             return reference_loss_sum(self.model, batch)
+        kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
         hidden = self.body(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs
         ).last_hidden_state
-        labels = batch["labels"][:, 1:]
-        keep = labels != IGNORE
-        logits = self.head(hidden[:, :-1][keep])
+        targets = batch["targets"]
+        keep = targets != IGNORE
+        logits = self.head(hidden[keep])
         if self.cap:
             logits = torch.tanh(logits / self.cap) * self.cap
-        loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, int(keep.sum())
 
     @torch.no_grad()
@@ -166,7 +320,9 @@ class SupervisedLoss:
             return
         device = next(self.model.parameters()).device
         ids = torch.tensor([example.input_ids[:max_tokens]], device=device)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        labels = ids.clone()
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], dim=1)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "targets": targets}
         was_training = self.model.training
         self.model.eval()
         try:
@@ -197,6 +353,8 @@ class TrainResult:
     final_loss: float | None
     memory: dict[str, float]
     fast_loss: bool
+    shared_prefix: bool = False
+    computed_tokens: int = 0
     log: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -248,7 +406,10 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     lengths = [len(e.input_ids) for e in examples]
-    steps = plan_steps(lengths, cfg, seed)
+    keys = [tuple(e.input_ids[:PREFIX_KEY]) for e in examples] if cfg.share_prefix else None
+    if keys is not None and len(set(keys)) == len(keys):
+        keys = None  # no two examples share a prompt prefix: keep length-grouped batches
+    steps = plan_steps(lengths, cfg, seed, keys)
     total = len(steps)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -267,6 +428,7 @@ def train(
             model.enable_input_require_grads()
 
     loss_fn = SupervisedLoss(model)
+    resumed_compute = 0
     start_step, history = 0, []
     tokens = sup_tokens = 0
     elapsed = 0.0
@@ -287,9 +449,12 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         start_step, history = state["step"], list(state["log"])
         tokens, sup_tokens, elapsed = state["tokens"], state["supervised_tokens"], state["elapsed"]
+        resumed_compute = state.get("compute_tokens", 0)
         log(f"[glotkit] resuming training from step {start_step}/{total}")
     else:
         loss_fn.self_check(examples[steps[0][0][0]], log)
+    share = keys is not None and loss_fn.check_sharing([examples[i] for mb in steps[0] for i in mb], pad_id, log)
+    compute_tokens = resumed_compute
 
     def save(step: int, rng_state: torch.Tensor) -> None:
         _atomic_torch_save(
@@ -303,6 +468,7 @@ def train(
                 "log": history,
                 "tokens": tokens,
                 "supervised_tokens": sup_tokens,
+                "compute_tokens": compute_tokens,
                 "elapsed": elapsed,
             },
             ckpt_path,
@@ -320,15 +486,20 @@ def train(
     try:
         while step < end:
             micro = steps[step]
-            batches = [collate([examples[i] for i in chunk], pad_id, device)
-                       for mb in micro for chunk in split_by_tokens(mb, lengths, cfg.max_tokens_per_forward)]
-            n_sup = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            batches = []
+            for mb in micro:
+                rows = build_rows([examples[i] for i in mb], share_prefix=share)
+                row_len = [len(r.input_ids) for r in rows]
+                for chunk in split_by_tokens(list(range(len(rows))), row_len, cfg.max_tokens_per_forward):
+                    batches.append(loss_fn.collate([rows[i] for i in chunk], pad_id))
+            n_sup = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
             step_loss = 0.0
             for b in batches:
                 loss_sum, _ = loss_fn(b)
                 (loss_sum / max(n_sup, 1)).backward()
                 step_loss += loss_sum.item()
-                tokens += int(b["attention_mask"].sum())
+                tokens += b["n_tokens"]
+                compute_tokens += b["n_compute"]
             sup_tokens += n_sup
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -373,5 +544,7 @@ def train(
         final_loss=history[-1]["loss"] if history else None,
         memory=peak_memory(device),
         fast_loss=loss_fn.fast,
+        shared_prefix=share,
+        computed_tokens=compute_tokens,
         log=history,
     )
