@@ -22,6 +22,7 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
+    group: str | None = None  # examples of one group (same context) may share their prompt prefix
 
     @property
     def n_target(self) -> int:
@@ -97,7 +98,7 @@ class PromptFormatter:
                 return None
             stats.truncated += 1
         stats.kept += 1
-        return Encoded(prompt + target, [IGNORE] * len(prompt) + list(target))
+        return Encoded(prompt + target, [IGNORE] * len(prompt) + list(target), group=ex.context)
 
     def _fit_context(self, ex: QAExample, budget: int) -> list[int] | None:
         """Shorten the context (keeping a window around the answer) until the prompt fits."""

@@ -66,18 +66,28 @@ def _plain_row(e: Encoded) -> Row:
     return Row(list(e.input_ids), list(range(n)), [1] * n, _targets(e), 1, n)
 
 
-def build_rows(examples: Sequence[Encoded], share_prefix: bool = False, min_prefix: int = 16) -> list[Row]:
+def group_key(e: Encoded):
+    """Which examples may share a prefix: the data's own group (the context) or the first tokens."""
+    return e.group if e.group is not None else tuple(e.input_ids[:PREFIX_KEY])
+
+
+def build_rows(examples: Sequence[Encoded], share_prefix: bool = False, min_prefix: int = 16,
+               min_share: float = 0.25, max_row: int | None = None) -> list[Row]:
     """Rows for one forward pass.  With ``share_prefix``, examples whose prompts start with the same
     tokens (SQuAD-style data: several questions about one context) become one row: the common
     prefix once, then each example's remaining tokens, each attending to the prefix and to itself
     only, at the positions it would have alone.  Loss and gradients are those of the separate
     examples; the prefix is computed once instead of once per question.
+
+    A group shares only when its common prefix is at least ``min_prefix`` tokens and
+    ``min_share`` of its mean length (a short common system prompt is not worth a packed row);
+    rows are kept under ``max_row`` tokens by packing a large group into several rows.
     """
     if not share_prefix:
         return [_plain_row(e) for e in examples]
     groups: dict[tuple[int, ...], list[Encoded]] = {}
     for e in examples:
-        groups.setdefault(tuple(e.input_ids[:min_prefix]), []).append(e)
+        groups.setdefault(group_key(e), []).append(e)
     rows = []
     for group in groups.values():
         if len(group) == 1:
@@ -90,17 +100,31 @@ def build_rows(examples: Sequence[Encoded], share_prefix: bool = False, min_pref
             lcp = min(lcp, same)
         # the prefix must end before any supervised position: its last token predicts a prompt token
         lp = min(lcp, min(_first_label(e) for e in group) - 1)
-        if lp < min_prefix:
+        mean_len = sum(len(e.input_ids) for e in group) / len(group)
+        if lp < max(min_prefix, min_share * mean_len):
             rows.extend(_plain_row(e) for e in group)
             continue
-        ids, pos, seg, tg = list(first[:lp]), list(range(lp)), [0] * lp, [IGNORE] * lp
-        for k, e in enumerate(group, 1):
-            n = len(e.input_ids)
-            ids += e.input_ids[lp:]
-            pos += range(lp, n)
-            seg += [k] * (n - lp)
-            tg += _targets(e)[lp:]
-        rows.append(Row(ids, pos, seg, tg, len(group), sum(len(e.input_ids) for e in group)))
+        parts: list[list[Encoded]] = [[]]
+        size = lp
+        for e in group:
+            extra = len(e.input_ids) - lp
+            if parts[-1] and max_row and size + extra > max_row:
+                parts.append([])
+                size = lp
+            parts[-1].append(e)
+            size += extra
+        for part in parts:
+            if len(part) == 1:
+                rows.append(_plain_row(part[0]))
+                continue
+            ids, pos, seg, tg = list(first[:lp]), list(range(lp)), [0] * lp, [IGNORE] * lp
+            for k, e in enumerate(part, 1):
+                n = len(e.input_ids)
+                ids += e.input_ids[lp:]
+                pos += range(lp, n)
+                seg += [k] * (n - lp)
+                tg += _targets(e)[lp:]
+            rows.append(Row(ids, pos, seg, tg, len(part), sum(len(e.input_ids) for e in part)))
     return rows
 
 
@@ -270,14 +294,19 @@ class SupervisedLoss:
     @torch.no_grad()
     def check_sharing(self, examples: Sequence[Encoded], pad_id: int, log: Callable[[str], None] = print) -> bool:
         """True when shared-prefix rows give this model the same loss as separate examples."""
-        rows = build_rows(examples, share_prefix=True)
-        shared = [r for r in rows if r.n_examples > 1]
         if not self.fast:
             return False
-        if not shared:
+        by_key: dict = {}
+        for e in examples:
+            by_key.setdefault(group_key(e), []).append(e)
+        for row_key, group in by_key.items():
+            rows = build_rows(group, share_prefix=True)
+            if len(rows) == 1 and rows[0].n_examples > 1:
+                row = rows[0]
+                break
+        else:
             return True  # nothing to compare on yet; rows are built the same way throughout
-        row = min(shared, key=lambda r: len(r.input_ids))
-        members = [e for e in examples if tuple(e.input_ids[:PREFIX_KEY]) == tuple(row.input_ids[:PREFIX_KEY])]
+        members = [e for e in examples if group_key(e) == row_key]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -406,7 +435,7 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     lengths = [len(e.input_ids) for e in examples]
-    keys = [tuple(e.input_ids[:PREFIX_KEY]) for e in examples] if cfg.share_prefix else None
+    keys = [group_key(e) for e in examples] if cfg.share_prefix else None
     if keys is not None and len(set(keys)) == len(keys):
         keys = None  # no two examples share a prompt prefix: keep length-grouped batches
     steps = plan_steps(lengths, cfg, seed, keys)
@@ -488,7 +517,7 @@ def train(
             micro = steps[step]
             batches = []
             for mb in micro:
-                rows = build_rows([examples[i] for i in mb], share_prefix=share)
+                rows = build_rows([examples[i] for i in mb], share_prefix=share, max_row=cfg.max_tokens_per_forward)
                 row_len = [len(r.input_ids) for r in rows]
                 for chunk in split_by_tokens(list(range(len(rows))), row_len, cfg.max_tokens_per_forward):
                     batches.append(loss_fn.collate([rows[i] for i in chunk], pad_id))
