@@ -34,6 +34,9 @@ class ModelSection(_Section):
     chat_template: bool = False
     trust_remote_code: bool = False
     revision: str | None = None
+    # QLoRA: base weights in 4-bit NF4 through bitsandbytes (pip install 'glotkit[quant]')
+    quantization: Literal["none", "nf4"] = "none"
+    double_quant: bool = False
 
 
 class DataSection(_Section):
@@ -72,6 +75,25 @@ class PromptSection(_Section):
         if "{answer}" not in v:
             raise ValueError("must contain {answer}")
         return v
+
+
+class PretrainSection(_Section):
+    """Continued pretraining: which corpus, how it is cut, and how much is held out."""
+
+    corpus: list[str] = Field(default_factory=list)  # .txt / .jsonl / TEI .xml files or folders
+    text_field: str = "text"
+    language: str = "ro"
+    fix_diacritics: bool = True  # Romanian: legacy ş/ţ -> ș/ț
+    block_size: StrictInt = Field(512, gt=8)
+    heldout_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    max_docs: StrictInt | None = Field(None, gt=0)
+    max_train_tokens: StrictInt | None = Field(None, gt=0)
+    max_heldout_tokens: StrictInt | None = Field(20000, gt=0)
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 class LoraSection(_Section):
@@ -123,6 +145,7 @@ class TrainSection(_Section):
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
+    optimizer: Literal["adamw", "paged_adamw"] = "adamw"
     too_long: Literal["drop", "truncate_context"] = "drop"
     group_by_length: bool = True
     gradient_checkpointing: bool = False
@@ -147,10 +170,12 @@ class Recipe(_Section):
     """A whole run: model, data, prompt, adapter, training, evaluation, and which stages to run."""
 
     name: str = "run"
+    task: Literal["qa", "pretrain"] = "qa"
     seed: StrictInt = 42
     runs_dir: str = "runs"
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
+    pretrain: PretrainSection = Field(default_factory=PretrainSection)
     prompt: PromptSection = Field(default_factory=PromptSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -178,7 +203,7 @@ class Recipe(_Section):
 
 # --------------------------------------------------------------------------- loading
 
-_PATH_KEYS = (("data", "train"), ("data", "test"))
+_PATH_KEYS = (("data", "train"), ("data", "test"), ("pretrain", "corpus"))
 
 
 def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
@@ -283,10 +308,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise GlotkitError(f"{path}: a recipe must be a YAML mapping")
     raw = copy.deepcopy(raw)
-    for section, key in _PATH_KEYS:
-        value = (raw.get(section) or {}).get(key)
+    def resolve(value):
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            raw[section][key] = str((path.parent / value).resolve())
+            return str((path.parent / value).resolve())
+        return value
+
+    for section, key in _PATH_KEYS:
+        sec = raw.get(section)
+        if isinstance(sec, dict) and key in sec:
+            value = sec[key]
+            sec[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
     for item in overrides or []:
         key_path, value = parse_override(item)
         apply_override(raw, key_path, value)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -91,17 +90,32 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
     from glotkit.data.qa import load_qa_data
     from glotkit.eval.qa_eval import evaluate_qa
     from glotkit.models.loading import load_model
-    from glotkit.models.lora import apply_lora, count_trainable
+    from glotkit.models.lora import apply_lora, count_trainable, save_adapter
     from glotkit.report import write_report
     from glotkit.train.engine import train
 
     import torch
 
-    data = load_qa_data(recipe.data, recipe.seed)
-    for w in data.warnings:
-        log(f"[glotkit] warning: {w}")
+    pretraining = recipe.task == "pretrain"
+    if pretraining:
+        if not recipe.pretrain.corpus:
+            raise GlotkitError("pretrain.corpus: no corpus given (files or folders of .txt, .jsonl or TEI .xml)")
+        from glotkit.data.corpus import read_documents
+
+        docs = read_documents(recipe.pretrain.corpus, recipe.pretrain.text_field, recipe.pretrain.language,
+                              recipe.pretrain.fix_diacritics)
+        if recipe.pretrain.max_docs:
+            docs = docs[: recipe.pretrain.max_docs]
+        data = None
+    else:
+        data = load_qa_data(recipe.data, recipe.seed)
+        for w in data.warnings:
+            log(f"[glotkit] warning: {w}")
     run_dir = prepare_run_dir(recipe)
-    log(f"[glotkit] run '{recipe.name}' in {run_dir}: {len(data.train)} train / {len(data.test)} test examples")
+    if pretraining:
+        log(f"[glotkit] run '{recipe.name}' in {run_dir}: continued pretraining on {len(docs)} documents")
+    else:
+        log(f"[glotkit] run '{recipe.name}' in {run_dir}: {len(data.train)} train / {len(data.test)} test examples")
     stages = set(recipe.stages)
     adapter_dir = run_dir / "adapter"
     train_dir = run_dir / "train"
@@ -114,13 +128,29 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
         torch.manual_seed(recipe.seed)
         model, tok, device = load_model(recipe.model, log=log)
         atomic_write_json(run_dir / "versions.json", versions(device))
-        fmt = PromptFormatter(recipe.prompt, tok, recipe.model.chat_template)
-        lang = recipe.data.language
+        if pretraining:
+            train_rows, held_rows, held_bytes = _pretrain_rows(recipe, docs, tok, log)
+        else:
+            fmt = PromptFormatter(recipe.prompt, tok, recipe.model.chat_template)
+            lang = recipe.data.language
+
+        def evaluate(m, tag: str) -> None:
+            out_dir = run_dir / f"eval_{tag}"
+            if pretraining:
+                from glotkit.eval.perplexity import heldout_scores
+
+                out_dir.mkdir(parents=True, exist_ok=True)
+                r = heldout_scores(m, held_rows, held_bytes, tok.pad_token_id, progress=progress, desc=f"held-out {tag}")
+                atomic_write_json(out_dir / "metrics.json", r)
+                log(f"[glotkit] {tag} model, held-out: perplexity {r['perplexity']:.3f}, "
+                    f"bits/byte {r['bits_per_byte']:.4f} ({r['tokens']} tokens, {r['bytes']} bytes)")
+            else:
+                r = evaluate_qa(m, tok, fmt, data.test, recipe.eval, language=lang, out_dir=out_dir,
+                                device=device, desc=f"eval {tag}", log=log, progress=progress)
+                log(f"[glotkit] {tag} model: EM {r['em']:.2f}  F1 {r['f1']:.2f}  (n={r['n']})")
 
         if todo[0]:
-            m = evaluate_qa(model, tok, fmt, data.test, recipe.eval, language=lang, out_dir=run_dir / "eval_base",
-                            device=device, desc="eval base", log=log, progress=progress)
-            log(f"[glotkit] base model: EM {m['em']:.2f}  F1 {m['f1']:.2f}  (n={m['n']})")
+            evaluate(model, "base")
 
         if todo[1]:
             torch.manual_seed(recipe.seed)
@@ -128,18 +158,17 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
             params = count_trainable(peft_model)
             log(f"[glotkit] {params.line()}")
             stats = EncodeStats()
-            encoded = [e for ex in data.train
-                       if (e := fmt.encode_train(ex, recipe.train.max_length, recipe.train.too_long, stats)) is not None]
+            if pretraining:
+                encoded = train_rows
+            else:
+                encoded = [e for ex in data.train
+                           if (e := fmt.encode_train(ex, recipe.train.max_length, recipe.train.too_long, stats)) is not None]
             note = stats.line(recipe.train.max_length)
             if note:
                 log(f"[glotkit] warning: {note}")
             result = train(peft_model, encoded, recipe.train, seed=recipe.seed, work_dir=train_dir,
                            pad_id=tok.pad_token_id, device=device, log=log, progress=progress)
-            tmp = run_dir / ".adapter.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            peft_model.save_pretrained(tmp)
-            shutil.rmtree(adapter_dir, ignore_errors=True)
-            os.replace(tmp, adapter_dir)
+            save_adapter(peft_model, adapter_dir)
             info = result.to_dict()
             info.pop("log")
             info.update(trainable_params=params.trainable, all_params=params.total,
@@ -159,10 +188,39 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, str(adapter_dir))
-            m = evaluate_qa(model, tok, fmt, data.test, recipe.eval, language=lang, out_dir=run_dir / "eval_tuned",
-                            device=device, desc="eval tuned", log=log, progress=progress)
-            log(f"[glotkit] tuned model: EM {m['em']:.2f}  F1 {m['f1']:.2f}  (n={m['n']})")
+            evaluate(model, "tuned")
     if "report" in stages:
         path = write_report(run_dir, recipe)
         log(f"[glotkit] report: {path}")
     return run_dir
+
+
+def _pretrain_rows(recipe: Recipe, docs, tok, log):
+    """Packed training rows and held-out rows (whole documents, up to the token budget)."""
+    from glotkit.data.corpus import pack_documents, split_documents, tokenize_documents
+
+    cfg = recipe.pretrain
+    train_docs, held_docs = split_documents(docs, cfg.heldout_ratio, recipe.seed)
+    held_tok, held_bytes, total = [], 0, 0
+    for d, ids in zip(held_docs, tokenize_documents(held_docs, tok)):
+        if cfg.max_heldout_tokens and total and total + len(ids) > cfg.max_heldout_tokens:
+            break
+        held_tok.append(ids[: cfg.max_heldout_tokens] if cfg.max_heldout_tokens else ids)
+        # bytes of the text those tokens cover (a document cut by the budget counts only its part)
+        covered = held_tok[-1] if len(held_tok[-1]) < len(ids) else None
+        held_bytes += len((tok.decode(covered, skip_special_tokens=True) if covered else d.text).encode("utf-8"))
+        total += len(held_tok[-1])
+    train_tok = tokenize_documents(train_docs, tok)
+    if cfg.max_train_tokens:
+        kept, n = [], 0
+        for ids in train_tok:
+            if n >= cfg.max_train_tokens:
+                break
+            kept.append(ids[: cfg.max_train_tokens - n])
+            n += len(kept[-1])
+        train_tok = kept
+    train_rows = pack_documents(train_tok, cfg.block_size)
+    held_rows = pack_documents(held_tok, cfg.block_size)
+    log(f"[glotkit] corpus: {len(train_docs)} train documents -> {sum(len(t) for t in train_tok)} tokens in "
+        f"{len(train_rows)} rows of {cfg.block_size}; held out {len(held_tok)} documents, {total} tokens, {held_bytes} bytes")
+    return train_rows, held_rows, held_bytes

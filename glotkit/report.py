@@ -14,7 +14,7 @@ def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def plot_loss(log: list[dict], path: Path, title: str = "training loss") -> Path | None:
+def plot_loss(log: list[dict], path: Path, title: str = "training loss", ylabel: str = "loss per answer token") -> Path | None:
     if not log:
         return None
     import matplotlib
@@ -25,7 +25,7 @@ def plot_loss(log: list[dict], path: Path, title: str = "training loss") -> Path
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.plot([h["step"] for h in log], [h["loss"] for h in log], lw=1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per answer token")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -64,21 +64,33 @@ def write_report(run_dir: Path, recipe: Recipe) -> Path:
     atomic_write_jsonl(run_dir / "predictions.jsonl", merged)
 
     log = _read_jsonl(run_dir / "train" / "log.jsonl")
-    png = plot_loss(log, run_dir / "loss.png", f"{recipe.name}: loss per answer token")
+    what = "loss per token" if recipe.task == "pretrain" else "loss per answer token"
+    png = plot_loss(log, run_dir / "loss.png", f"{recipe.name}: {what}", what)
 
     lines = [f"# glotkit run `{recipe.name}`", ""]
-    lines.append(f"Model `{recipe.model.name}` on {versions.get('device', '?')}; "
+    quant = " (NF4, QLoRA)" if recipe.model.quantization == "nf4" else ""
+    lines.append(f"Model `{recipe.model.name}`{quant} on {versions.get('device', '?')}; "
                  f"LoRA r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, "
-                 f"targets {recipe.lora.target_modules}; language `{recipe.data.language}`.")
-    lines += ["", "## Test-set scores (%)", "",
-              "| model | EM | F1 | EM raw | F1 raw | n |", "|---|---:|---:|---:|---:|---:|"]
-    for tag, m in metrics.items():
-        lines.append(f"| {tag} | {_fmt(m['em'])} | {_fmt(m['f1'])} | {_fmt(m['em_raw'])} | {_fmt(m['f1_raw'])} | {m['n']} |")
-    if base and tuned:
-        lines += ["", f"Change: EM {tuned['em'] - base['em']:+.2f}, F1 {tuned['f1'] - base['f1']:+.2f} points."]
-    lines += ["", "EM/F1 use language-aware normalization (NFC, Romanian cedilla → comma-below, case, "
-              "Unicode punctuation, whitespace; English articles only for English); *raw* compares the "
-              "stripped strings as generated."]
+                 f"targets {recipe.lora.target_modules}; language "
+                 f"`{recipe.pretrain.language if recipe.task == 'pretrain' else recipe.data.language}`.")
+    if recipe.task == "pretrain":
+        lines += ["", "## Held-out text", "",
+                  "| model | perplexity | bits per byte | NLL per token | tokens | bytes |", "|---|---:|---:|---:|---:|---:|"]
+        for tag, m in metrics.items():
+            lines.append(f"| {tag} | {m['perplexity']:.3f} | {m['bits_per_byte']:.4f} | {m['nll_per_token']:.4f} | "
+                         f"{m['tokens']} | {m['bytes']} |")
+        lines += ["", "Held-out documents are a seeded split by document; packed rows never attend across "
+                  "documents. Bits per byte compare models with different tokenizers."]
+    else:
+        lines += ["", "## Test-set scores (%)", "",
+                  "| model | EM | F1 | EM raw | F1 raw | n |", "|---|---:|---:|---:|---:|---:|"]
+        for tag, m in metrics.items():
+            lines.append(f"| {tag} | {_fmt(m['em'])} | {_fmt(m['f1'])} | {_fmt(m['em_raw'])} | {_fmt(m['f1_raw'])} | {m['n']} |")
+        if base and tuned:
+            lines += ["", f"Change: EM {tuned['em'] - base['em']:+.2f}, F1 {tuned['f1'] - base['f1']:+.2f} points."]
+        lines += ["", "EM/F1 use language-aware normalization (NFC, Romanian cedilla → comma-below, case, "
+                  "Unicode punctuation, whitespace; English articles only for English); *raw* compares the "
+                  "stripped strings as generated."]
     if tr:
         lines += ["", "## Training", "",
                   f"- {tr['trainable_line']}",
@@ -87,7 +99,8 @@ def write_report(run_dir: Path, recipe: Recipe) -> Path:
                   f"- {tr['seconds']:.0f} s, **{tr['tokens_per_s']:.0f} tokens/s** "
                   f"({tr['supervised_tokens_per_s']:.0f} supervised tokens/s), final loss {tr['final_loss']}",
                   f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in tr['memory'].items())}",
-                  f"- loss on answer tokens only, LM head at answer positions only: {tr['fast_loss']}"]
+                  f"- loss on answer tokens only, LM head at answer positions only: {tr['fast_loss']}"
+                  if recipe.task == "qa" else "- loss on every token of the packed documents"]
         if png:
             lines += ["", "![training loss](loss.png)"]
     gen = [(t, m) for t, m in metrics.items() if "examples_per_s" in m]

@@ -38,13 +38,13 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_model(path: Path, arch: str = "gemma3", seed: int = 0, init: float = 0.02):
+def build_model(path: Path, arch: str = "gemma3", seed: int = 0, init: float = 0.02, hidden: int = 32):
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(path)
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=init)
     if arch == "gemma3":

@@ -54,6 +54,24 @@ def load_tokenizer(path: str, cfg: ModelSection):
     return tok
 
 
+def quantization_config(cfg: ModelSection, dtype):
+    """A BitsAndBytesConfig for NF4, or None; a clear error when bitsandbytes is missing."""
+    if cfg.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise GlotkitError(
+            "model.quantization: nf4 needs bitsandbytes; install it with: pip install 'glotkit[quant]'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
 def load_model(cfg: ModelSection, log=print):
     """Return ``(model, tokenizer, device)`` ready for training or generation."""
     from transformers import AutoModelForCausalLM
@@ -61,6 +79,7 @@ def load_model(cfg: ModelSection, log=print):
     path = resolve_model_path(cfg.name, log=log)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    quant = quantization_config(cfg, dtype)
     try:
         tokenizer = load_tokenizer(path, cfg)
         model = AutoModelForCausalLM.from_pretrained(
@@ -70,8 +89,11 @@ def load_model(cfg: ModelSection, log=print):
             revision=cfg.revision,
             use_safetensors=True if os.path.isdir(path) else None,
             attn_implementation="sdpa",
+            quantization_config=quant,
+            device_map={"": device} if quant is not None else None,
         )
     except OSError as err:
         raise GlotkitError(f"model.name: could not load '{cfg.name}': {str(err).splitlines()[0]}") from None
-    model.to(device)
+    if quant is None:
+        model.to(device)
     return model, tokenizer, device

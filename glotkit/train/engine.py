@@ -83,6 +83,8 @@ def build_rows(examples: Sequence[Encoded], share_prefix: bool = False, min_pref
     ``min_share`` of its mean length (a short common system prompt is not worth a packed row);
     rows are kept under ``max_row`` tokens by packing a large group into several rows.
     """
+    if any(isinstance(e, Row) for e in examples):  # already packed (pretraining)
+        return [e if isinstance(e, Row) else _plain_row(e) for e in examples]
     if not share_prefix:
         return [_plain_row(e) for e in examples]
     groups: dict[tuple[int, ...], list[Encoded]] = {}
@@ -435,7 +437,8 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     lengths = [len(e.input_ids) for e in examples]
-    keys = [group_key(e) for e in examples] if cfg.share_prefix else None
+    packed = any(isinstance(e, Row) for e in examples)
+    keys = [group_key(e) for e in examples] if cfg.share_prefix and not packed else None
     if keys is not None and len(set(keys)) == len(keys):
         keys = None  # no two examples share a prompt prefix: keep length-grouped batches
     steps = plan_steps(lengths, cfg, seed, keys)
@@ -446,10 +449,17 @@ def train(
         raise GlotkitError("nothing to train: the model has no trainable parameters")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "paged_adamw" and str(device).startswith("cuda"):
+        try:
+            from bitsandbytes.optim import PagedAdamW
+        except ImportError:
+            raise GlotkitError("train.optimizer: paged_adamw needs bitsandbytes (pip install 'glotkit[quant]')") from None
+        optimizer = PagedAdamW(groups, lr=cfg.lr)
+    else:
+        if cfg.optimizer == "paged_adamw":
+            log("[glotkit] note: paged AdamW pages optimizer state between GPU and CPU memory; on CPU plain AdamW is used")
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = make_scheduler(optimizer, cfg, total)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
