@@ -267,3 +267,28 @@ def test_shared_prefix_rows_rebuild_every_example_in_any_order():
                 rebuilt.append(tuple(ids))
         assert sorted(rebuilt) == sorted(tuple(e.input_ids) for e in exs)
         assert sum(r.n_tokens for r in rows) == sum(len(e.input_ids) for e in exs)
+
+
+def test_chunked_lm_head_gives_the_same_loss_and_gradients(tmp_path, monkeypatch):
+    import glotkit.train.engine as eng
+
+    model, tok = build_model(tmp_path, "gemma3")
+    model = apply_lora(model, LoraSection(r=4, target_modules="all-linear", dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    batch = collate(_encoded(tok, 6), tok.pad_token_id)
+    batch["targets"] = torch.where(batch["attention_mask"].bool(), torch.roll(batch["input_ids"], -1, 1), IGNORE)
+    batch["targets"][:, -1] = IGNORE
+    out = []
+    for chunk in (10**6, 7):
+        monkeypatch.setattr(eng, "HEAD_CHUNK", chunk)
+        model.zero_grad()
+        loss, n = SupervisedLoss(model)(batch)
+        (loss / n).backward()
+        out.append((loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    assert n > 7 * 3
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    for k in out[0][1]:
+        torch.testing.assert_close(out[0][1][k], out[1][1][k], rtol=1e-4, atol=1e-6)

@@ -31,6 +31,7 @@ from glotkit.io import atomic_write_jsonl
 from glotkit.train.memory import peak_memory, reset_peak
 
 CHECKPOINT = "checkpoint.pt"
+HEAD_CHUNK = 512  # supervised positions per LM-head chunk (bounds the vocabulary-wide logits in memory)
 PREFIX_KEY = 16  # examples whose first 16 prompt tokens agree are candidates for a shared prefix
 
 
@@ -337,11 +338,28 @@ class SupervisedLoss:
         ).last_hidden_state
         targets = batch["targets"]
         keep = targets != IGNORE
-        logits = self.head(hidden[keep])
+        h, t = hidden[keep], targets[keep]
+        n = int(t.numel())
+        if n <= HEAD_CHUNK:
+            return self._head_loss(h, t), n
+        # many supervised positions (pretraining): the vocabulary-wide logits are made a chunk at a
+        # time and, when training, recomputed in the backward pass instead of kept in memory
+        from torch.utils.checkpoint import checkpoint
+
+        loss = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, HEAD_CHUNK):
+            hc, tc = h[i : i + HEAD_CHUNK], t[i : i + HEAD_CHUNK]
+            if torch.is_grad_enabled():
+                loss = loss + checkpoint(self._head_loss, hc, tc, use_reentrant=False)
+            else:
+                loss = loss + self._head_loss(hc, tc)
+        return loss, n
+
+    def _head_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
         if self.cap:
             logits = torch.tanh(logits / self.cap) * self.cap
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, int(keep.sum())
+        return F.cross_entropy(logits.float(), t, reduction="sum")
 
     @torch.no_grad()
     def self_check(self, example: Encoded, log: Callable[[str], None] = print, max_tokens: int = 48) -> None:
