@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="check a recipe and print it fully resolved")
     recipe_args(sp)
     sub.add_parser("models", help="list the built-in models")
+    sp = sub.add_parser("memory", help="memory after loading (M1) and peak while generating (M2): fp32, bf16, NF4")
+    sp.add_argument("--model", default="gemma-3-270m")
+    sp.add_argument("--modes", default="fp32,bf16,nf4")
+    sp.add_argument("--prompt-tokens", type=int, default=1000)
+    sp.add_argument("--new-tokens", type=int, default=16)
+    sp.add_argument("--json", dest="json_out", help="also write the rows to this JSON file")
     return p
 
 
@@ -55,6 +61,23 @@ def main(argv: list[str] | None = None) -> int:
             for m in BUILTIN_MODELS.values():
                 star = " (default)" if m.name == DEFAULT_MODEL else ""
                 print(f"{m.name}{star}: {m.description}  [pip: {m.package}]")
+            return 0
+        if args.command == "memory":
+            from glotkit.eval.memory import MODES, measure, table
+
+            modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+            bad = [m for m in modes if m not in MODES]
+            if bad:
+                raise GlotkitError(f"--modes: unknown mode '{bad[0]}' (known: {', '.join(MODES)})")
+            from glotkit.models.loading import resolve_model_path
+
+            resolve_model_path(args.model, log=_log)  # convert once, before the workers start
+            rows = measure(args.model, modes, args.prompt_tokens, args.new_tokens)
+            print(table(rows))
+            if args.json_out:
+                from glotkit.io import atomic_write_json
+
+                atomic_write_json(args.json_out, rows)
             return 0
         from glotkit.config import load_recipe
 

@@ -59,11 +59,12 @@ def quantization_config(cfg: ModelSection, dtype):
     if cfg.quantization == "none":
         return None
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError:
         raise GlotkitError(
             "model.quantization: nf4 needs bitsandbytes; install it with: pip install 'glotkit[quant]'"
         ) from None
+    del bitsandbytes  # only its presence is checked here; transformers uses it
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

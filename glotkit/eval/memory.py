@@ -1,0 +1,167 @@
+"""Memory footprints: M1 after loading, M2 peak while generating from a long prompt.
+
+Each configuration (fp32, bf16, NF4) is measured in a fresh process so the figures do not mix.
+On CPU the figure is resident memory (RSS; M1 also shown above the process's baseline after
+importing torch/transformers); on CUDA it is ``torch.cuda.max_memory_allocated``.  A static
+estimate is printed beside each measurement: parameters × bytes per parameter (4-bit linear
+weights cost 0.5 byte plus one fp32 scale per 64 weights; embeddings, norms and the rest stay in
+the compute dtype), plus the KV cache of the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+MODES = ("fp32", "bf16", "nf4")
+
+
+@dataclass
+class StaticEstimate:
+    linear_params: int
+    other_params: int
+    embedding_params: int
+
+    def weights_mb(self, mode: str) -> float:
+        full = 4 if mode == "fp32" else 2
+        if mode == "nf4":
+            compute = 4  # on CPU we compute in fp32; the unquantized parts are kept in it
+            linear = self.linear_params * (0.5 + 4 / 64)
+            return (linear + self.other_params * compute) / 2**20
+        return (self.linear_params + self.other_params) * full / 2**20
+
+    def embedding_mb(self, mode: str) -> float:
+        return self.embedding_params * (2 if mode == "bf16" else 4) / 2**20
+
+
+def static_estimate(model) -> StaticEstimate:
+    """Count what 4-bit quantization would touch (nn.Linear except the LM head) and the rest."""
+    import torch
+
+    head = model.get_output_embeddings()
+    seen: set[int] = set()
+    linear = other = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                linear += p.numel()
+            else:
+                other += p.numel()
+    emb = model.get_input_embeddings().weight.numel()
+    return StaticEstimate(linear, other, emb)
+
+
+def kv_cache_mb(config, tokens: int, bytes_per: int) -> float:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * bytes_per / 2**20
+
+
+def _settle(model) -> None:
+    """Make RSS mean what the model occupies: read every weight once (safetensors maps files
+    lazily, so untouched weights would not count yet) and hand freed heap back to the OS (the
+    conversion buffers of loading would otherwise still count)."""
+    import ctypes
+    import gc
+
+    import torch
+
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device.type == "cpu" and t.numel():
+                t.view(-1)[:: max(1, 4096 // max(t.element_size(), 1))].float().sum()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(model_name: str, mode: str, prompt_tokens: int, new_tokens: int) -> dict:
+    import torch
+
+    import transformers
+
+    del transformers  # imported so that the baseline includes the libraries
+    from glotkit.config import ModelSection
+    from glotkit.models.loading import load_model
+    from glotkit.train.memory import current_rss_mb, peak_memory, reset_peak
+
+    base = current_rss_mb()
+    cfg = ModelSection(name=model_name, dtype="bfloat16" if mode == "bf16" else "float32",
+                       quantization="nf4" if mode == "nf4" else "none")
+    model, tok, device = load_model(cfg, log=lambda m: None)
+    model.eval()
+    _settle(model)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        m1 = torch.cuda.memory_allocated() / 2**20
+    else:
+        m1 = current_rss_mb()
+    est = static_estimate(model)
+    tensor_mb = model.get_memory_footprint() / 2**20  # bytes of parameters and buffers
+    text = "Ion Creangă s-a născut la Humulești, în ținutul Neamțului. " * 200
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :prompt_tokens].to(device)
+    reset_peak(device)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=tok.pad_token_id)
+    peak = peak_memory(device)
+    m2 = peak.get("peak_cuda_mb", peak["peak_rss_mb"])
+    bytes_per = 2 if mode == "bf16" else 4
+    return {
+        "mode": mode, "device": device, "m1_mb": round(m1, 1), "m1_over_baseline_mb": round(m1 - base, 1),
+        "m2_mb": round(m2, 1), "baseline_mb": round(base, 1), "prompt_tokens": int(ids.shape[1]),
+        "tensor_mb": round(tensor_mb, 1), "estimate_weights_mb": round(est.weights_mb(mode), 1),
+        "estimate_kv_mb": round(kv_cache_mb(model.config, ids.shape[1] + new_tokens, bytes_per), 1),
+        "embedding_mb": round(est.embedding_mb(mode), 1),
+        "linear_params": est.linear_params, "other_params": est.other_params, "embedding_params": est.embedding_params,
+    }
+
+
+def measure(model_name: str, modes=MODES, prompt_tokens: int = 1000, new_tokens: int = 16) -> list[dict]:
+    """Run each mode in its own process; a mode that cannot run (NF4 without bitsandbytes) is reported."""
+    out = []
+    for mode in modes:
+        cmd = [sys.executable, "-m", "glotkit.eval.memory", model_name, mode, str(prompt_tokens), str(new_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            out.append({"mode": mode, "error": err})
+        else:
+            out.append(json.loads(line[7:]))
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| mode | weights in memory (MB) | estimate: weights | M1 RSS after load | M1 − baseline | "
+             "M2 peak RSS generating | estimate: KV cache | of the weights: embedding |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | not measured: {r['error']} | | | | | | |")
+            continue
+        lines.append(f"| {r['mode']} | {r['tensor_mb']:.0f} | {r['estimate_weights_mb']:.0f} | {r['m1_mb']:.0f} | "
+                     f"{r['m1_over_baseline_mb']:.0f} | {r['m2_mb']:.0f} | {r['estimate_kv_mb']:.0f} | {r['embedding_mb']:.0f} |")
+    ok = {r["mode"]: r for r in rows if "error" not in r}
+    if "fp32" in ok and "nf4" in ok:
+        lines += ["", f"NF4 reduction: weights {ok['fp32']['tensor_mb'] / ok['nf4']['tensor_mb']:.2f}×, "
+                  f"M1 {ok['fp32']['m1_over_baseline_mb'] / max(ok['nf4']['m1_over_baseline_mb'], 1):.2f}× "
+                  f"(RSS above baseline), M2 {ok['fp32']['m2_mb'] / ok['nf4']['m2_mb']:.2f}×."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the worker: python -m glotkit.eval.memory MODEL MODE PROMPT NEW
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    name, mode, p, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    print("RESULT " + json.dumps(_worker(name, mode, p, n)))
