@@ -42,6 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="check a recipe and print it fully resolved")
     recipe_args(sp)
     sub.add_parser("models", help="list the built-in models")
+    sp = sub.add_parser("eval", help="the Romanian task suite at 0/k shots (sentiment, nli, sts)")
+    sp.add_argument("--suite", default="ro", choices=["ro"])
+    sp.add_argument("--model", default="gemma-3-270m")
+    sp.add_argument("--adapter", help="a PEFT adapter folder to apply (e.g. runs/NAME/adapter)")
+    sp.add_argument("--tasks", default="sentiment,nli,sts")
+    sp.add_argument("--shots", default="0,3")
+    sp.add_argument("--mode", default="loglik", choices=["loglik", "generate"],
+                    help="classification by option log-likelihood (default) or by parsing a generation")
+    sp.add_argument("--limit", type=int, default=None, help="test items per task")
+    sp.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--data-root", default=None, help="folder with the data sets (default: ../shared/data)")
+    sp.add_argument("--out", default="runs/eval-ro")
+    sp.add_argument("--no-progress", action="store_true")
     sp = sub.add_parser("memory", help="memory after loading (M1) and peak while generating (M2): fp32, bf16, NF4")
     sp.add_argument("--model", default="gemma-3-270m")
     sp.add_argument("--modes", default="fp32,bf16,nf4")
@@ -62,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 star = " (default)" if m.name == DEFAULT_MODEL else ""
                 print(f"{m.name}{star}: {m.description}  [pip: {m.package}]")
             return 0
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "memory":
             from glotkit.eval.memory import MODES, measure, table
 
@@ -105,6 +121,41 @@ def main(argv: list[str] | None = None) -> int:
         print("\nglotkit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 1
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from glotkit.config import ModelSection
+    from glotkit.eval.suite import get_tasks, run_suite
+
+    tasks = get_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
+    try:
+        shots = [int(k) for k in args.shots.split(",")]
+    except ValueError:
+        raise GlotkitError(f"--shots {args.shots!r}: expected numbers like 0,1,3,5") from None
+    if any(k < 0 for k in shots):
+        raise GlotkitError(f"--shots {args.shots!r}: shots cannot be negative")
+    root = Path(args.data_root) if args.data_root else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not root.is_dir():
+        root = Path("..") / "shared" / "data"
+    _quiet_libraries()
+    from glotkit.models.loading import load_model
+
+    model, tok, device = load_model(ModelSection(name=args.model), log=_log)
+    label = args.model
+    if args.adapter:
+        if not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise GlotkitError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+        label = f"{args.model} + {args.adapter}"
+    run_suite(model, tok, tasks, shots=shots, seed=args.seed, mode=args.mode, limit=args.limit,
+              batch_size=args.batch_size, data_root=root, out_dir=Path(args.out), model_label=label,
+              device=device, log=_log, progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+    return 0
 
 
 def _quiet_libraries() -> None:
