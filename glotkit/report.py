@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from glotkit.config import Recipe
-from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl as _read_jsonl
+from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, new_figure, save_figure
+from glotkit.io import read_jsonl as _read_jsonl
 
 
 def _read_json(path: Path):
@@ -17,23 +17,13 @@ def _read_json(path: Path):
 def plot_loss(log: list[dict], path: Path, title: str = "training loss", ylabel: str = "loss per answer token") -> Path | None:
     if not log:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    fig, ax = new_figure()
     ax.plot([h["step"] for h in log], [h["loss"] for h in log], lw=1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(v, nd=2):

@@ -26,7 +26,7 @@ import yaml
 
 from glotkit.config import Recipe, apply_override, validate_recipe
 from glotkit.errors import GlotkitError
-from glotkit.io import atomic_write_text
+from glotkit.io import atomic_write_text, new_figure, save_figure
 
 _SHARED_BASE_SECTIONS = {"lora", "train"}
 
@@ -176,14 +176,9 @@ def _plot(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> Path 
     done = [r for r in rows if r["f1"] is not None]
     if not done:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x_key = "lora.r" if "lora.r" in keys else keys[0]
     others = [k for k in keys if k != x_key]
-    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
+    fig, ax = new_figure(6, 3.8)
     groups: dict[str, list[dict]] = {}
     for r in done:
         groups.setdefault(" ".join(f"{k.split('.')[-1]}={_cell(r[k])}" for k in others) or "F1", []).append(r)
@@ -199,10 +194,4 @@ def _plot(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> Path 
     ax.set_ylabel("F1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = sweep_dir / f"f1_vs_{x_key.split('.')[-1]}.png"
-    tmp = sweep_dir / f".tmp-{path.name}"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, sweep_dir / f"f1_vs_{x_key.split('.')[-1]}.png")

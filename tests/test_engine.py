@@ -24,15 +24,20 @@ def _encoded(tok, n=12, max_length=128):
     return [fmt.encode_train(ex, max_length, "drop", stats) for ex in _examples(n)]
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "llama"])
-def test_fast_loss_equals_full_logits_reference(tmp_path, arch):
-    model, tok = build_model(tmp_path, arch)
+def _active_lora(model):
+    """LoRA r=4 on every linear layer with B drawn at random (not zero), so the adapter matters."""
     model = apply_lora(model, LoraSection(r=4, target_modules="all-linear", dropout=0.0))
-    # make LoRA B non-zero so the adapter matters
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_fast_loss_equals_full_logits_reference(tmp_path, arch):
+    model, tok = build_model(tmp_path, arch)
+    model = _active_lora(model)
     batch = collate(_encoded(tok, 5), tok.pad_token_id)
     assert (batch["labels"] != IGNORE).sum() > 0
     model.eval()
@@ -185,11 +190,7 @@ def test_shared_prefix_rows_equal_separate_examples(tmp_path, arch):
     from glotkit.train.engine import build_rows
 
     model, tok = build_model(tmp_path, arch)
-    model = apply_lora(model, LoraSection(r=4, target_modules="all-linear", dropout=0.0))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = _active_lora(model)
     fmt = PromptFormatter(PromptSection(), tok)
     enc = [fmt.encode_train(e, 512, "drop", EncodeStats()) for e in _same_context_examples()]
     rows = build_rows(enc, share_prefix=True)
@@ -273,11 +274,7 @@ def test_chunked_lm_head_gives_the_same_loss_and_gradients(tmp_path, monkeypatch
     import glotkit.train.engine as eng
 
     model, tok = build_model(tmp_path, "gemma3")
-    model = apply_lora(model, LoraSection(r=4, target_modules="all-linear", dropout=0.0))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = _active_lora(model)
     batch = collate(_encoded(tok, 6), tok.pad_token_id)
     batch["targets"] = torch.where(batch["attention_mask"].bool(), torch.roll(batch["input_ids"], -1, 1), IGNORE)
     batch["targets"][:, -1] = IGNORE

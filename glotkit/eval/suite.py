@@ -245,14 +245,9 @@ def run_suite(model, tokenizer, tasks: Sequence[Task], *, shots: Sequence[int], 
 
 
 def _chart(results: list[dict], path: Path) -> None:
-    import os
+    from glotkit.io import new_figure, save_figure
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    fig, ax = new_figure()
     for name in dict.fromkeys(r["task"] for r in results):
         rs = [r for r in results if r["task"] == name]
         task = BUILTIN_TASKS.get(name)
@@ -262,8 +257,4 @@ def _chart(results: list[dict], path: Path) -> None:
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
