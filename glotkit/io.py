@@ -55,3 +55,22 @@ def save_figure(fig, path: Path) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def iter_jsonl_objects(path: Path):
+    """``(line number, object)`` for each non-blank line of a JSONL file; a line that is not a
+    JSON object is a one-line :class:`GlotkitError` naming the file and line."""
+    from glotkit.errors import GlotkitError
+
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise GlotkitError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise GlotkitError(f"{path}: line {lineno}: expected a JSON object")
+            yield lineno, rec

@@ -13,7 +13,6 @@ crosses a document boundary, and no token is asked to predict the next document'
 
 from __future__ import annotations
 
-import json
 import random
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Iterable, Sequence
 from glotkit.data.prompts import IGNORE
 from glotkit.errors import GlotkitError
 from glotkit.eval.normalize import fix_romanian_diacritics
+from glotkit.io import iter_jsonl_objects
 
 TEI_NS = "{http://www.tei-c.org/ns/1.0}"
 _TEXT_SUFFIXES = {".txt", ".jsonl", ".xml"}
@@ -98,17 +98,10 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text", langua
             if suffix == ".xml":
                 docs.append(Document(f.stem, tei_body_text(f)))
             elif suffix == ".jsonl":
-                with f.open(encoding="utf-8") as fh:
-                    for n, line in enumerate(fh, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise GlotkitError(f"{f}: line {n}: not valid JSON ({err.msg})") from None
-                        if not isinstance(rec, dict) or text_field not in rec:
-                            raise GlotkitError(f"{f}: line {n}: missing field '{text_field}' (set pretrain.text_field)")
-                        docs.append(Document(f"{f.stem}:{n}", str(rec[text_field])))
+                for n, rec in iter_jsonl_objects(f):
+                    if text_field not in rec:
+                        raise GlotkitError(f"{f}: line {n}: missing field '{text_field}' (set pretrain.text_field)")
+                    docs.append(Document(f"{f.stem}:{n}", str(rec[text_field])))
             else:
                 docs.append(Document(f.stem, f.read_text(encoding="utf-8")))
         except UnicodeDecodeError as err:

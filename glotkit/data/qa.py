@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from glotkit.config import DataSection
 from glotkit.errors import GlotkitError
+from glotkit.io import iter_jsonl_objects
 
 
 @dataclass
@@ -123,17 +124,8 @@ def _read_squad(path: Path) -> list[QAExample]:
 
 
 def _jsonl_records(path: Path):
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise GlotkitError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise GlotkitError(f"{path}: line {lineno}: expected a JSON object")
-            yield f"{path}: line {lineno}", rec
+    for lineno, rec in iter_jsonl_objects(path):
+        yield f"{path}: line {lineno}", rec
 
 
 def _csv_records(path: Path):
