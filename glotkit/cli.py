@@ -1,6 +1,9 @@
 """The command line: a thin layer over the library.
 
     glotkit run RECIPE [--set key=value ...]
+    glotkit pretrain RECIPE            (a recipe with task: pretrain)
+    glotkit eval --suite ro [--adapter DIR --compare-base] [--tasks ...] [--shots 0,1,3,5] [--limit N]
+    glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
     glotkit sweep RECIPE --grid lora.r=1,2,4,8 [--grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj']
     glotkit validate RECIPE [--set ...]
     glotkit models
@@ -16,6 +19,9 @@ import os
 import sys
 
 from glotkit.errors import GlotkitError
+
+
+DEFAULT_SUITE = ("sentiment", "nli", "emotion", "sts", "legal-mcq", "qa")
 
 
 def _log(msg: str) -> None:
@@ -35,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run a recipe's stages (resumes an interrupted run)")
     recipe_args(sp)
+    sp = sub.add_parser("pretrain", help="continued pretraining: run a recipe whose task is 'pretrain'")
+    recipe_args(sp)
     sp = sub.add_parser("sweep", help="run a grid of recipe variants and tabulate them")
     recipe_args(sp)
     sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -42,11 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="check a recipe and print it fully resolved")
     recipe_args(sp)
     sub.add_parser("models", help="list the built-in models")
-    sp = sub.add_parser("eval", help="the Romanian task suite at 0/k shots (sentiment, nli, sts)")
+    sp = sub.add_parser("eval", help="the Romanian task suite at 0/k shots")
     sp.add_argument("--suite", default="ro", choices=["ro"])
     sp.add_argument("--model", default="gemma-3-270m")
     sp.add_argument("--adapter", help="a PEFT adapter folder to apply (e.g. runs/NAME/adapter)")
-    sp.add_argument("--tasks", default="sentiment,nli,sts")
+    sp.add_argument("--compare-base", action="store_true",
+                    help="with --adapter: also score the base model (adapter switched off) into the same table")
+    sp.add_argument("--tasks", default=",".join(DEFAULT_SUITE),
+                    help="comma-separated; built in: sentiment, nli, emotion, sts, legal-mcq, qa, summarization")
+    sp.add_argument("--task-file", action="append", default=[], metavar="YAML",
+                    help="your own tasks (see README: 'Adding a task'); their names join --tasks' choices")
+    sp.add_argument("--task-data", action="append", default=[], metavar="TASK=FILE",
+                    help="data file for a task that takes the user's data, e.g. summarization=sum.jsonl")
     sp.add_argument("--shots", default="0,3")
     sp.add_argument("--mode", default="loglik", choices=["loglik", "generate"],
                     help="classification by option log-likelihood (default) or by parsing a generation")
@@ -104,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), end="")
             return 0
         _quiet_libraries()
-        if args.command == "run":
+        if args.command == "pretrain" and recipe.task != "pretrain":
+            raise GlotkitError(f"{args.recipe}: task is '{recipe.task}', not 'pretrain' (use glotkit run)")
+        if args.command in ("run", "pretrain"):
             from glotkit.pipeline import run_recipe
 
             run_recipe(recipe, log=_log, progress=not args.no_progress)
@@ -127,33 +144,34 @@ def _eval(args) -> int:
     from pathlib import Path
 
     from glotkit.config import ModelSection
-    from glotkit.eval.suite import get_tasks, run_suite
+    from glotkit.eval.suite import get_tasks, load_task_file, parse_shots, parse_task_data, run_suite, shared_data_root
 
-    tasks = get_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
-    try:
-        shots = [int(k) for k in args.shots.split(",")]
-    except ValueError:
-        raise GlotkitError(f"--shots {args.shots!r}: expected numbers like 0,1,3,5") from None
-    if any(k < 0 for k in shots):
-        raise GlotkitError(f"--shots {args.shots!r}: shots cannot be negative")
-    root = Path(args.data_root) if args.data_root else Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not root.is_dir():
-        root = Path("..") / "shared" / "data"
+    extra = [t for f in args.task_file for t in load_task_file(f)]
+    tasks = get_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], extra)
+    shots = parse_shots(args.shots)
+    task_data = parse_task_data(args.task_data, tasks)
+    root = Path(args.data_root) if args.data_root else shared_data_root()
+    if args.compare_base and not args.adapter:
+        raise GlotkitError("--compare-base: needs --adapter (the base is the model with the adapter switched off)")
     _quiet_libraries()
     from glotkit.models.loading import load_model
 
     model, tok, device = load_model(ModelSection(name=args.model), log=_log)
-    label = args.model
+    common = dict(shots=shots, seed=args.seed, mode=args.mode, limit=args.limit, batch_size=args.batch_size,
+                  data_root=root, out_dir=Path(args.out), task_data=task_data, device=device, log=_log,
+                  progress=not args.no_progress)
     if args.adapter:
         if not (Path(args.adapter) / "adapter_config.json").is_file():
             raise GlotkitError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
-        label = f"{args.model} + {args.adapter}"
-    run_suite(model, tok, tasks, shots=shots, seed=args.seed, mode=args.mode, limit=args.limit,
-              batch_size=args.batch_size, data_root=root, out_dir=Path(args.out), model_label=label,
-              device=device, log=_log, progress=not args.no_progress)
+        if args.compare_base:
+            with model.disable_adapter():
+                run_suite(model, tok, tasks, model_label=args.model, **common)
+        run_suite(model, tok, tasks, model_label=f"{args.model} + {args.adapter}", **common)
+    else:
+        run_suite(model, tok, tasks, model_label=args.model, **common)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
     return 0
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from glotkit.errors import GlotkitError
 
 STAGES = ("eval_base", "train", "eval_tuned", "report")
+ALL_STAGES = ("eval_base", "train", "eval_tuned", "suite", "memory", "report")
 
 
 class _Section(BaseModel):
@@ -166,6 +167,36 @@ class EvalSection(_Section):
     limit: StrictInt | None = Field(None, gt=0)
 
 
+class SuiteSection(_Section):
+    """The task suite (stage ``suite``): base and adapted model on the same tasks and shots."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["sentiment", "nli", "emotion", "sts", "legal-mcq", "qa"])
+    shots: list[StrictInt] = Field(default_factory=lambda: [0, 3])
+    mode: Literal["loglik", "generate"] = "loglik"
+    limit: StrictInt | None = Field(None, gt=0)
+    seed: StrictInt = 1234
+    batch_size: StrictInt = Field(8, gt=0)
+    models: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"])
+    data_root: str | None = None  # default: ../shared/data beside the checkout
+    task_files: list[str] = Field(default_factory=list)  # YAML files of user tasks
+    task_data: dict[str, str] = Field(default_factory=dict)  # task -> data file (e.g. summarization)
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v):
+        if not v or any(k < 0 for k in v):
+            raise ValueError("must be a list of numbers ≥ 0, e.g. [0, 3]")
+        return v
+
+
+class MemorySection(_Section):
+    """The memory table (stage ``memory``): M1 after loading, M2 peak generating from a long prompt."""
+
+    modes: list[Literal["fp32", "bf16", "nf4"]] = Field(default_factory=lambda: ["fp32", "bf16", "nf4"])
+    prompt_tokens: StrictInt = Field(1000, gt=0)
+    new_tokens: StrictInt = Field(16, gt=0)
+
+
 class Recipe(_Section):
     """A whole run: model, data, prompt, adapter, training, evaluation, and which stages to run."""
 
@@ -180,7 +211,9 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
-    stages: list[Literal["eval_base", "train", "eval_tuned", "report"]] = Field(
+    suite: SuiteSection = Field(default_factory=SuiteSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+    stages: list[Literal["eval_base", "train", "eval_tuned", "suite", "memory", "report"]] = Field(
         default_factory=lambda: list(STAGES)
     )
     # for `glotkit sweep`: dotted key -> list of values, e.g. {"lora.r": [1, 2, 4, 8]}
@@ -203,7 +236,8 @@ class Recipe(_Section):
 
 # --------------------------------------------------------------------------- loading
 
-_PATH_KEYS = (("data", "train"), ("data", "test"), ("pretrain", "corpus"))
+_PATH_KEYS = (("data", "train"), ("data", "test"), ("pretrain", "corpus"), ("suite", "data_root"),
+              ("suite", "task_files"), ("suite", "task_data"))
 
 
 def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
@@ -317,7 +351,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         sec = raw.get(section)
         if isinstance(sec, dict) and key in sec:
             value = sec[key]
-            sec[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+            if isinstance(value, dict):
+                sec[key] = {k: resolve(v) for k, v in value.items()}
+            else:
+                sec[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
     for item in overrides or []:
         key_path, value = parse_override(item)
         apply_override(raw, key_path, value)

@@ -34,14 +34,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
 
 
-def new_figure(width: float = 6, height: float = 3.5):
+def new_figure(width: float = 6, height: float = 3.5, nrows: int = 1, ncols: int = 1):
     """A matplotlib figure and axes on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height), dpi=110)
+    return plt.subplots(nrows, ncols, figsize=(width, height), dpi=110, squeeze=nrows * ncols == 1)
 
 
 def save_figure(fig, path: Path) -> Path:

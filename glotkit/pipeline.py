@@ -8,6 +8,9 @@
     train/             checkpoint.pt while training, log.jsonl (loss per step), result.json
     adapter/           the LoRA adapter in PEFT format (PeftModel.from_pretrained loads it)
     eval_tuned/        predictions.jsonl + metrics.json of the adapted model
+    suite/             the task suite for base and adapted model: results.json/.md/.png, predictions
+    memory.json        the memory table (M1/M2 for fp32, bf16, NF4) with the static estimates
+    corpus.json        (pretraining) document and token counts, distinct token ids of the corpus
     metrics.json       {"base": {...}, "tuned": {...}}
     predictions.jsonl  per test example: question, gold, generations, answers, em/f1 of both
     report.md, loss.png
@@ -33,6 +36,11 @@ _RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "max_tokens_per_forw
                    ("eval", "batch_size")}
 
 
+# sections whose outputs record their own settings and are redone when these change; stages may
+# be added to a finished run
+_REDONE_BY_SETTINGS = ("suite.", "memory.", "stages")
+
+
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
@@ -42,7 +50,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff(a, b, path + ".")
-        elif a != b and tuple(path.split(".")) not in _RESULT_NEUTRAL:
+        elif a != b and tuple(path.split(".")) not in _RESULT_NEUTRAL and not path.startswith(_REDONE_BY_SETTINGS):
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
 
@@ -124,7 +132,13 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
         ("train" in stages and not (train_dir / "result.json").is_file()),
         ("eval_tuned" in stages and not (run_dir / "eval_tuned" / "metrics.json").is_file()),
     ]
-    if any(todo):
+    suite_todo = "suite" in stages and _suite_pending(recipe, run_dir)
+    if suite_todo:
+        _check_suite(recipe)  # bad task names, templates or shots fail now, not after training
+    if suite_todo and "tuned" in recipe.suite.models and not todo[1] and not adapter_dir.is_dir():
+        raise GlotkitError(f"{adapter_dir}: no adapter for the suite's 'tuned' model; add 'train' to stages "
+                           "or set suite.models: [base]")
+    if any(todo) or suite_todo:
         torch.manual_seed(recipe.seed)
         model, tok, device = load_model(recipe.model, log=log)
         atomic_write_json(run_dir / "versions.json", versions(device))
@@ -189,6 +203,10 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
 
                 model = PeftModel.from_pretrained(model, str(adapter_dir))
             evaluate(model, "tuned")
+        if suite_todo:
+            _run_suite_stage(recipe, run_dir, model, tok, device, log, progress)
+    if "memory" in stages and _memory_pending(recipe, run_dir):
+        _run_memory_stage(recipe, run_dir, log)
     if "report" in stages:
         path = write_report(run_dir, recipe)
         log(f"[glotkit] report: {path}")
@@ -211,6 +229,11 @@ def _pretrain_rows(recipe: Recipe, docs, tok, log):
         held_bytes += len((tok.decode(covered, skip_special_tokens=True) if covered else d.text).encode("utf-8"))
         total += len(held_tok[-1])
     train_tok = tokenize_documents(train_docs, tok)
+    distinct = set().union(*map(set, train_tok), *map(set, held_tok)) if train_tok or held_tok else set()
+    atomic_write_json(recipe.run_dir() / "corpus.json", {
+        "train_documents": len(train_docs), "train_tokens_all": sum(map(len, train_tok)),
+        "heldout_documents": len(held_tok), "heldout_tokens": total, "heldout_bytes": held_bytes,
+        "distinct_token_ids": len(distinct), "vocab_size": len(tok)})
     if cfg.max_train_tokens:
         kept, n = [], 0
         for ids in train_tok:
@@ -224,3 +247,106 @@ def _pretrain_rows(recipe: Recipe, docs, tok, log):
     log(f"[glotkit] corpus: {len(train_docs)} train documents -> {sum(len(t) for t in train_tok)} tokens in "
         f"{len(train_rows)} rows of {cfg.block_size}; held out {len(held_tok)} documents, {total} tokens, {held_bytes} bytes")
     return train_rows, held_rows, held_bytes
+
+
+def _suite_tasks(recipe: Recipe):
+    from glotkit.eval.suite import get_tasks, load_task_file, parse_task_data, shared_data_root
+
+    cfg = recipe.suite
+    extra = [t for f in cfg.task_files for t in load_task_file(f)]
+    tasks = get_tasks(cfg.tasks, extra)
+    task_data = parse_task_data(cfg.task_data, tasks)
+    root = Path(cfg.data_root) if cfg.data_root else shared_data_root()
+    return tasks, task_data, root
+
+
+def _suite_labels(recipe: Recipe) -> dict[str, str]:
+    return {"base": f"{recipe.model.name} (base)", "tuned": f"{recipe.model.name} + {recipe.name} adapter"}
+
+
+def _suite_pending(recipe: Recipe, run_dir: Path) -> bool:
+    """Whether some (model, task, shots) of the suite has no result yet."""
+    import json
+
+    from glotkit.eval.suite import _unit_key
+
+    tasks, _, _ = _suite_tasks(recipe)  # also checks task names and files before any work
+    path = run_dir / "suite" / "results.json"
+    done = {_unit_key(r) for r in json.loads(path.read_text(encoding="utf-8"))} if path.is_file() else set()
+    labels = _suite_labels(recipe)
+    cfg = recipe.suite
+    for m in cfg.models:
+        for t in tasks:
+            for k in cfg.shots:
+                probe = {"model": labels[m], "task": t.name, "shots": k, "mode_asked": cfg.mode, "limit": cfg.limit,
+                         "seed": cfg.seed, "template": t.template, "max_new_tokens": t.max_new_tokens}
+                if _unit_key(probe) not in done:
+                    return True
+    return False
+
+
+def _run_suite_stage(recipe: Recipe, run_dir: Path, model, tok, device: str, log, progress: bool) -> None:
+    from glotkit.eval.suite import run_suite
+
+    tasks, task_data, root = _suite_tasks(recipe)
+    cfg = recipe.suite
+    labels = _suite_labels(recipe)
+    common = dict(shots=cfg.shots, seed=cfg.seed, mode=cfg.mode, limit=cfg.limit, batch_size=cfg.batch_size,
+                  data_root=root, out_dir=run_dir / "suite", task_data=task_data, device=device, log=log,
+                  progress=progress)
+    if "tuned" in cfg.models and not hasattr(model, "peft_config"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+    for m in cfg.models:
+        log(f"[glotkit] task suite: {labels[m]}, tasks {', '.join(t.name for t in tasks)}, shots {cfg.shots}, "
+            f"limit {cfg.limit}")
+        if m == "base" and hasattr(model, "peft_config"):
+            with model.disable_adapter():
+                run_suite(model, tok, tasks, model_label=labels[m], **common)
+        else:
+            run_suite(model, tok, tasks, model_label=labels[m], **common)
+
+
+def _check_suite(recipe: Recipe) -> None:
+    from glotkit.eval.suite import check_template, draw_shots, test_items
+
+    tasks, task_data, root = _suite_tasks(recipe)
+    for t in tasks:
+        data = t.load(Path(task_data[t.name]) if t.name in task_data else root)
+        items = test_items(t, data, recipe.suite.limit)
+        if not items:
+            raise GlotkitError(f"task '{t.name}': empty test split")
+        check_template(t, items[0])
+        draw_shots(data["train"], max(recipe.suite.shots), recipe.suite.seed, 0)
+
+
+def _memory_pending(recipe: Recipe, run_dir: Path) -> bool:
+    import json
+
+    path = run_dir / "memory.json"
+    if not path.is_file():
+        return True
+    return json.loads(path.read_text(encoding="utf-8")).get("settings") != recipe.memory.model_dump(mode="json")
+
+
+def _run_memory_stage(recipe: Recipe, run_dir: Path, log) -> None:
+    import json
+
+    from glotkit.eval.memory import estimate_before_loading, measure, table, training_estimate
+
+    cfg = recipe.memory
+    log(f"[glotkit] memory: {', '.join(cfg.modes)}, each in a fresh process ({cfg.prompt_tokens}-token prompt)")
+    est = estimate_before_loading(recipe.model.name)
+    rows = measure(recipe.model.name, cfg.modes, cfg.prompt_tokens, cfg.new_tokens)
+    corpus = run_dir / "corpus.json"
+    keep = json.loads(corpus.read_text(encoding="utf-8"))["distinct_token_ids"] if corpus.is_file() else None
+    out = {"settings": cfg.model_dump(mode="json"), "rows": rows, "estimate_before_loading": est.to_dict(),
+           "trim_vocab_to": keep}
+    tr = run_dir / "train" / "result.json"
+    if tr.is_file():
+        result = json.loads(tr.read_text(encoding="utf-8"))
+        out["training"] = training_estimate(recipe, est, result)
+    out["table"] = table(rows, keep_vocab=keep)
+    atomic_write_json(run_dir / "memory.json", out)
+    log("[glotkit] memory table:\n" + out["table"])

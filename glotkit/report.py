@@ -107,7 +107,50 @@ def write_report(run_dir: Path, recipe: Recipe) -> Path:
             cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:80]
             lines.append(f"| {cell(r['question'])} | {cell(r['gold'][0])} | {cell(r['base']['prediction'])} | "
                          f"{cell(r['tuned']['prediction'])} |")
+    lines += _suite_section(run_dir) + _memory_section(run_dir)
     lines += ["", "## Environment", "", "```", json.dumps(versions, indent=1), "```", ""]
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
     return out
+
+
+def _suite_section(run_dir: Path) -> list[str]:
+    results = _read_json(run_dir / "suite" / "results.json")
+    if not results:
+        return []
+    from glotkit.eval.suite import suite_table
+
+    r0 = results[0]
+    items = "all test items" if r0["limit"] is None else f"the first {r0['limit']} test items (seeded order)"
+    secs = sum(r.get("seconds", 0) for r in results)
+    return ["", "## Task suite (base vs adapted)", "",
+            f"Main metric of each task ×100; seed {r0['seed']}, batch size {r0['batch_size']}, "
+            f"{items}; "
+            f"{secs / 60:.1f} min in all. Mode 'loglik': the most likely option (classification, multiple "
+            "choice) or the expected score 0–5 (STS); 'generate': greedy generation parsed by the task. "
+            "Every figure, its template and predictions are in suite/.", "", suite_table(results), "",
+            "![task suite](suite/results.png)"]
+
+
+def _memory_section(run_dir: Path) -> list[str]:
+    mem = _read_json(run_dir / "memory.json")
+    if not mem:
+        return []
+    est = mem["estimate_before_loading"]
+    lines = ["", "## Memory", "", mem["table"], "",
+             f"M1: resident memory after loading; M2: peak while generating from a {mem['rows'][0].get('prompt_tokens', '~1000')}"
+             "-token prompt; each mode in a fresh process; CPU figures are RSS (CUDA: max allocated). "
+             f"Estimates come from the config alone (the model built on the meta device): "
+             f"{est['linear_params']:,} parameters in linear layers, {est['other_params']:,} others, of which the "
+             f"embedding {est['embedding_params']:,} ({est['vocab_size']:,} × {est['hidden_size']})."]
+    if mem.get("trim_vocab_to"):
+        lines.append(f"The trimmed-vocabulary column keeps the {mem['trim_vocab_to']:,} token ids the training corpus uses.")
+    t = mem.get("training")
+    if t:
+        meas = t["measured_peak_rss_mb"]
+        gap = f", measured peak RSS {meas:.0f} MB ({meas / t['estimate_mb']:.2f}× the estimate; RSS also holds " \
+              "the Python/torch runtime)" if meas else ""
+        lines += ["", f"Training ({t['mode']}, {t['tokens_per_forward']} tokens per forward pass), estimate: weights "
+                  f"{t['weights_mb']:.0f} + LoRA with AdamW state {t['lora_and_adam_mb']:.0f} + activations "
+                  f"{t['activations_mb']:.0f} + LM head {t['lm_head_mb']:.0f} = **{t['estimate_mb']:.0f} MB**{gap}."]
+    return lines

@@ -7,8 +7,9 @@ import torch
 
 from conftest import SHARED, build_model
 from glotkit.errors import GlotkitError
-from glotkit.eval.suite import (BUILTIN_TASKS, Task, build_prompt, draw_shots, get_tasks, option_logliks,
-                                parse_label, parse_number, run_task)
+from glotkit.eval.suite import (BUILTIN_TASKS, Task, build_prompt, draw_shots, get_tasks, load_task_file,
+                                option_logliks, parse_label, parse_letters, parse_number, run_suite, run_task)
+from glotkit.generate.local import cut_at_stop
 
 WORDS = ["Sibiu", "Cibin", "Iași", "Mureș", "Brașov", "Dunăre", "Carpați", "Cluj"]
 
@@ -75,13 +76,143 @@ def test_parsers():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", list(BUILTIN_TASKS))
+@pytest.mark.parametrize("name", [n for n, t in BUILTIN_TASKS.items() if not t.needs_file])
 def test_builtin_loaders(name):
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared/data not present")
     task = BUILTIN_TASKS[name]
     data = task.load(SHARED / "data")
-    assert len(data["test"]) >= 500 and len(data["train"]) >= 5
+    assert len(data["test"]) >= 300 and len(data["train"]) >= 40
     assert task.fields() <= set(data["test"][0])
     if task.kind == "classification":
         assert {task.answer(r) for r in data["test"]} <= set(task.labels)
+    if task.kind == "multichoice":  # JuRO: one or two of A–C, every record parses
+        golds = [task.gold(r) for r in data["test"] + data["train"]]
+        assert all(1 <= len(g) <= 2 and g <= {"A", "B", "C"} for g in golds)
+        assert len(data["train"]) == 7952 and len(data["test"]) == 1151
+    if task.kind == "qa":  # shots never share a paragraph with a test question
+        assert not {r["context"] for r in data["train"]} & {r["context"] for r in data["test"]}
+
+
+def test_parse_letters():
+    assert parse_letters(" A") == {"A"} and parse_letters("AB") == {"A", "B"}
+    assert parse_letters(" A, C\nB") == {"A", "C"} and parse_letters("(B) și (C).") == {"B", "C"}
+    assert parse_letters("\n B și C") == {"B", "C"} and parse_letters(" A.") == {"A"}
+    assert parse_letters(" Acesta este răspunsul") is None and parse_letters(" nu știu") is None
+    assert parse_letters(" D") is None
+
+
+def test_stop_strings():
+    assert cut_at_stop(" pozitivă\nRecenzie:", ["\n"]) == " pozitivă"
+    assert cut_at_stop("\n\n pozitivă", ["\n"]) is None  # leading blank lines do not stop
+    assert cut_at_stop(" Un rezumat.\nMai departe.\n\nText:", ["\n\n"]) == " Un rezumat.\nMai departe."
+
+
+def _tiny_task(kind, **kw):
+    rows = []
+    for i in range(30):
+        text = " ".join(WORDS[(i * 3 + j) % 8] for j in range(3 + i % 4))
+        rows.append({"text": text, "answer": ["A", "B", "A, C"][i % 3], "answers": [WORDS[i % 8]],
+                     "summary": WORDS[i % 8] + " " + WORDS[(i + 1) % 8], "score": float(i % 6)})
+    data = {"train": rows[:10], "test": rows[10:]}
+    template = {"multichoice": "Întrebare: {text}\nA. da\nB. nu\nC. poate\nRăspuns:", "qa": "Context: {text}\nÎntrebare: ce?\nRăspuns:",
+                "summarization": "Text: {text}\nRezumat:", "regression": "Text: {text}\nScor:"}[kind]
+    answer = {"multichoice": lambda r: r["answer"], "qa": lambda r: r["answers"][0],
+              "summarization": lambda r: r["summary"], "regression": lambda r: f"{r['score']:.1f}"}[kind]
+    return Task("t-" + kind, kind, "", lambda root: data, template, answer,
+                ["A", "B", "C"] if kind == "multichoice" else [], **kw), data
+
+
+@pytest.mark.parametrize("kind,mode", [("multichoice", "loglik"), ("multichoice", "generate"), ("regression", "loglik"),
+                                       ("qa", "generate"), ("summarization", "generate")])
+def test_every_kind_runs_and_scores_with_its_metric(tmp_path, kind, mode):
+    from glotkit.eval.metrics import option_set_scores, rouge_scores
+    from glotkit.eval.qa_metrics import aggregate, score_one
+
+    model, tok = build_model(tmp_path, "gemma3", init=0.2)
+    task, data = _tiny_task(kind, max_new_tokens=6 if kind in ("qa", "summarization") else None)
+    a, b = (run_task(model, tok, task, data, shots=1, seed=3, mode=mode, limit=8, batch_size=bs) for bs in (1, 8))
+    assert a["predictions"] == b["predictions"] and a["metrics"] == b["metrics"]
+    assert a["mode"] == mode and a["main_metric"] in a["metrics"]
+    preds, golds = [p["prediction"] for p in a["predictions"]], [p["gold"] for p in a["predictions"]]
+    if kind == "multichoice":
+        assert a["max_new_tokens"] == 10
+        want = option_set_scores([set(p or ()) for p in preds], [set(g) for g in golds], ["A", "B", "C"])
+        assert {k: a["metrics"][k] for k in want} == want
+        if mode == "loglik":
+            assert all(p and 1 <= len(p) <= 2 for p in preds)
+    elif kind == "regression":
+        assert all(0 <= p <= 5 for p in preds) and len(set(preds)) > 1
+    elif kind == "qa":
+        want = aggregate([score_one(p, g) for p, g in zip(preds, golds)])
+        assert {k: a["metrics"][k] for k in want} == want
+    else:
+        assert a["metrics"]["rougeL"] == rouge_scores(preds, golds)["rougeL"]
+
+
+def test_default_max_new_tokens_per_kind():
+    assert BUILTIN_TASKS["sentiment"].max_new_tokens == 10 and BUILTIN_TASKS["sts"].max_new_tokens == 10
+    assert BUILTIN_TASKS["qa"].max_new_tokens == 250 and BUILTIN_TASKS["summarization"].max_new_tokens == 2048
+    assert BUILTIN_TASKS["summarization"].stop == ("\n\n",) and BUILTIN_TASKS["qa"].stop == ("\n",)
+
+
+def test_summarization_needs_the_users_file(tmp_path):
+    task = BUILTIN_TASKS["summarization"]
+    with pytest.raises(GlotkitError, match="needs your data: --task-data summarization=FILE"):
+        task.load(tmp_path)
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"text": "Un text.", "summary": "Text."}\n{"text": "Altul.", "rezumat": "x"}\n', encoding="utf-8")
+    with pytest.raises(GlotkitError, match="record 2: missing or empty field 'summary'"):
+        task.load(f)
+    f.write_text("".join(f'{{"text": "Textul {i}.", "summary": "T{i}."}}\n' for i in range(20)), encoding="utf-8")
+    data = task.load(f)
+    assert len(data["train"]) == 4 and len(data["test"]) == 16
+
+
+def test_user_task_from_yaml(tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("propozitie,eticheta\n" + "".join(f"Sibiu e frumos {i},{'da' if i % 2 else 'nu'}\n" for i in range(20)),
+                    encoding="utf-8")
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text("tasks:\n  - name: da-nu\n    kind: classification\n    template: 'Text: {propozitie}\\nRăspuns:'\n"
+                    "    answer: eticheta\n    labels: [da, nu]\n    data: {file: rows.csv, shots_pool: 5}\n", encoding="utf-8")
+    (task,) = load_task_file(spec)
+    data = task.load(tmp_path)
+    assert len(data["train"]) == 5 and len(data["test"]) == 15 and task.max_new_tokens == 10
+    assert get_tasks(["da-nu", "sentiment"], [task])[0] is task
+    model, tok = build_model(tmp_path / "m", "llama")
+    r = run_task(model, tok, task, data, shots=2, seed=1, mode="loglik", limit=4, batch_size=4)
+    assert r["metrics"]["n"] == 4
+    spec.write_text("tasks:\n  - name: x\n    kind: classification\n    template: 'T'\n    answer: a\n"
+                    "    labels: [a]\n    data: {file: rows.csv}\n    temperatura: 1\n", encoding="utf-8")
+    with pytest.raises(GlotkitError, match="unknown key 'temperatura'"):
+        load_task_file(spec)
+    spec.write_text("tasks:\n  - name: x\n    kind: ranking\n    template: 'T'\n    answer: a\n    data: {file: rows.csv}\n",
+                    encoding="utf-8")
+    with pytest.raises(GlotkitError, match="unknown kind 'ranking'"):
+        load_task_file(spec)
+
+
+def test_suite_resumes_and_tabulates_models_side_by_side(tmp_path, monkeypatch):
+    import json
+
+    import glotkit.eval.suite as suite
+
+    model, tok = build_model(tmp_path / "m", "llama")
+    task, data = _toy_task()
+    kw = dict(shots=[0, 1], seed=2, mode="loglik", limit=4, batch_size=4, data_root=tmp_path, out_dir=tmp_path / "out",
+              log=lambda m: None, progress=False)
+    run_suite(model, tok, [task], model_label="base", **kw)
+    run_suite(model, tok, [task], model_label="tuned", **kw)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["model"], r["shots"]) for r in results] == [("base", 0), ("base", 1), ("tuned", 0), ("tuned", 1)]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| task | shots | mode | metric | base | tuned | Δ | n |" in table and "| toy | 1 | loglik | macro_f1 |" in table
+    assert (tmp_path / "out" / "results.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "predictions-tuned-toy-1shot.jsonl").is_file()
+
+    def boom(*a, **k):
+        raise AssertionError("a finished unit was run again")
+
+    monkeypatch.setattr(suite, "run_task", boom)
+    run_suite(model, tok, [task], model_label="tuned", **kw)  # nothing left to do

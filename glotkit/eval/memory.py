@@ -24,6 +24,23 @@ class StaticEstimate:
     linear_params: int
     other_params: int
     embedding_params: int
+    vocab_size: int = 0
+    hidden_size: int = 0
+    layers: int = 0
+    heads: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__) | {m + "_weights_mb": round(self.weights_mb(m), 1) for m in MODES}
+
+    def bytes_per(self, mode: str) -> int:
+        return 2 if mode == "bf16" else 4
+
+    def with_embedding_mb(self, mode: str, rows: int | None = None, bits: int | None = None) -> float:
+        """Weights if the embedding had ``rows`` rows (vocabulary trimming) and/or were stored in
+        ``bits`` (8-bit: one byte per value plus an fp32 scale per row)."""
+        rows = rows or self.vocab_size
+        per_row = self.hidden_size * (bits / 8 if bits else self.bytes_per(mode)) + (4 if bits else 0)
+        return self.weights_mb(mode) - self.embedding_mb(mode) + rows * per_row / 2**20
 
     def weights_mb(self, mode: str) -> float:
         full = 4 if mode == "fp32" else 2
@@ -53,8 +70,51 @@ def static_estimate(model) -> StaticEstimate:
                 linear += p.numel()
             else:
                 other += p.numel()
-    emb = model.get_input_embeddings().weight.numel()
-    return StaticEstimate(linear, other, emb)
+    emb = model.get_input_embeddings().weight
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return StaticEstimate(linear, other, emb.numel(), emb.shape[0], emb.shape[1],
+                          getattr(text, "num_hidden_layers", 0), getattr(text, "num_attention_heads", 0))
+
+
+def estimate_before_loading(model_name: str) -> StaticEstimate:
+    """The static estimate from the model's config alone: the model is built on the ``meta``
+    device (shapes, no memory, no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from glotkit.models.loading import resolve_model_path
+
+    path = resolve_model_path(model_name, log=lambda m: None)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return static_estimate(model)
+
+
+def training_estimate(recipe, est: StaticEstimate, result: dict) -> dict:
+    """Memory of a LoRA/QLoRA training step, estimated from shapes, beside the measured peak.
+
+    weights (by mode) + LoRA parameters × 16 bytes (fp32 value, gradient, two AdamW moments)
+    + activations of one forward pass of T tokens, by the per-layer rule of Korthikanti et al.
+    (34·T·h bytes in 16-bit, doubled in fp32, plus the attention probabilities heads·T·L per row)
+    + the LM head on one chunk of supervised positions (logits, softmax and their gradient)."""
+    from glotkit.train.engine import HEAD_CHUNK
+
+    mode = "nf4" if recipe.model.quantization == "nf4" else ("bf16" if recipe.model.dtype == "bfloat16" else "fp32")
+    act_bytes = 4 if mode != "bf16" else 2
+    row = recipe.pretrain.block_size if recipe.task == "pretrain" else recipe.train.max_length
+    tokens = min(recipe.train.max_tokens_per_forward or 10**9, recipe.train.batch_size * row)
+    tokens = max(tokens, row)
+    weights = est.weights_mb(mode)
+    lora = result.get("trainable_params", 0) * 16 / 2**20
+    activations = est.layers * (34 * tokens * est.hidden_size * act_bytes / 2
+                                + est.heads * tokens * row * act_bytes) / 2**20
+    head = 3 * min(HEAD_CHUNK, tokens) * est.vocab_size * 4 / 2**20
+    total = weights + lora + activations + head
+    measured = (result.get("memory") or {}).get("peak_rss_mb")
+    return {"mode": mode, "tokens_per_forward": tokens, "weights_mb": round(weights, 1), "lora_and_adam_mb": round(lora, 1),
+            "activations_mb": round(activations, 1), "lm_head_mb": round(head, 1), "estimate_mb": round(total, 1),
+            "measured_peak_rss_mb": measured}
 
 
 def kv_cache_mb(config, tokens: int, bytes_per: int) -> float:
@@ -123,6 +183,7 @@ def _worker(model_name: str, mode: str, prompt_tokens: int, new_tokens: int) -> 
         "estimate_kv_mb": round(kv_cache_mb(model.config, ids.shape[1] + new_tokens, bytes_per), 1),
         "embedding_mb": round(est.embedding_mb(mode), 1),
         "linear_params": est.linear_params, "other_params": est.other_params, "embedding_params": est.embedding_params,
+        "vocab_size": est.vocab_size, "hidden_size": est.hidden_size,
     }
 
 
@@ -141,16 +202,25 @@ def measure(model_name: str, modes=MODES, prompt_tokens: int = 1000, new_tokens:
     return out
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], keep_vocab: int | None = None) -> str:
+    """The memory table; the last columns estimate the weights with a smaller embedding: stored in
+    8 bits, or trimmed to the ``keep_vocab`` token ids a corpus uses (``glotkit trim-vocab``)."""
+    trim = f" | est. vocab trimmed to {keep_vocab:,}" if keep_vocab else ""
     lines = ["| mode | weights in memory (MB) | estimate: weights | M1 RSS after load | M1 − baseline | "
-             "M2 peak RSS generating | estimate: KV cache | of the weights: embedding |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"M2 peak RSS generating | estimate: KV cache | of the weights: embedding | est. 8-bit embedding{trim} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if keep_vocab else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | not measured: {r['error']} | | | | | | |")
+            lines.append(f"| {r['mode']} | not measured: {r['error']} | | | | | | | |" + (" |" if keep_vocab else ""))
             continue
+        est = StaticEstimate(r["linear_params"], r["other_params"], r["embedding_params"], r.get("vocab_size", 0),
+                             r.get("hidden_size", 0))
+        small = f" | {est.with_embedding_mb(r['mode'], bits=8):.0f}" if est.hidden_size else " | –"
+        if keep_vocab:
+            small += f" | {est.with_embedding_mb(r['mode'], rows=keep_vocab):.0f}" if est.hidden_size else " | –"
         lines.append(f"| {r['mode']} | {r['tensor_mb']:.0f} | {r['estimate_weights_mb']:.0f} | {r['m1_mb']:.0f} | "
-                     f"{r['m1_over_baseline_mb']:.0f} | {r['m2_mb']:.0f} | {r['estimate_kv_mb']:.0f} | {r['embedding_mb']:.0f} |")
+                     f"{r['m1_over_baseline_mb']:.0f} | {r['m2_mb']:.0f} | {r['estimate_kv_mb']:.0f} | "
+                     f"{r['embedding_mb']:.0f}{small} |")
     ok = {r["mode"]: r for r in rows if "error" not in r}
     if "fp32" in ok and "nf4" in ok:
         lines += ["", f"NF4 reduction: weights {ok['fp32']['tensor_mb'] / ok['nf4']['tensor_mb']:.2f}×, "

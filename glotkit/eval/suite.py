@@ -7,10 +7,14 @@ A :class:`Task` names its data reader, prompt template, answer verbalization, me
 
 Scoring modes:
 
-* ``generate``: greedy generation (stop at the first newline), parsed by the task;
-* ``loglik``: for classification, the summed log-likelihood of each verbalized label after the
-  prompt (what lm-evaluation-harness does); small base models need it, since they rarely answer
-  with a bare label.  Every result records the mode it came from.
+* ``generate``: greedy generation up to the task's stop strings (a newline; a blank line for
+  summaries) and ``max_new_tokens`` (10 classification/regression, 250 QA, 2048 summaries),
+  parsed by the task;
+* ``loglik``: for classification and multiple choice, the option whose tokens have the highest
+  summed log-likelihood after the prompt (what lm-evaluation-harness does); for regression, the
+  expected value of the scores 0..5 under their probabilities.  Small base models need it, since
+  they rarely answer with a bare label.  QA and summarization always generate.  Every result
+  records the mode it came from.
 """
 
 from __future__ import annotations
@@ -27,19 +31,104 @@ import torch
 from glotkit.errors import GlotkitError
 
 
+# max new tokens per task type, as in the RoQLlama paper; summaries stop at a blank line
+DEFAULT_MAX_NEW_TOKENS = {"classification": 10, "regression": 10, "multichoice": 10, "qa": 250, "summarization": 2048}
+DEFAULT_STOP = {"summarization": ("\n\n",)}
+KINDS = tuple(DEFAULT_MAX_NEW_TOKENS)
+MAIN_METRIC = {"classification": "macro_f1", "regression": "spearman", "multichoice": "exact_set_match",
+               "qa": "f1", "summarization": "rougeL"}
+
+
 @dataclass
 class Task:
+    """One task: where its data comes from, how a record becomes a prompt, how it is scored.
+
+    ``load(source)`` gets the data root (built-in tasks) or the file the user named for the task
+    and returns ``{"train": [...], "test": [...]}`` (records are dicts).  ``template`` is filled
+    from a record and ends where the answer starts; ``answer(record)`` is the gold answer as text
+    (demonstrations, and the options of log-likelihood scoring).  ``kind`` picks the parser and
+    the metric: classification (``labels``), regression (a 0–5 number in ``score``), multichoice
+    (letters, one or more correct, in ``answer``), qa (``answers``, EM/F1 of the core) or
+    summarization (``summary``, ROUGE).
+    """
+
     name: str
-    kind: str  # "classification" | "regression"
+    kind: str
     description: str
-    load: Callable[[Path], dict[str, list[dict]]]  # data root -> {"train": [...], "test": [...]}
-    template: str  # a prompt for one record; ends where the answer starts
-    answer: Callable[[dict], str]  # the gold answer as text (for demonstrations and loglik)
-    labels: list[str] = field(default_factory=list)  # verbalized labels (classification)
-    max_new_tokens: int = 10
+    load: Callable[[Path], dict[str, list[dict]]]
+    template: str
+    answer: Callable[[dict], str]
+    labels: list[str] = field(default_factory=list)  # classification: verbalized labels; multichoice: letters
+    max_new_tokens: int | None = None  # None: the default of the kind
+    stop: tuple[str, ...] | None = None  # generation stops at the first of these (None: a newline)
+    needs_file: bool = False  # the data is the user's (--task-data NAME=FILE)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise GlotkitError(f"task '{self.name}': unknown kind '{self.kind}' (known: {', '.join(KINDS)})")
+        if self.kind in ("classification", "multichoice") and not self.labels:
+            raise GlotkitError(f"task '{self.name}': a {self.kind} task needs labels")
+        if self.max_new_tokens is None:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.kind]
+        if self.stop is None:
+            self.stop = DEFAULT_STOP.get(self.kind, ("\n",))
 
     def fields(self) -> set[str]:
         return set(re.findall(r"{(\w+)}", self.template))
+
+    @property
+    def main_metric(self) -> str:
+        return MAIN_METRIC[self.kind]
+
+    def options(self) -> list[str]:
+        """What log-likelihood scoring compares: the labels, or every set of one or two letters."""
+        if self.kind == "multichoice":
+            singles = list(self.labels)
+            pairs = [f"{a}, {b}" for i, a in enumerate(singles) for b in singles[i + 1 :]]
+            return singles + pairs
+        return list(self.labels)
+
+    def gold(self, record: dict):
+        if self.kind == "classification":
+            return self.answer(record)
+        if self.kind == "regression":
+            return float(record["score"])
+        if self.kind == "multichoice":
+            return frozenset(parse_letters(self.answer(record), self.labels) or ())
+        if self.kind == "qa":
+            return list(record["answers"])
+        return record["summary"]
+
+    def parse(self, generation: str):
+        if self.kind == "classification":
+            return parse_label(generation, self.labels)
+        if self.kind == "regression":
+            return parse_number(generation)
+        if self.kind == "multichoice":
+            letters = parse_letters(generation, self.labels)
+            return frozenset(letters) if letters else None
+        if self.kind == "qa":
+            return generation.strip().split("\n", 1)[0].strip()
+        return generation.strip()
+
+    def score(self, preds: list, golds: list, language: str = "ro") -> dict:
+        from glotkit.eval.metrics import (classification_scores, correlation_scores, option_set_scores,
+                                          rouge_scores)
+
+        if self.kind == "classification":
+            m = classification_scores([p or "" for p in preds], golds, self.labels)
+        elif self.kind == "regression":
+            return correlation_scores(preds, golds, missing=2.5)
+        elif self.kind == "multichoice":
+            m = option_set_scores([set(p or ()) for p in preds], [set(g) for g in golds], self.labels)
+        elif self.kind == "qa":
+            from glotkit.eval.qa_metrics import aggregate, score_one
+
+            m = aggregate([score_one(p or "", g, language) for p, g in zip(preds, golds)])
+        else:
+            m = rouge_scores([p or "" for p in preds], golds)
+        m["unparsed"] = sum(p is None for p in preds)
+        return m
 
 
 def _seeded_split(rows: list[dict], test_size: int, seed: int = 0) -> dict[str, list[dict]]:
@@ -87,6 +176,102 @@ def _load_rosts(root: Path) -> dict[str, list[dict]]:
     return {"train": read("RO-STS.train.tsv"), "test": read("RO-STS.dev.tsv")}
 
 
+# REDv2 label order (README of the data set), in Romanian
+_RED = ["tristețe", "surpriză", "frică", "furie", "neutru", "încredere", "bucurie"]
+
+
+def _load_red(root: Path) -> dict[str, list[dict]]:
+    """REDv2 tweets whose agreed labels (≥ 2 of 3 annotators) name exactly one emotion: 477 of 543
+    (62 with two and 4 with three agreed emotions are left out); 100 seeded ones are the shot pool."""
+    doc = json.loads(_need(root / "red" / "REDv2" / "valid.json").read_text(encoding="utf-8"))
+    rows = [{"text": " ".join(r["text"].split()), "label": _RED[r["agreed_labels"].index(1)]}
+            for r in doc if sum(r["agreed_labels"]) == 1]
+    split = _seeded_split(rows, len(rows) - 100)
+    return split
+
+
+def _read_juro_folder(folder: Path) -> list[dict]:
+    import csv
+
+    rows = []
+    for path in sorted(_need(folder).rglob("*.csv")):
+        with path.open(encoding="utf-8", newline="") as fh:
+            for lineno, rec in enumerate(csv.reader(fh), 1):
+                if not rec or not any(c.strip() for c in rec):
+                    continue
+                if len(rec) != 4:
+                    raise GlotkitError(f"{path}: line {lineno}: expected 4 columns (subject, question, options, answer)")
+                subject, question, options, answer = (c.strip() for c in rec)
+                question = re.sub(r"^\d+\.\s*", "", " ".join(question.split()))
+                opts = "\n".join(" ".join(line.split()) for line in options.splitlines() if line.strip())
+                rows.append({"subject": subject, "question": question, "options": opts, "answer": ", ".join(answer)})
+    return rows
+
+
+def _load_juro(root: Path) -> dict[str, list[dict]]:
+    """JuRO bar/magistracy exam questions: shots from train_set, test on validation_set."""
+    return {"train": _read_juro_folder(root / "juro" / "train_set"), "test": _read_juro_folder(root / "juro" / "validation_set")}
+
+
+def _load_xquad_ro(root: Path) -> dict[str, list[dict]]:
+    """XQuAD-ro, split by context (seeded): 40 of 240 contexts give the shots, the rest is test,
+    so a demonstration never shares its paragraph with the question."""
+    from glotkit.config import DataSection
+    from glotkit.data.qa import read_examples, split_by_context
+
+    exs = read_examples(_need(root / "xquad" / "xquad.ro.dev.json"), DataSection(format="squad"), "test")
+    test, train = split_by_context(exs, 40 / 240, seed=0)  # its held-out 40 contexts are our shot pool
+
+    def rec(e):
+        return {"context": e.context, "question": e.question, "answers": list(e.answers)}
+
+    return {"train": [rec(e) for e in train], "test": [rec(e) for e in test]}
+
+
+def read_records(path: Path, where: str) -> list[dict]:
+    """Records of a user's task file: JSONL, CSV or TSV (header row), or a JSON list."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise GlotkitError(f"{path}: {where}: data file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        from glotkit.io import iter_jsonl_objects
+
+        rows = [rec for _, rec in iter_jsonl_objects(path)]
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise GlotkitError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise GlotkitError(f"{path}: expected a JSON list of objects")
+    else:
+        raise GlotkitError(f"{path}: {where}: unknown format '{suffix}' (use .jsonl, .csv, .tsv or .json)")
+    if not rows:
+        raise GlotkitError(f"{path}: {where}: no records")
+    return rows
+
+
+def _load_summaries(path: Path) -> dict[str, list[dict]]:
+    """A user's (text, summary) file; a seeded fifth (at most 50) is the shot pool."""
+    if path.is_dir():
+        raise GlotkitError("task 'summarization' needs your data: --task-data summarization=FILE "
+                           "(JSONL/CSV/TSV with fields 'text' and 'summary')")
+    rows = read_records(path, "task 'summarization'")
+    for i, r in enumerate(rows):
+        missing = [f for f in ("text", "summary") if not str(r.get(f) or "").strip()]
+        if missing:
+            raise GlotkitError(f"{path}: record {i + 1}: missing or empty field '{missing[0]}' "
+                               f"(fields: {', '.join(map(str, r))})")
+    pool = min(50, len(rows) // 5)
+    return _seeded_split([{"text": r["text"], "summary": r["summary"]} for r in rows], len(rows) - pool)
+
+
 BUILTIN_TASKS: dict[str, Task] = {
     "sentiment": Task("sentiment", "classification", "LaRoSeDa product reviews (1–2 stars negative, 4–5 positive)",
                       _load_laroseda, "Recenzie: {text}\nRecenzia este pozitivă sau negativă? Răspuns:",
@@ -94,19 +279,133 @@ BUILTIN_TASKS: dict[str, Task] = {
     "nli": Task("nli", "classification", "RoNLI sentence pairs, 4 relations",
                 _load_ronli, "Propoziția 1: {premise}\nPropoziția 2: {hypothesis}\n"
                 "Relația (contrast, implicare, consecință sau fără legătură):", lambda r: r["label"], list(_RONLI)),
+    "emotion": Task("emotion", "classification", "REDv2 tweets with one agreed emotion (7 labels)",
+                    _load_red, "Tweet: {text}\nEmoția (tristețe, surpriză, frică, furie, neutru, încredere "
+                    "sau bucurie):", lambda r: r["label"], list(_RED)),
     "sts": Task("sts", "regression", "RO-STS similarity 0–5",
                 _load_rosts, "Propoziția 1: {s1}\nPropoziția 2: {s2}\nSimilaritate (0-5):",
                 lambda r: f"{r['score']:.1f}"),
+    "legal-mcq": Task("legal-mcq", "multichoice", "JuRO legal exam questions, A–C, one or two correct "
+                      "(stand-in for RoMedQA)", _load_juro,
+                      "Întrebare ({subject}): {question}\n{options}\nRăspunsul corect (una sau două litere):",
+                      lambda r: r["answer"], ["A", "B", "C"]),
+    "qa": Task("qa", "qa", "XQuAD-ro extractive questions (EM/F1 of the core)", _load_xquad_ro,
+               "Context: {context}\nÎntrebare: {question}\nRăspuns:", lambda r: r["answers"][0]),
+    "summarization": Task("summarization", "summarization", "your (text, summary) data: --task-data summarization=FILE",
+                          _load_summaries, "Text: {text}\nRezumat:", lambda r: r["summary"], needs_file=True),
 }
 
 
-def get_tasks(names: Sequence[str]) -> list[Task]:
+def task_from_spec(spec: dict, base_dir: Path = Path(".")) -> Task:
+    """A user task from a mapping (YAML ``--task-file``): name, kind, template, answer (a field),
+    labels, max_new_tokens, stop, and data: {file} (seeded split, ``shots_pool`` records) or
+    {train, test}."""
+    known = {"name", "kind", "description", "template", "answer", "labels", "max_new_tokens", "stop", "data"}
+    where = f"task '{spec.get('name', '?')}'"
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise GlotkitError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    for key in ("name", "kind", "template", "answer", "data"):
+        if key not in spec:
+            raise GlotkitError(f"{where}: missing key '{key}'")
+    data = spec["data"]
+    if not isinstance(data, dict) or not ({"file"} <= set(data) or {"train", "test"} <= set(data)):
+        raise GlotkitError(f"{where}: data must give 'file' (split with a seed) or 'train' and 'test'")
+    answer_field = str(spec["answer"])
+
+    def load(_root: Path) -> dict[str, list[dict]]:
+        if "file" in data:
+            rows = read_records(base_dir / data["file"], where)
+            pool = int(data.get("shots_pool", min(50, len(rows) // 5)))
+            split = _seeded_split(rows, len(rows) - pool, int(data.get("seed", 0)))
+        else:
+            split = {k: read_records(base_dir / data[k], where) for k in ("train", "test")}
+        for part, rows in split.items():
+            if rows and answer_field not in rows[0]:
+                raise GlotkitError(f"{where}: the {part} data has no field '{answer_field}' "
+                                   f"(fields: {', '.join(map(str, rows[0]))})")
+        kind = spec["kind"]
+        for rows in split.values():  # the kind's scorer reads fixed fields
+            for r in rows:
+                if kind == "regression":
+                    r["score"] = float(r[answer_field])
+                elif kind == "qa" and not isinstance(r[answer_field], list):
+                    r["answers"] = [r[answer_field]]
+                elif kind == "qa":
+                    r["answers"] = r[answer_field]
+                elif kind == "summarization":
+                    r["summary"] = r[answer_field]
+        return split
+
+    def answer(r: dict) -> str:
+        v = r[answer_field]
+        return v[0] if isinstance(v, list) else (f"{float(v):.1f}" if spec["kind"] == "regression" else str(v))
+
+    stop = spec.get("stop")
+    return Task(str(spec["name"]), str(spec["kind"]), str(spec.get("description", "")), load, str(spec["template"]),
+                answer, [str(x) for x in spec.get("labels", [])], spec.get("max_new_tokens"),
+                tuple(stop) if isinstance(stop, list) else ((stop,) if stop else None))
+
+
+def load_task_file(path: str | Path) -> list[Task]:
+    """Tasks defined in a YAML file: ``tasks: [{name, kind, template, answer, data, ...}, ...]``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise GlotkitError(f"{path}: task file not found")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise GlotkitError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    specs = doc.get("tasks") if isinstance(doc, dict) else None
+    if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
+        raise GlotkitError(f"{path}: expected 'tasks:' with a list of task mappings")
+    return [task_from_spec(s, path.parent) for s in specs]
+
+
+def get_tasks(names: Sequence[str], extra: Sequence[Task] = ()) -> list[Task]:
+    known = dict(BUILTIN_TASKS) | {t.name: t for t in extra}
     out = []
     for n in names:
-        if n not in BUILTIN_TASKS:
-            raise GlotkitError(f"--tasks: unknown task '{n}' (available: {', '.join(BUILTIN_TASKS)})")
-        out.append(BUILTIN_TASKS[n])
+        if n not in known:
+            raise GlotkitError(f"--tasks: unknown task '{n}' (available: {', '.join(known)})")
+        out.append(known[n])
     return out
+
+
+def parse_shots(text: str | Sequence[int]) -> list[int]:
+    try:
+        shots = [int(k) for k in (text.split(",") if isinstance(text, str) else text)]
+    except (ValueError, TypeError):
+        raise GlotkitError(f"shots {text!r}: expected numbers like 0,1,3,5") from None
+    if not shots or any(k < 0 for k in shots):
+        raise GlotkitError(f"shots {text!r}: expected numbers ≥ 0 like 0,1,3,5")
+    return shots
+
+
+def parse_task_data(items: Sequence[str] | dict, tasks: Sequence[Task]) -> dict[str, Path]:
+    """``["summarization=FILE", ...]`` (or a mapping) -> {task: path}, for the tasks being run."""
+    pairs = list(items.items()) if isinstance(items, dict) else []
+    for item in items if not isinstance(items, dict) else []:
+        if "=" not in item:
+            raise GlotkitError(f"--task-data {item!r}: expected TASK=FILE")
+        pairs.append(tuple(item.split("=", 1)))
+    names = {t.name for t in tasks}
+    out = {}
+    for name, file in pairs:
+        if name not in names:
+            raise GlotkitError(f"task data for '{name}': that task is not being run (tasks: {', '.join(sorted(names))})")
+        if not Path(file).is_file():
+            raise GlotkitError(f"{file}: data file of task '{name}' not found")
+        out[name] = Path(file)
+    return out
+
+
+def shared_data_root() -> Path:
+    """``../shared/data`` beside the checkout (or beside the working folder)."""
+    here = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return here if here.is_dir() else Path("..") / "shared" / "data"
 
 
 def check_template(task: Task, record: dict) -> None:
@@ -138,6 +437,19 @@ def parse_label(text: str, labels: Sequence[str]) -> str | None:
 def parse_number(text: str) -> float | None:
     m = re.search(r"-?\d+(?:[.,]\d+)?", text)
     return float(m.group(0).replace(",", ".")) if m else None
+
+
+def parse_letters(text: str, letters: Sequence[str] = ("A", "B", "C")) -> set[str] | None:
+    """The option letters a generation opens with: "A", "A, C", "AB", "B și C", "(A) și (B)".
+
+    Only the start of the first non-blank line counts, so a letter inside a later sentence (or a
+    capital "A" in Romanian prose after the answer) is not taken for an answer."""
+    first = text.strip().split("\n", 1)[0]
+    alt = "".join(re.escape(l) for l in letters)
+    m = re.match(rf"[\s:(]*([{alt}](?:[\s,.)(&+/-]*(?:și|si|and|sau)?[\s,.)(]*[{alt}])*)(?![^\W\d_])", first)
+    if not m:
+        return None
+    return set(re.findall(rf"[{alt}]", m.group(1)))
 
 
 @torch.no_grad()
@@ -177,84 +489,179 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
     return scores
 
 
+def test_items(task: Task, data: dict[str, list[dict]], limit: int | None) -> list[dict]:
+    """The test records in a fixed shuffled order (so that ``--limit`` takes a sample, not the
+    head of a sorted file), cut to ``limit``."""
+    test = list(data["test"])
+    random.Random(12345).shuffle(test)
+    return test[:limit] if limit else test
+
+
 def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots: int, seed: int, mode: str,
-             limit: int | None, batch_size: int, device: str = "cpu", progress: bool = False) -> dict:
-    """Score one task at one number of shots; returns metrics and per-item predictions."""
-    from glotkit.eval.metrics import classification_scores, correlation_scores
+             limit: int | None, batch_size: int, device: str = "cpu", progress: bool = False,
+             language: str = "ro") -> dict:
+    """Score one task at one number of shots; returns metrics and per-item predictions.
+
+    ``mode="loglik"`` applies to classification and multiple choice (the most likely option) and
+    to regression (the expected value of the scores 0..5 under the model's probabilities); QA and
+    summarization always generate.  The result's ``mode`` says which was used."""
     from glotkit.generate.local import generate_greedy
 
-    test = data["test"][:limit] if limit else data["test"]
+    import time
+
+    t0 = time.perf_counter()
+    test = test_items(task, data, limit)
     if not test:
         raise GlotkitError(f"task '{task.name}': empty test split")
     check_template(task, test[0])
     texts = [build_prompt(task, r, draw_shots(data["train"], shots, seed, i)) for i, r in enumerate(test)]
     prompt_ids = [tokenizer(t)["input_ids"] for t in texts]
-    if mode == "loglik" and task.kind == "classification":
-        options = [tokenizer(" " + l, add_special_tokens=False)["input_ids"] for l in task.labels]
-        ll = option_logliks(model, tokenizer, prompt_ids, options, batch_size, device)
-        preds = [task.labels[max(range(len(row)), key=row.__getitem__)] for row in ll]
+    if mode == "loglik" and task.kind in ("classification", "multichoice"):
+        options = task.options()
+        option_ids = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] for o in options]
+        ll = option_logliks(model, tokenizer, prompt_ids, option_ids, batch_size, device)
+        best = [options[max(range(len(row)), key=row.__getitem__)] for row in ll]
+        preds = [task.parse(b) for b in best]
+        gens = [None] * len(test)
+    elif mode == "loglik" and task.kind == "regression":
+        # the expected value of the integer scores 0..5 under the model's probabilities of them
+        import math
+
+        values = list(range(6))
+        option_ids = [tokenizer(f" {v}", add_special_tokens=False)["input_ids"] for v in values]
+        ll = option_logliks(model, tokenizer, prompt_ids, option_ids, batch_size, device)
+        preds = []
+        for row in ll:
+            top = max(row)
+            w = [math.exp(x - top) for x in row]
+            preds.append(round(sum(v * x for v, x in zip(values, w)) / sum(w), 4))
         gens = [None] * len(test)
     else:
         mode = "generate"
         gens = generate_greedy(model, tokenizer, prompt_ids, max_new_tokens=task.max_new_tokens,
-                               batch_size=batch_size, device=device, progress=progress, desc=task.name)
-        preds = [parse_label(g, task.labels) if task.kind == "classification" else parse_number(g) for g in gens]
-    golds = [task.answer(r) if task.kind == "classification" else r["score"] for r in test]
-    if task.kind == "classification":
-        metrics = classification_scores([p or "" for p in preds], golds, task.labels)
-        metrics["unparsed"] = sum(p is None for p in preds)
-    else:
-        metrics = correlation_scores(preds, golds, missing=2.5)
-    return {"task": task.name, "shots": shots, "mode": mode, "seed": seed, "batch_size": batch_size,
-            "template": task.template, "metrics": metrics,
-            "predictions": [{"gold": g, "prediction": p, "generation": x} for g, p, x in zip(golds, preds, gens)]}
+                               batch_size=batch_size, device=device, progress=progress, desc=task.name,
+                               stop=task.stop)
+        preds = [task.parse(g) for g in gens]
+    golds = [task.gold(r) for r in test]
+    metrics = task.score(preds, golds, language)
+
+    def plain(v):
+        return sorted(v) if isinstance(v, frozenset) else v
+
+    return {"task": task.name, "kind": task.kind, "shots": shots, "mode": mode, "seed": seed,
+            "batch_size": batch_size, "limit": limit, "template": task.template,
+            "max_new_tokens": task.max_new_tokens, "main_metric": task.main_metric, "metrics": metrics,
+            "prompt_tokens_mean": round(sum(map(len, prompt_ids)) / len(prompt_ids), 1),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "predictions": [{"gold": plain(g), "prediction": plain(p), "generation": x}
+                            for g, p, x in zip(golds, preds, gens)]}
 
 
-MAIN_METRIC = {"classification": "macro_f1", "regression": "spearman"}
+def _unit_key(r: dict) -> tuple:
+    return (r["model"], r["task"], r["shots"], r["mode_asked"], r["limit"], r["seed"], r["template"], r["max_new_tokens"])
 
 
 def run_suite(model, tokenizer, tasks: Sequence[Task], *, shots: Sequence[int], seed: int, mode: str,
               limit: int | None, batch_size: int, data_root: Path, out_dir: Path, model_label: str,
-              device: str = "cpu", log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
-    """Every task at every number of shots; writes results.json, results.md and results.png."""
-    from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+              task_data: dict[str, Path] | None = None, device: str = "cpu",
+              log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+    """Every task at every number of shots for one model; results are added to ``results.json``
+    in ``out_dir`` (a (model, task, shots) already there with the same settings is not redone,
+    so an interrupted suite resumes and a second model's results join the first's), and
+    ``results.md`` / ``results.png`` are rewritten over all models in the file."""
+    from glotkit.io import atomic_write_json, atomic_write_jsonl
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    task_data = task_data or {}
+    results_path = out_dir / "results.json"
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else []
+    done = {_unit_key(r) for r in results}
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_label).strip("_")
     for task in tasks:
-        data = task.load(data_root)
+        source = Path(task_data[task.name]) if task.name in task_data else data_root
+        if task.needs_file and task.name not in task_data:
+            source = Path(data_root)  # its loader explains what to give
+        data = None
         for k in shots:
+            probe = {"model": model_label, "task": task.name, "shots": k, "mode_asked": mode, "limit": limit,
+                     "seed": seed, "template": task.template, "max_new_tokens": task.max_new_tokens}
+            if _unit_key(probe) in done:
+                log(f"[glotkit] {task.name} {k}-shot for {model_label}: done before, kept")
+                continue
+            data = data if data is not None else task.load(source)
             r = run_task(model, tokenizer, task, data, shots=k, seed=seed, mode=mode, limit=limit,
                          batch_size=batch_size, device=device, progress=progress)
-            r["model"] = model_label
-            atomic_write_jsonl(out_dir / f"predictions-{task.name}-{k}shot.jsonl", r.pop("predictions"))
+            r["model"], r["mode_asked"] = model_label, mode
+            atomic_write_jsonl(out_dir / f"predictions-{slug}-{task.name}-{k}shot.jsonl", r.pop("predictions"))
             results.append(r)
-            main = MAIN_METRIC[task.kind]
-            log(f"[glotkit] {task.name} {k}-shot ({r['mode']}): {main} {r['metrics'][main]:.2f}  (n={r['metrics']['n']})")
-            atomic_write_json(out_dir / "results.json", results)
-    lines = [f"# Task suite: {model_label}", "", f"seed {seed}, batch size {batch_size}, limit {limit}", "",
-             "| task | shots | mode | metric | score | n | unparsed |", "|---|---:|---|---|---:|---:|---:|"]
-    for r in results:
-        task = BUILTIN_TASKS.get(r["task"])
-        main = MAIN_METRIC[task.kind] if task else next(iter(r["metrics"]))
-        m = r["metrics"]
-        lines.append(f"| {r['task']} | {r['shots']} | {r['mode']} | {main} | {m[main]:.2f} | {m['n']} | {m.get('unparsed', 0)} |")
-    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
-    _chart(results, out_dir / "results.png")
+            main = r["main_metric"]
+            log(f"[glotkit] {task.name} {k}-shot ({r['mode']}), {model_label}: {main} {r['metrics'][main]:.2f}  "
+                f"(n={r['metrics']['n']})")
+            atomic_write_json(results_path, results)
+    write_suite_report(results, out_dir)
     return results
 
 
+def suite_table(results: list[dict]) -> str:
+    """Markdown: one row per (task, shots), one column per model, the main metric of each task;
+    with two models, the difference of the last against the first."""
+    models = list(dict.fromkeys(r["model"] for r in results))
+    cells = {(r["task"], r["shots"], r["model"]): r for r in results}
+    rows = sorted({(r["task"], r["shots"]) for r in results}, key=lambda t: ([r["task"] for r in results].index(t[0]), t[1]))
+    head = ["task", "shots", "mode", "metric"] + models + (["Δ"] if len(models) == 2 else []) + ["n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    for task, k in rows:
+        rs = [cells.get((task, k, m)) for m in models]
+        some = next(r for r in rs if r)
+        main = some["main_metric"]
+        vals = [r["metrics"][main] if r else None for r in rs]
+        line = [task, str(k), "/".join(sorted({r["mode"] for r in rs if r})), main]
+        line += ["–" if v is None else f"{v:.2f}" for v in vals]
+        if len(models) == 2:
+            line.append("–" if None in vals else f"{vals[1] - vals[0]:+.2f}")
+        line.append(str(some["metrics"]["n"]))
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def write_suite_report(results: list[dict], out_dir: Path) -> None:
+    from glotkit.io import atomic_write_text
+
+    if not results:
+        return
+    first = results[0]
+    lines = ["# Task suite", "", f"seed {first['seed']}, batch size {first['batch_size']}, limit {first['limit']}; "
+             "scores ×100; mode 'loglik' = the option with the highest log-likelihood, 'generate' = greedy "
+             "generation parsed by the task", "", suite_table(results), ""]
+    unparsed = [(r["model"], r["task"], r["shots"], r["metrics"]["unparsed"]) for r in results if r["metrics"].get("unparsed")]
+    if unparsed:
+        lines += ["Generations the task could not parse (scored as wrong): "
+                  + "; ".join(f"{t} {k}-shot, {m}: {u}" for m, t, k, u in unparsed), ""]
+    atomic_write_text(out_dir / "results.md", "\n".join(lines))
+    _chart(results, out_dir / "results.png")
+
+
 def _chart(results: list[dict], path: Path) -> None:
+    """One panel per task: the main metric against shots, a line per model."""
+    import math
+
     from glotkit.io import new_figure, save_figure
 
-    fig, ax = new_figure()
-    for name in dict.fromkeys(r["task"] for r in results):
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    cols = min(4, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = new_figure(width=3.2 * cols, height=2.6 * rows, ncols=cols, nrows=rows)
+    axes = list(getattr(axes, "flat", [axes]))
+    for ax, name in zip(axes, tasks):
         rs = [r for r in results if r["task"] == name]
-        task = BUILTIN_TASKS.get(name)
-        main = MAIN_METRIC[task.kind] if task else next(iter(rs[0]["metrics"]))
-        ax.plot([r["shots"] for r in rs], [r["metrics"][main] for r in rs], marker="o", label=f"{name} ({main})")
-    ax.set_xlabel("shots")
-    ax.set_ylabel("score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        for m in dict.fromkeys(r["model"] for r in rs):
+            mine = sorted((r for r in rs if r["model"] == m), key=lambda r: r["shots"])
+            ax.plot([r["shots"] for r in mine], [r["metrics"][r["main_metric"]] for r in mine], marker="o", label=m)
+        ax.set_title(f"{name} ({rs[0]['main_metric']})", fontsize=8)
+        ax.set_xlabel("shots", fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(tasks):]:
+        ax.axis("off")
+    axes[0].legend(fontsize=6)
     save_figure(fig, path)

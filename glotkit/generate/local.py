@@ -1,9 +1,9 @@
-"""Batched greedy generation on a local model, with a stop at the first newline of the answer.
+"""Batched greedy generation on a local model, with stop strings (by default the first newline).
 
 Prompts are sorted by length so each batch carries little padding (left padding, as decoder-only
 generation needs), and the outputs are returned in the input order.  A sequence stops once its
-generated text holds a newline after some non-blank text (a leading newline does not stop it:
-base models often start their answer on a new line).
+generated text holds a stop string after some non-blank text (a leading newline does not stop it:
+base models often start their answer on a new line); the text is cut before the stop string.
 """
 
 from __future__ import annotations
@@ -13,16 +13,25 @@ from typing import Callable, Sequence
 import torch
 
 
-class _StopAtNewline:
-    """Per-row stopping: True for rows whose new text has a newline after non-blank text."""
+def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    """``text`` up to the first stop string found after its leading blanks, or None if none is."""
+    body = text.lstrip()
+    lead = len(text) - len(body)
+    hits = [i for i in (body.find(s) for s in stop) if i >= 0]
+    return text[: lead + min(hits)] if hits else None
 
-    def __init__(self, tokenizer, prompt_width: int):
+
+class _StopStrings:
+    """Per-row stopping: True for rows whose new text holds a stop string after non-blank text."""
+
+    def __init__(self, tokenizer, prompt_width: int, stop: Sequence[str]):
         self.tok = tokenizer
         self.width = prompt_width
+        self.stop = tuple(stop)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tok.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
-        done = [("\n" in t.lstrip()) for t in texts]
+        done = [cut_at_stop(t, self.stop) is not None for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -35,12 +44,13 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int,
     device: str = "cpu",
-    stop_at_newline: bool = True,
+    stop: Sequence[str] | None = ("\n",),
     progress: bool = True,
     desc: str = "generate",
     on_batch: Callable[[list[int], list[str]], None] | None = None,
 ) -> list[str]:
-    """Generate a continuation for each prompt (token ids); returns the decoded new text.
+    """Generate a continuation for each prompt (token ids); returns the decoded new text, cut
+    before the first stop string (``stop=None``: no stop strings, only EOS and the length).
 
     ``on_batch(indices, texts)`` is called after each batch (for incremental writing).
     """
@@ -63,7 +73,7 @@ def generate_greedy(
                 p = prompts[i]
                 ids[row, width - len(p) :] = torch.tensor(p)
                 mask[row, width - len(p) :] = 1
-            stopping = StoppingCriteriaList([_StopAtNewline(tokenizer, width)]) if stop_at_newline else None
+            stopping = StoppingCriteriaList([_StopStrings(tokenizer, width, stop)]) if stop else None
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -76,6 +86,8 @@ def generate_greedy(
                 stopping_criteria=stopping,
             )
             texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+            if stop:
+                texts = [c if (c := cut_at_stop(t, stop)) is not None else t for t in texts]
             for i, t in zip(idx, texts):
                 out[i] = t
             if on_batch:
