@@ -2,6 +2,7 @@
 
     glotkit run RECIPE [--set key=value ...]
     glotkit pretrain RECIPE            (a recipe with task: pretrain)
+    glotkit train | synth triplets | embed RECIPE    (one stage of a recipe; XL-LoRA: task: xllora)
     glotkit eval --suite ro [--adapter DIR --compare-base] [--tasks ...] [--shots 0,1,3,5] [--limit N]
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
     glotkit sweep RECIPE --grid lora.r=1,2,4,8 [--grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj']
@@ -43,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(sp)
     sp = sub.add_parser("pretrain", help="continued pretraining: run a recipe whose task is 'pretrain'")
     recipe_args(sp)
+    sp = sub.add_parser("train", help="only the training stage of a recipe (XL-LoRA: the two generator adapters)")
+    recipe_args(sp)
+    sp = sub.add_parser("synth", help="synthetic data: 'glotkit synth triplets RECIPE' (XL-LoRA)")
+    sp.add_argument("what", choices=["triplets"])
+    recipe_args(sp)
+    sp = sub.add_parser("embed", help="train and evaluate the sentence-embedding model on a recipe's triplets")
+    recipe_args(sp)
     sp = sub.add_parser("sweep", help="run a grid of recipe variants and tabulate them")
     recipe_args(sp)
     sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -77,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-tokens", type=int, default=1000)
     sp.add_argument("--new-tokens", type=int, default=16)
     sp.add_argument("--json", dest="json_out", help="also write the rows to this JSON file")
+    sp.add_argument("--keep-vocab", type=int, default=None, metavar="N",
+                    help="add a column: the weights with the vocabulary trimmed to N token ids")
     return p
 
 
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
             resolve_model_path(args.model, log=_log)  # convert once, before the workers start
             rows = measure(args.model, modes, args.prompt_tokens, args.new_tokens)
-            print(table(rows))
+            print(table(rows, keep_vocab=args.keep_vocab))
             if args.json_out:
                 from glotkit.io import atomic_write_json
 
@@ -121,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         if args.command == "pretrain" and recipe.task != "pretrain":
             raise GlotkitError(f"{args.recipe}: task is '{recipe.task}', not 'pretrain' (use glotkit run)")
+        only = {"train": ["generators"] if recipe.task == "xllora" else ["train"], "synth": ["synth"],
+                "embed": ["embed", "report"]}.get(args.command)
+        if only:
+            if args.command in ("synth", "embed") and recipe.task != "xllora":
+                raise GlotkitError(f"{args.recipe}: task is '{recipe.task}'; 'glotkit {args.command}' needs task: xllora")
+            recipe.stages = only
+            args.command = "run"
         if args.command in ("run", "pretrain"):
             from glotkit.pipeline import run_recipe
 

@@ -20,6 +20,7 @@ from glotkit.errors import GlotkitError
 
 STAGES = ("eval_base", "train", "eval_tuned", "report")
 ALL_STAGES = ("eval_base", "train", "eval_tuned", "suite", "memory", "report")
+XLLORA_STAGES = ("generators", "synth", "embed", "report")
 
 
 class _Section(BaseModel):
@@ -197,11 +198,68 @@ class MemorySection(_Section):
     new_tokens: StrictInt = Field(16, gt=0)
 
 
+class PairsSection(_Section):
+    """XL-LoRA generator adapters: the pair files they learn from (anchor -> positive / negative)."""
+
+    positive: str | None = None  # CSV/TSV/JSONL with anchor and positive columns
+    negative: str | None = None  # ... with anchor and hard-negative columns
+    anchor_field: str = "sent0"
+    positive_field: str = "sent1"
+    negative_field: str = "hard_neg"
+    max_pairs: StrictInt | None = Field(None, gt=0)  # a seeded sample of each file
+    language: str = "English"  # the language of the outputs in the pair files (named in the prompt)
+
+
+class SynthSection(_Section):
+    """Triplet synthesis with the two generator adapters."""
+
+    anchors: str | None = None  # text file (one sentence per line), JSONL or CSV
+    anchor_field: str = "text"
+    max_anchors: StrictInt | None = Field(None, gt=0)
+    language: str = "English"  # the language the prompt asks the outputs to be in
+    max_new_tokens: StrictInt = Field(128, gt=0)
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    batch_size: StrictInt = Field(16, gt=0)
+    min_chars: StrictInt = Field(10, ge=0)
+    max_chars: StrictInt = Field(400, gt=0)
+    copy_ratio: float = 0.9  # similarity to the anchor (difflib) at or above which an output is a copy
+    language_check: str | None = "en"  # language code the outputs must be in; null: no check
+    reference_margin: float | None = 0.0  # cos(anchor, positive) - cos(anchor, negative) must exceed it; null: off
+    baseline_anchors: StrictInt = Field(8, ge=0)  # one-at-a-time generate() for the speed ratio
+
+
+class ParallelEval(_Section):
+    name: str  # "ro-en": queries in the first language, documents in the second (both directions scored)
+    source: str
+    target: str
+
+
+class EmbedSection(_Section):
+    """Sentence-embedding training on the triplets, and its evaluation before and after."""
+
+    model: str = "multilingual-e5-small"
+    pooling: Literal["mean", "cls", "avg_first_last"] = "mean"
+    prompt: str | None = "query: "  # prepended to every text (e5 expects "query: " for symmetric tasks)
+    max_seq_length: StrictInt = Field(128, gt=0)
+    batch_size: StrictInt = Field(32, ge=2)
+    epochs: StrictInt = Field(1, gt=0)
+    max_steps: StrictInt | None = Field(None, gt=0)
+    lr: float = Field(2e-5, gt=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    scale: float = Field(20.0, gt=0.0)  # MNRL scale = 1 / temperature
+    cached: bool = False  # CachedMultipleNegativesRankingLoss (GradCache) for large batches
+    mini_batch_size: StrictInt = Field(16, gt=0)
+    sts: str | None = None  # score<TAB>s1<TAB>s2 file (RO-STS dev)
+    parallel: list[ParallelEval] = Field(default_factory=list)
+    eval_limit: StrictInt | None = Field(None, gt=0)
+
+
 class Recipe(_Section):
     """A whole run: model, data, prompt, adapter, training, evaluation, and which stages to run."""
 
     name: str = "run"
-    task: Literal["qa", "pretrain"] = "qa"
+    task: Literal["qa", "pretrain", "xllora"] = "qa"
     seed: StrictInt = 42
     runs_dir: str = "runs"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -213,9 +271,11 @@ class Recipe(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     suite: SuiteSection = Field(default_factory=SuiteSection)
     memory: MemorySection = Field(default_factory=MemorySection)
-    stages: list[Literal["eval_base", "train", "eval_tuned", "suite", "memory", "report"]] = Field(
-        default_factory=lambda: list(STAGES)
-    )
+    pairs: PairsSection = Field(default_factory=PairsSection)
+    synth: SynthSection = Field(default_factory=SynthSection)
+    embed: EmbedSection = Field(default_factory=EmbedSection)
+    stages: list[Literal["eval_base", "train", "eval_tuned", "suite", "memory", "report", "generators", "synth",
+                         "embed"]] = Field(default_factory=list)  # empty: the task's default stages
     # for `glotkit sweep`: dotted key -> list of values, e.g. {"lora.r": [1, 2, 4, 8]}
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -225,6 +285,14 @@ class Recipe(_Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", v):
             raise ValueError(f"must be a plain folder name (letters, digits, . _ - = , +), got {v!r}")
         return v
+
+    def model_post_init(self, __context) -> None:
+        if not self.stages:
+            self.stages = list(XLLORA_STAGES if self.task == "xllora" else STAGES)
+        allowed = XLLORA_STAGES if self.task == "xllora" else ALL_STAGES
+        bad = [st for st in self.stages if st not in allowed]
+        if bad:
+            raise GlotkitError(f"stages: '{bad[0]}' is not a stage of task '{self.task}' (stages: {', '.join(allowed)})")
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, every default filled in."""
@@ -237,7 +305,8 @@ class Recipe(_Section):
 # --------------------------------------------------------------------------- loading
 
 _PATH_KEYS = (("data", "train"), ("data", "test"), ("pretrain", "corpus"), ("suite", "data_root"),
-              ("suite", "task_files"), ("suite", "task_data"))
+              ("suite", "task_files"), ("suite", "task_data"), ("pairs", "positive"), ("pairs", "negative"),
+              ("synth", "anchors"), ("embed", "sts"), ("embed", "model"))
 
 
 def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
@@ -351,10 +420,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         sec = raw.get(section)
         if isinstance(sec, dict) and key in sec:
             value = sec[key]
+            if (section, key) == ("embed", "model") and not str(value).startswith((".", "/", "~")):
+                continue  # a built-in name or hub id, not a path
             if isinstance(value, dict):
                 sec[key] = {k: resolve(v) for k, v in value.items()}
             else:
                 sec[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+    emb = raw.get("embed")
+    if isinstance(emb, dict) and isinstance(emb.get("parallel"), list):
+        for item in emb["parallel"]:
+            if isinstance(item, dict):
+                for k in ("source", "target"):
+                    if k in item:
+                        item[k] = resolve(item[k])
     for item in overrides or []:
         key_path, value = parse_override(item)
         apply_override(raw, key_path, value)

@@ -104,6 +104,14 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
 
     import torch
 
+    if recipe.task == "xllora":
+        from glotkit.synth.xllora import check_inputs, run_xllora
+
+        check_inputs(recipe)
+        run_dir = prepare_run_dir(recipe)
+        log(f"[glotkit] run '{recipe.name}' in {run_dir}: XL-LoRA, stages {', '.join(recipe.stages)}")
+        run_xllora(recipe, run_dir, log=log, progress=progress)
+        return run_dir
     pretraining = recipe.task == "pretrain"
     if pretraining:
         if not recipe.pretrain.corpus:

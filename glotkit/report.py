@@ -154,3 +154,61 @@ def _memory_section(run_dir: Path) -> list[str]:
                   f"{t['weights_mb']:.0f} + LoRA with AdamW state {t['lora_and_adam_mb']:.0f} + activations "
                   f"{t['activations_mb']:.0f} + LM head {t['lm_head_mb']:.0f} = **{t['estimate_mb']:.0f} MB**{gap}."]
     return lines
+
+
+def write_xllora_report(run_dir: Path, recipe: Recipe) -> Path:
+    """report.md of an XL-LoRA run: generator training, filter counts, sample triplets, speed,
+    and the embedding evaluation before/after."""
+    from glotkit.eval.embeddings import comparison_table
+
+    lines = [f"# glotkit run `{recipe.name}` (XL-LoRA)", "",
+             f"Generator base `{recipe.model.name}`, LoRA r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, "
+             f"dropout {recipe.lora.dropout}, targets {recipe.lora.target_modules}; embedding model `{recipe.embed.model}` "
+             f"({recipe.embed.pooling} pooling)."]
+    gens = [(k, _read_json(run_dir / "generators" / f"train-{k}" / "result.json")) for k in ("positive", "negative")]
+    if any(g for _, g in gens):
+        lines += ["", "## Generator adapters", "", "| adapter | pairs | steps | seconds | tokens/s | final loss |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for k, g in gens:
+            if g:
+                lines.append(f"| {k} | {g['pairs']} | {g['steps']} | {g['seconds']:.0f} | {g['tokens_per_s']:.0f} | "
+                             f"{g['final_loss']} |")
+    summ = _read_json(run_dir / "synth" / "summary.json")
+    if summ:
+        lines += ["", "## Synthesis", "",
+                  f"- anchors: {summ['anchors_read']} read, {summ['empty_or_short_anchor_lines']} empty lines and "
+                  f"{summ['duplicate_anchors']} duplicates dropped, {summ['anchors']} used",
+                  f"- triplets kept: **{summ['triplets']}** (missing generations: {summ['missing_generation']})"]
+        for reason, n in summ["filtered"].items():
+            lines.append(f"- filtered, {reason}: {n}")
+        sp = summ.get("speed") or {}
+        b, o = sp.get("batched") or {}, sp.get("one_at_a_time") or {}
+        if b:
+            lines.append(f"- generation: {b['generations']} outputs in {b['seconds']:.0f} s, {b['tokens_per_s']} new "
+                         f"tokens/s at batch {sp.get('batch_size')}, {sp.get('triplets_per_minute')} kept triplets/minute")
+        if o:
+            lines.append(f"- one prompt at a time (plain `model.generate`, {o['prompts']} prompts, same run): "
+                         f"{o['tokens_per_s']} tokens/s → batching gives **{sp.get('ratio')}×**")
+        sample = _read_jsonl(run_dir / "synth" / "triplets.jsonl")[:5]
+        if sample:
+            cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:90]
+            lines += ["", "| anchor | positive | hard negative |", "|---|---|---|"]
+            lines += [f"| {cell(t['anchor'])} | {cell(t['positive'])} | {cell(t['hard_negative'])} |" for t in sample]
+    base = _read_json(run_dir / "embed" / "base.json")
+    trained = _read_json(run_dir / "embed" / "trained.json")
+    res = _read_json(run_dir / "embed" / "result.json")
+    if base or trained:
+        lines += ["", "## Sentence embeddings before and after", ""]
+        if res:
+            lines.append(f"Trained {res['steps']} steps on {res['examples']} triplets in {res['seconds']:.0f} s "
+                         f"(final loss {res['final_loss']}).")
+            lines.append("")
+        table = {k: v for k, v in (("base", base), ("trained", trained)) if v}
+        lines += [comparison_table(table), "",
+                  "STS: Spearman ×100 of cosine similarity against the gold scores. Retrieval on line-aligned "
+                  "pairs: the query's own translation is the one relevant document (accuracy@1, MRR@10, nDCG@10, "
+                  "recall@10, ×100)."]
+    lines.append("")
+    out = run_dir / "report.md"
+    atomic_write_text(out, "\n".join(lines))
+    return out

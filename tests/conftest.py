@@ -94,3 +94,21 @@ def write_qa_jsonl(path: Path, n: int = 24, offset: int = 0) -> Path:
 @pytest.fixture
 def qa_files(tmp_path) -> tuple[Path, Path]:
     return write_qa_jsonl(tmp_path / "train.jsonl", 24), write_qa_jsonl(tmp_path / "test.jsonl", 6, offset=100)
+
+
+def build_encoder(path: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A tiny random BERT encoder folder (Hugging Face format) with the test tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = build_tokenizer(path)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=128, pad_token_id=0)
+    BertModel(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return build_encoder(tmp_path_factory.mktemp("tiny-bert"))

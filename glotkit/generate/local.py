@@ -48,11 +48,16 @@ def generate_greedy(
     progress: bool = True,
     desc: str = "generate",
     on_batch: Callable[[list[int], list[str]], None] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
 ) -> list[str]:
     """Generate a continuation for each prompt (token ids); returns the decoded new text, cut
     before the first stop string (``stop=None``: no stop strings, only EOS and the length).
 
     ``on_batch(indices, texts)`` is called after each batch (for incremental writing).
+    ``temperature`` > 0 samples instead (with ``top_p``); each batch is seeded with
+    ``seed`` and the index of its first prompt, so a rerun of the same batches repeats itself.
     """
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
@@ -74,13 +79,16 @@ def generate_greedy(
                 ids[row, width - len(p) :] = torch.tensor(p)
                 mask[row, width - len(p) :] = 1
             stopping = StoppingCriteriaList([_StopStrings(tokenizer, width, stop)]) if stop else None
+            sample = bool(temperature and temperature > 0)
+            if sample:
+                torch.manual_seed(seed * 1_000_003 + idx[0])
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=top_p if sample else None,
                 top_k=None,
                 pad_token_id=pad_id,
                 stopping_criteria=stopping,

@@ -1,0 +1,73 @@
+"""Sentence pairs for the generator adapters (XL-LoRA) and anchor sentences for synthesis.
+
+Pair files: CSV (header row), TSV or JSONL with an anchor column and an output column, e.g. the
+XL-LoRA files ``sent0,sent1`` (positives) and ``sent0,hard_neg`` (hard negatives).  Anchor
+files: plain text (one sentence per line), JSONL or CSV with a named field.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+from glotkit.errors import GlotkitError
+
+
+def _records(path: Path, where: str) -> tuple[list[dict], list[str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise GlotkitError(f"{path}: {where}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        from glotkit.io import iter_jsonl_objects
+
+        rows = [rec for _, rec in iter_jsonl_objects(path)]
+        fields = list(dict.fromkeys(k for r in rows[:50] for k in r))
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            rows = list(reader)
+            fields = list(reader.fieldnames or [])
+    else:
+        raise GlotkitError(f"{path}: {where}: unknown format '{suffix}' (use .csv, .tsv or .jsonl)")
+    return rows, fields
+
+
+def read_pairs(path: Path, anchor_field: str, output_field: str, *, where: str,
+               max_pairs: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """(anchor, output) pairs; a seeded sample of ``max_pairs`` when given."""
+    rows, fields = _records(path, where)
+    for f in (anchor_field, output_field):
+        if f not in fields:
+            raise GlotkitError(f"{path}: {where}: no column '{f}' (columns: {', '.join(fields) or 'none'})")
+    pairs = [(str(r[anchor_field]).strip(), str(r[output_field]).strip()) for r in rows
+             if str(r.get(anchor_field) or "").strip() and str(r.get(output_field) or "").strip()]
+    if not pairs:
+        raise GlotkitError(f"{path}: {where}: no pairs with both '{anchor_field}' and '{output_field}'")
+    if max_pairs and len(pairs) > max_pairs:
+        pairs = random.Random(seed).sample(pairs, max_pairs)
+    return pairs
+
+
+def read_anchors(path: Path, field: str = "text", *, min_chars: int = 1,
+                 limit: int | None = None) -> tuple[list[str], dict[str, int]]:
+    """Anchor sentences (whitespace normalized) and counts: lines read, dropped as empty or
+    shorter than ``min_chars``, dropped as duplicates of an earlier anchor."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlotkitError(f"{path}: anchors file not found")
+    if path.suffix.lower() in (".jsonl", ".csv", ".tsv"):
+        rows, fields = _records(path, "anchors")
+        if field not in fields:
+            raise GlotkitError(f"{path}: anchors: no field '{field}' (fields: {', '.join(fields) or 'none'})")
+        texts = [str(r.get(field) or "") for r in rows]
+    else:
+        texts = path.read_text(encoding="utf-8").splitlines()
+    texts = [" ".join(t.split()) for t in texts]
+    usable = [t for t in texts if len(t) >= max(min_chars, 1)]
+    if not usable:
+        raise GlotkitError(f"{path}: anchors: no usable lines (all empty or shorter than {min_chars} characters)")
+    out = list(dict.fromkeys(usable))
+    stats = {"lines": len(texts), "empty_or_short": len(texts) - len(usable), "duplicate_anchors": len(usable) - len(out)}
+    return (out[:limit] if limit else out), stats
