@@ -34,12 +34,14 @@ def test_results_do_not_depend_on_batch_size(tmp_path, mode):
     assert runs[0]["mode"] == mode and runs[0]["metrics"] == runs[1]["metrics"]
 
 
-def test_loglik_equals_direct_computation(tmp_path):
-    model, tok = build_model(tmp_path, "llama")
+@pytest.mark.parametrize("arch,share", [("llama", False), ("llama", True), ("gemma3", True)])
+def test_loglik_equals_direct_computation(tmp_path, arch, share):
+    model, tok = build_model(tmp_path, arch, init=0.2)
     model.eval()
-    prompts = [tok("Recenzie: Sibiu Cibin\nRăspuns:")["input_ids"], tok("Recenzie: Iași\nRăspuns:")["input_ids"]]
-    options = [tok(" pozitivă", add_special_tokens=False)["input_ids"], tok(" negativă", add_special_tokens=False)["input_ids"]]
-    got = option_logliks(model, tok, prompts, options, batch_size=3)
+    prompts = [tok("Recenzie: Sibiu Cibin\nRăspuns:")["input_ids"], tok("Recenzie: Iași " * 12 + "\nRăspuns:")["input_ids"]]
+    options = [tok(" pozitivă", add_special_tokens=False)["input_ids"], tok(" negativă", add_special_tokens=False)["input_ids"],
+               tok(" A, C", add_special_tokens=False)["input_ids"]]
+    got = option_logliks(model, tok, prompts, options, batch_size=3, share_prompt=share)
     for i, p in enumerate(prompts):
         for j, o in enumerate(options):
             with torch.no_grad():
