@@ -220,7 +220,8 @@ class SynthSection(_Section):
     max_new_tokens: StrictInt = Field(128, gt=0)
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
-    batch_size: StrictInt = Field(16, gt=0)
+    top_k: StrictInt = Field(50, ge=0)  # 0: no top-k cut
+    batch_size: StrictInt = Field(32, gt=0)
     min_chars: StrictInt = Field(10, ge=0)
     max_chars: StrictInt = Field(400, gt=0)
     copy_ratio: float = 0.9  # similarity to the anchor (difflib) at or above which an output is a copy

@@ -105,3 +105,114 @@ def generate_greedy(
         bar.close()
         model.train(was_training)
     return [t or "" for t in out]
+
+
+@torch.no_grad()
+def generate_sampled(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    seed: int = 0,
+    stop: Sequence[str] | None = ("\n",),
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "generate",
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
+) -> tuple[list[str], int]:
+    """Sampling (temperature, top-k, top-p; ``temperature=0`` is greedy) with a decoding loop of
+    our own that drops a sequence from the batch as soon as it ends (EOS or a stop string): the
+    rest of the batch no longer pays for it, whereas ``model.generate`` keeps computing finished
+    rows until the longest one ends.  Each batch draws from a generator seeded with ``seed`` and
+    the index of its first prompt.  Returns the texts (input order, cut before the stop string)
+    and the number of tokens generated."""
+    from tqdm.auto import tqdm
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = {tokenizer.eos_token_id} | set(extra if isinstance(extra, (list, tuple)) else [extra])
+    eos.discard(None)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    produced = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + idx[0])
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            cache = res.past_key_values
+            active = list(range(len(idx)))  # rows of this batch still generating
+            new: list[list[int]] = [[] for _ in idx]
+            logits = res.logits[:, -1, :].float()
+            for _ in range(max_new_tokens):
+                nxt = _sample(logits, temperature, top_k, top_p, gen)
+                keep = []
+                for k, row in enumerate(active):
+                    t = int(nxt[k])
+                    if t in eos:
+                        continue
+                    new[row].append(t)
+                    if stop and cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop) is not None:
+                        continue
+                    keep.append(k)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    sel = torch.tensor(keep, device=mask.device)
+                    cache.batch_select_indices(sel)
+                    mask, nxt = mask[sel], nxt[keep]
+                    active = [active[k] for k in keep]
+                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], 1)
+                pos = (mask.sum(-1, keepdim=True) - 1)
+                res = model(input_ids=nxt[:, None].to(device), attention_mask=mask, position_ids=pos,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = res.past_key_values
+                logits = res.logits[:, -1, :].float()
+            texts = []
+            for row, i in enumerate(idx):
+                t = tokenizer.decode(new[row], skip_special_tokens=True)
+                c = cut_at_stop(t, stop) if stop else None
+                out[i] = c if c is not None else t
+                texts.append(out[i])
+                produced += len(new[row])
+            if on_batch:
+                on_batch(idx, texts)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out, produced
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    if not temperature or temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        vals, cand = logits.topk(top_k, dim=-1)  # sorted, descending
+    else:
+        vals, cand = logits.sort(dim=-1, descending=True)
+    probs = vals.softmax(-1)
+    if top_p < 1.0:
+        # keep the smallest set whose mass reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    pick = torch.multinomial(probs.cpu(), 1, generator=gen).to(cand.device)
+    return cand.gather(-1, pick).squeeze(-1)

@@ -64,8 +64,8 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], kind: str, language: str, tok
 # ---------------------------------------------------------------- language check
 
 _STOPWORDS = {
-    "en": "the of and to in is that it was for on are with as his they be at this have from or by not but what all "
-          "were when we there can an your which their has will would been if them she he you i".split(),
+    "en": "the a an of and to in is that it was for on are with as his her they be at this have from or by not but "
+          "what all were when we there can your which their has will would been if them she he you i its".split(),
     "ro": "și în de la a cu pe nu că se o un este care din pentru mai ce sunt sau fost au am dar le lui ei el ea "
           "acest această fi după noi ne foarte".split(),
     "de": "der die und in den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an werden aus "
@@ -77,19 +77,22 @@ _STOPWORDS = {
     "it": "il di che e la per un in è una del non sono le con si da al lo della ma come anche gli nel alla più "
           "ha questo".split(),
 }
+_SHARED = {w: sum(w in set(v) for v in _STOPWORDS.values()) for ws in _STOPWORDS.values() for w in ws}
 LANGUAGE_NAMES = {"english": "en", "romanian": "ro", "german": "de", "french": "fr", "spanish": "es", "italian": "it"}
 
 
 def guess_language(text: str) -> tuple[str | None, float]:
-    """(language code, share of the words that are its stopwords); (None, 0) when too few clues."""
+    """(language code, weighted share of the words that are its stopwords); (None, score) when
+    there are too few clues.  A stopword listed for several languages ("a", "in", "la") counts
+    1/n for each of them, so shared words do not decide."""
     words = re.findall(r"[^\W\d_]+", text.casefold())
     if len(words) < 3:
         return None, 0.0
     best, score = None, 0.0
     for code, sw in _STOPWORDS.items():
-        s = sum(w in sw for w in words) / len(words)
+        s = sum(1.0 / _SHARED[w] for w in words if w in sw) / len(words)
         if code == "ro":
-            s += 0.5 * sum(ch in "ăâîșțşţ" for ch in text.casefold()) / max(len(words), 1)
+            s += 0.5 * sum(ch in "ăâîșțşţ" for ch in text.casefold()) / len(words)
         if s > score:
             best, score = code, s
     return (best, score) if score >= 0.08 else (None, score)
@@ -151,6 +154,7 @@ class SynthConfig:
     max_new_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 50
     batch_size: int = 16
     seed: int = 42
     baseline_anchors: int = 8  # anchors generated one at a time with plain model.generate, for the speed ratio
@@ -178,7 +182,7 @@ def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, o
                    device: str = "cpu", progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Positives and negatives for every anchor, appended to ``out_dir/generations.jsonl``;
     ``model`` is a PeftModel holding adapters named "positive" and "negative".  Returns timing."""
-    from glotkit.generate.local import generate_greedy
+    from glotkit.generate import local
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "generations.jsonl"
@@ -203,12 +207,12 @@ def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, o
                 os.fsync(fh.fileno())
 
             t0 = time.perf_counter()
-            texts = generate_greedy(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                    batch_size=cfg.batch_size, device=device, progress=progress,
-                                    desc=f"synth {kind}", on_batch=write, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, seed=cfg.seed + KINDS.index(kind))
+            texts, produced = local.generate_sampled(
+                model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed + KINDS.index(kind),
+                device=device, progress=progress, desc=f"synth {kind}", on_batch=write)
             seconds += time.perf_counter() - t0
-            new_tokens += sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+            new_tokens += produced
             n += len(texts)
     return {"generations": n, "seconds": round(seconds, 2), "new_tokens": new_tokens,
             "tokens_per_s": round(new_tokens / seconds, 1) if seconds else None}
@@ -216,7 +220,9 @@ def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, o
 
 def baseline_speed(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, device: str = "cpu") -> dict:
     """Plain one-prompt-at-a-time ``model.generate`` on the first anchors (positive adapter,
-    same sampling settings): the anchor the batched speed is compared with."""
+    same sampling settings): the anchor the batched speed is compared with.  Tokens are counted
+    as the batched path counts them: every generated token (the batched path counts EOS as
+    ending, not as a token, so this favours the baseline slightly)."""
     import torch
 
     model.set_adapter("positive")
@@ -230,10 +236,10 @@ def baseline_speed(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, d
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
                                  do_sample=cfg.temperature > 0, temperature=cfg.temperature or None,
-                                 top_p=cfg.top_p if cfg.temperature > 0 else None, pad_token_id=pad)
+                                 top_p=cfg.top_p if cfg.temperature > 0 else None,
+                                 top_k=cfg.top_k if cfg.temperature > 0 else None, pad_token_id=pad)
         seconds += time.perf_counter() - t0
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        tokens += int(out.shape[1] - ids.shape[1])  # every generated token, EOS included
     n = min(cfg.baseline_anchors, len(anchors))
     return {"prompts": n, "seconds": round(seconds, 2), "new_tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 1) if seconds else None}

@@ -143,7 +143,7 @@ def _synthesize(recipe, model, tok, device, gen_dir: Path, synth_dir: Path, log,
     model = PeftModel.from_pretrained(model, str(gen_dir / "positive"), adapter_name="positive")
     model.load_adapter(str(gen_dir / "negative"), adapter_name="negative")
     cfg = SynthConfig(language=s.language, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                      top_p=s.top_p, batch_size=s.batch_size, seed=recipe.seed, baseline_anchors=s.baseline_anchors,
+                      top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size, seed=recipe.seed, baseline_anchors=s.baseline_anchors,
                       filters=_filters(recipe))
     speed = generate_pairs(model, tok, anchors, cfg, synth_dir, device=device, progress=progress, log=log)
     base = baseline_speed(model, tok, anchors, cfg, device) if s.baseline_anchors else None

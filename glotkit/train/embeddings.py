@@ -149,6 +149,9 @@ def train_embeddings(model, triplets: Sequence[dict], out_dir: Path, *, epochs: 
         save_strategy="steps", save_steps=max(1, total // 4), save_total_limit=1, logging_steps=1,
         disable_tqdm=not progress, prompts=prompt or None, dataloader_drop_last=True)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, loss=loss)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the loss goes to the history, not to stdout per step
     last = _last_checkpoint(ckpt)
     if last:
         log(f"[glotkit] resuming embedding training from {last}")
