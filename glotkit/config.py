@@ -231,9 +231,20 @@ class SynthSection(_Section):
 
 
 class ParallelEval(_Section):
-    name: str  # "ro-en": queries in the first language, documents in the second (both directions scored)
-    source: str
-    target: str
+    """Retrieval pairs: two line-aligned files (source, target) or one pair file (CSV/TSV/JSONL)
+    with two columns; query i's one relevant document is document i, scored both ways."""
+
+    name: str  # "ro-en": queries in the first language, documents in the second
+    source: str | None = None
+    target: str | None = None
+    file: str | None = None
+    source_field: str = "sent0"
+    target_field: str = "sent1"
+
+    def model_post_init(self, __context) -> None:
+        if not (self.file or (self.source and self.target)) or (self.file and (self.source or self.target)):
+            raise GlotkitError(f"embed.parallel '{self.name}': give either 'file' (a pair file) or 'source' and 'target' "
+                               "(line-aligned files)")
 
 
 class EmbedSection(_Section):
@@ -431,7 +442,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if isinstance(emb, dict) and isinstance(emb.get("parallel"), list):
         for item in emb["parallel"]:
             if isinstance(item, dict):
-                for k in ("source", "target"):
+                for k in ("source", "target", "file"):
                     if k in item:
                         item[k] = resolve(item[k])
     for item in overrides or []:

@@ -207,7 +207,8 @@ def test_xllora_recipe_end_to_end(tmp_path, tiny_llama, tiny_encoder, capsys):
         "synth": {"anchors": str(anchors), "max_new_tokens": 8, "batch_size": 4, "min_chars": 0, "max_chars": 1000,
                   "copy_ratio": 1.0, "language_check": None, "reference_margin": None, "baseline_anchors": 2},
         "embed": {"model": str(tiny_encoder), "batch_size": 4, "epochs": 1, "prompt": None, "sts": str(sts),
-                  "parallel": [{"name": "ro-en", "source": str(tmp_path / "p.ro"), "target": str(tmp_path / "p.en")}]},
+                  "parallel": [{"name": "ro-en", "source": str(tmp_path / "p.ro"), "target": str(tmp_path / "p.en")},
+                               {"name": "ro-enpairs", "file": str(pos)}]},
     }), encoding="utf-8")
     assert main(["run", "--no-progress", str(recipe)]) == 0
     run = tmp_path / "runs" / "xl"
@@ -216,7 +217,7 @@ def test_xllora_recipe_end_to_end(tmp_path, tiny_llama, tiny_encoder, capsys):
     assert summary["speed"]["one_at_a_time"]["prompts"] == 2 and summary["speed"]["ratio"] > 0
     report = (run / "report.md").read_text()
     for part in ("## Generator adapters", "## Synthesis", "duplicates dropped", "## Sentence embeddings before and after",
-                 "| sts | spearman |", "| ro→en | accuracy@1 |", "| en→ro | ndcg@10 |"):
+                 "| sts | spearman |", "| ro→en | accuracy@1 |", "| en→ro | ndcg@10 |", "| ro→enpairs | mrr@10 |"):
         assert part in report, part
     capsys.readouterr()
     assert main(["run", "--no-progress", str(recipe)]) == 0  # all done: nothing is redone
@@ -236,3 +237,54 @@ def test_xllora_bad_input(tmp_path, tiny_llama, capsys):
     assert "synth.reference_margin=5.0: must be in [-2, 2]" in capsys.readouterr().err
     assert main(["embed", str(recipe), "--set", f"embed.model={tmp_path}"]) == 2
     assert "not an embedding model folder" in capsys.readouterr().err
+
+
+def test_cached_mnrl_equals_mnrl(tiny_encoder):
+    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
+
+    model = load_encoder(str(tiny_encoder), max_seq_length=32)
+    feats = [model.tokenize(x) for x in (SENTS[:4], SENTS[4:], [s.upper() for s in SENTS[:4]])]
+    plain = MultipleNegativesRankingLoss(model, scale=20.0)(feats, torch.zeros(4)).item()
+    cached = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=2)(feats, torch.zeros(4)).item()
+    assert cached == pytest.approx(plain, rel=1e-4)
+
+
+def test_synthesis_killed_with_sigkill_resumes(tmp_path, tiny_llama):
+    """The real command killed mid-run (SIGKILL) and run again: every (anchor, kind) once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pos = tmp_path / "pos.csv"
+    pos.write_text("sent0,sent1,hard_neg\n" + "".join(f"\"{s}\",City {i}.,No city {i}.\n" for i, s in enumerate(SENTS)),
+                   encoding="utf-8")
+    anchors = tmp_path / "anchors.txt"
+    anchors.write_text("\n".join(f"{SENTS[i % 8]} {i}" for i in range(400)) + "\n", encoding="utf-8")
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text(json.dumps({
+        "name": "xl", "task": "xllora", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
+        "pairs": {"positive": str(pos), "negative": str(pos)}, "lora": {"r": 2, "target_modules": ["q_proj"]},
+        "train": {"max_steps": 1, "batch_size": 4},
+        "synth": {"anchors": str(anchors), "max_new_tokens": 16, "batch_size": 1, "language_check": None,
+                  "reference_margin": None, "baseline_anchors": 0, "min_chars": 0}}), encoding="utf-8")
+    assert main(["train", "--no-progress", str(recipe)]) == 0
+    gens = tmp_path / "runs" / "xl" / "synth" / "generations.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "glotkit", "synth", "triplets", "--no-progress", str(recipe)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if gens.is_file() and gens.read_bytes().count(b"\n") >= 20:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    if proc.returncode != -signal.SIGKILL:
+        pytest.skip("the synthesis finished before it could be killed")
+    written = gens.read_bytes().count(b"\n")
+    assert 20 <= written < 800
+    assert main(["synth", "triplets", "--no-progress", str(recipe)]) == 0
+    keys = [(r["id"], r["kind"]) for r in map(json.loads, gens.read_text().splitlines())]
+    assert len(keys) == len(set(keys)) == 800

@@ -82,7 +82,21 @@ def retrieval_scores(queries, docs, k: int = 10) -> dict:
     }
 
 
-def evaluate_embeddings(model, *, sts: Path | None = None, parallel: Sequence[tuple[str, Path, Path]] = (),
+def read_pair_file(path: Path, source_field: str, target_field: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """A user's pair file (CSV/TSV/JSONL, two columns) for retrieval; duplicates dropped."""
+    from glotkit.data.pairs import read_pairs
+
+    pairs = read_pairs(path, source_field, target_field, where="embed.parallel")
+    seen, xs, ys = set(), [], []
+    for x, y in pairs:
+        if x not in seen and y not in seen:
+            seen.update((x, y))
+            xs.append(x)
+            ys.append(y)
+    return (xs[:limit], ys[:limit]) if limit else (xs, ys)
+
+
+def evaluate_embeddings(model, *, sts: Path | None = None, parallel: Sequence = (),
                         prompt: str | None = None, limit: int | None = None, batch_size: int = 64) -> dict:
     """{"sts": {...}, "ro→en": {...}, "en→ro": {...}, ...} for one model."""
     from glotkit.train.embeddings import encode
@@ -93,10 +107,16 @@ def evaluate_embeddings(model, *, sts: Path | None = None, parallel: Sequence[tu
         if limit:
             a, b, scores = a[:limit], b[:limit], scores[:limit]
         out["sts"] = sts_spearman(encode(model, a, batch_size, prompt), encode(model, b, batch_size, prompt), scores)
-    for name, src, tgt in parallel:
-        xs, ys = read_parallel(src, tgt, limit)
+    for item in parallel:
+        if isinstance(item, tuple):
+            name, src, tgt = item
+            xs, ys = read_parallel(src, tgt, limit)
+        else:  # a config.ParallelEval
+            name = item.name
+            xs, ys = (read_pair_file(Path(item.file), item.source_field, item.target_field, limit) if item.file
+                      else read_parallel(Path(item.source), Path(item.target), limit))
         ex, ey = encode(model, xs, batch_size, prompt), encode(model, ys, batch_size, prompt)
-        a, b = (name.split("-", 1) + ["tgt"])[:2] if "-" in name else (name, "tgt")
+        a, b = name.split("-", 1) if "-" in name else (name, "target")
         out[f"{a}→{b}"] = retrieval_scores(ex, ey)
         out[f"{b}→{a}"] = retrieval_scores(ey, ex)
     return out

@@ -173,7 +173,7 @@ def _embed(recipe, synth_dir: Path, embed_dir: Path, log, progress) -> None:
 
     e = recipe.embed
     embed_dir.mkdir(parents=True, exist_ok=True)
-    parallel = [(p.name, Path(p.source), Path(p.target)) for p in e.parallel]
+    parallel = list(e.parallel)
 
     def evaluate(model, tag: str) -> None:
         path = embed_dir / f"{tag}.json"
