@@ -74,3 +74,18 @@ def iter_jsonl_objects(path: Path):
             if not isinstance(rec, dict):
                 raise GlotkitError(f"{path}: line {lineno}: expected a JSON object")
             yield lineno, rec
+
+
+def sha256_of_files(paths) -> str | None:
+    """One sha256 over the bytes of the given files in order (None when none exists)."""
+    import hashlib
+
+    h, seen = hashlib.sha256(), False
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            seen = True
+            with p.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest() if seen else None

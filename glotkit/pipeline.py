@@ -38,7 +38,7 @@ _RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "max_tokens_per_forw
 
 # sections whose outputs record their own settings and are redone when these change; stages may
 # be added to a finished run
-_REDONE_BY_SETTINGS = ("suite.", "memory.", "stages")
+_REDONE_BY_SETTINGS = ("suite.", "memory.", "stages", "synth.", "embed.")
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

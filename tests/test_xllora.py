@@ -223,6 +223,17 @@ def test_xllora_recipe_end_to_end(tmp_path, tiny_llama, tiny_encoder, capsys):
     assert main(["run", "--no-progress", str(recipe)]) == 0  # all done: nothing is redone
     err = capsys.readouterr().err
     assert "generator '" not in err and "synthesis:" not in err and "embedding training" not in err
+    # a filter change re-filters the same generations; a sampling change starts synthesis again
+    # (the old folder kept); an embedding change redoes only the embedding; generators stay
+    assert main(["run", "--no-progress", str(recipe), "--set", "synth.min_chars=5"]) == 0
+    err = capsys.readouterr().err
+    assert "continuing on the existing generations" in err and "generator '" not in err
+    assert main(["run", "--no-progress", str(recipe), "--set", "synth.temperature=0.9"]) == 0
+    err = capsys.readouterr().err
+    assert (run / "synth.previous-1" / "generations.jsonl").is_file() and "moved to" in err
+    assert main(["run", "--no-progress", str(recipe), "--set", "synth.temperature=0.9", "--set", "embed.epochs=2"]) == 0
+    err = capsys.readouterr().err
+    assert "synthesis:" not in err and "embedding training" in err and any(run.glob("embed.previous-*"))
 
 
 def test_xllora_bad_input(tmp_path, tiny_llama, capsys):

@@ -10,13 +10,19 @@
     embed/model/              the trained sentence-transformers model
     report.md
 
-Every stage skips what its files say is done, so the same command resumes.
+Every stage skips what its files say is done, so the same command resumes.  Synthesis and
+embedding settings may change on a finished run: each stage keeps its settings in
+``settings.json``; a change that invalidates the generations (sampling, prompt language,
+anchors file, max new tokens) moves ``synth/`` aside to ``synth.previous-N/`` and starts again,
+a larger ``max_anchors`` only generates the missing anchors, a filter change only re-filters;
+any change of the triplets or of the embedding settings moves ``embed/`` aside and redoes it.
+Nothing is deleted.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from glotkit.config import Recipe
 from glotkit.errors import GlotkitError
@@ -66,17 +72,22 @@ def run_xllora(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print
     gen_dir, synth_dir, embed_dir = run_dir / "generators", run_dir / "synth", run_dir / "embed"
     need_generators = "generators" in stages and not all(
         (gen_dir / k / "adapter_config.json").is_file() for k in ("positive", "negative"))
-    need_synth = "synth" in stages and not (synth_dir / "summary.json").is_file()
-    if need_generators or need_synth:
+    model = tok = device = None
+    if need_generators:
         from glotkit.models.loading import load_model
 
         torch.manual_seed(recipe.seed)
         model, tok, device = load_model(recipe.model, log=log)
-        if need_generators:
-            model = _train_generators(recipe, model, tok, device, gen_dir, log, progress)
-        if need_synth:
+        model = _train_generators(recipe, model, tok, device, gen_dir, log, progress)
+    if "synth" in stages:  # after training: the settings include the adapters' hash
+        _settle_settings(synth_dir, _synth_settings(recipe), _GENERATION_KEYS, log)
+        if not (synth_dir / "summary.json").is_file():
+            if model is None:
+                from glotkit.models.loading import load_model
+
+                model, tok, device = load_model(recipe.model, log=log)
             _synthesize(recipe, model, tok, device, gen_dir, synth_dir, log, progress)
-        del model
+    del model
     if "embed" in stages:
         _embed(recipe, synth_dir, embed_dir, log, progress)
     if "report" in stages:
@@ -84,6 +95,56 @@ def run_xllora(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print
 
         path = write_xllora_report(run_dir, recipe)
         log(f"[glotkit] report: {path}")
+
+
+# synthesis settings whose change makes the existing generations wrong
+_GENERATION_KEYS = ("anchors", "anchor_field", "language", "max_new_tokens", "temperature", "top_p", "top_k",
+                    "seed", "generators")
+
+
+def _synth_settings(recipe: Recipe) -> dict:
+    from glotkit.io import sha256_of_files
+
+    gen = recipe.run_dir() / "generators"
+    return recipe.synth.model_dump(mode="json") | {
+        "seed": recipe.seed, "reference_model": recipe.embed.model, "reference_prompt": recipe.embed.prompt,
+        "generators": sha256_of_files(sorted(gen.glob("*/adapter_model.safetensors")))}
+
+
+def _embed_settings(recipe: Recipe, synth_dir: Path) -> dict:
+    from glotkit.io import sha256_of_files
+
+    return recipe.embed.model_dump(mode="json") | {"seed": recipe.seed,
+                                                   "triplets": sha256_of_files([synth_dir / "triplets.jsonl"])}
+
+
+def _settle_settings(folder: Path, settings: dict, restart_keys: Sequence[str] | None, log) -> None:
+    """Compare a stage's saved settings with the recipe's.  A change of a ``restart_keys`` key
+    (all keys when None) moves the folder aside; any other change only removes the stage's
+    'done' marker (summary.json) so that it runs again on what it has."""
+    import json
+    import shutil
+
+    path = folder / "settings.json"
+    if folder.is_dir() and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if not changed:
+            return
+        if restart_keys is None or any(k in restart_keys for k in changed):
+            n = 1
+            while folder.with_name(f"{folder.name}.previous-{n}").exists():
+                n += 1
+            aside = folder.with_name(f"{folder.name}.previous-{n}")
+            shutil.move(str(folder), str(aside))
+            log(f"[glotkit] {folder.name}: settings changed ({', '.join(changed)}); earlier outputs moved to {aside}")
+        else:
+            (folder / "summary.json").unlink(missing_ok=True)
+            log(f"[glotkit] {folder.name}: settings changed ({', '.join(changed)}); continuing on the existing generations")
+    elif folder.is_dir() and any(folder.iterdir()) and not path.is_file():
+        return  # made before settings were recorded: keep as is
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, settings)
 
 
 def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress):
@@ -172,6 +233,7 @@ def _embed(recipe, synth_dir: Path, embed_dir: Path, log, progress) -> None:
     from glotkit.train.embeddings import load_encoder, read_triplets, train_embeddings
 
     e = recipe.embed
+    _settle_settings(embed_dir, _embed_settings(recipe, synth_dir), None, log)
     embed_dir.mkdir(parents=True, exist_ok=True)
     parallel = list(e.parallel)
 
