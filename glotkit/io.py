@@ -89,3 +89,35 @@ def sha256_of_files(paths) -> str | None:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest() if seen else None
+
+
+def read_table(path: Path, where: str, formats: tuple[str, ...] = (".jsonl", ".csv", ".tsv", ".json")) -> tuple[list[dict], list[str]]:
+    """Records and field names of a data file: JSONL, CSV or TSV with a header row, or a JSON list
+    of objects.  Errors are one line naming the file and ``where`` it was asked for."""
+    import csv
+
+    from glotkit.errors import GlotkitError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GlotkitError(f"{path}: {where}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in formats:
+        raise GlotkitError(f"{path}: {where}: unknown format '{suffix}' (use {', '.join(formats)})")
+    if suffix == ".jsonl":
+        rows = [rec for _, rec in iter_jsonl_objects(path)]
+        fields = list(dict.fromkeys(k for r in rows[:50] for k in r))
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise GlotkitError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise GlotkitError(f"{path}: expected a JSON list of objects")
+        fields = list(dict.fromkeys(k for r in rows[:50] for k in r))
+    else:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            rows = list(reader)
+            fields = list(reader.fieldnames or [])
+    return rows, fields

@@ -7,7 +7,6 @@ files: plain text (one sentence per line), JSONL or CSV with a named field.
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 
@@ -15,23 +14,9 @@ from glotkit.errors import GlotkitError
 
 
 def _records(path: Path, where: str) -> tuple[list[dict], list[str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise GlotkitError(f"{path}: {where}: file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        from glotkit.io import iter_jsonl_objects
+    from glotkit.io import read_table
 
-        rows = [rec for _, rec in iter_jsonl_objects(path)]
-        fields = list(dict.fromkeys(k for r in rows[:50] for k in r))
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = list(reader)
-            fields = list(reader.fieldnames or [])
-    else:
-        raise GlotkitError(f"{path}: {where}: unknown format '{suffix}' (use .csv, .tsv or .jsonl)")
-    return rows, fields
+    return read_table(path, where, formats=(".csv", ".tsv", ".jsonl"))
 
 
 def read_pairs(path: Path, anchor_field: str, output_field: str, *, where: str,

@@ -230,28 +230,9 @@ def _load_xquad_ro(root: Path) -> dict[str, list[dict]]:
 
 def read_records(path: Path, where: str) -> list[dict]:
     """Records of a user's task file: JSONL, CSV or TSV (header row), or a JSON list."""
-    import csv
+    from glotkit.io import read_table
 
-    path = Path(path)
-    if not path.is_file():
-        raise GlotkitError(f"{path}: {where}: data file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        from glotkit.io import iter_jsonl_objects
-
-        rows = [rec for _, rec in iter_jsonl_objects(path)]
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise GlotkitError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise GlotkitError(f"{path}: expected a JSON list of objects")
-    else:
-        raise GlotkitError(f"{path}: {where}: unknown format '{suffix}' (use .jsonl, .csv, .tsv or .json)")
+    rows, _ = read_table(path, where)
     if not rows:
         raise GlotkitError(f"{path}: {where}: no records")
     return rows

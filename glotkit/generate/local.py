@@ -35,6 +35,17 @@ class _StopStrings:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, left-padded (decoder-only generation continues at the right)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, p in enumerate(seqs):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_greedy(
     model,
@@ -48,16 +59,12 @@ def generate_greedy(
     progress: bool = True,
     desc: str = "generate",
     on_batch: Callable[[list[int], list[str]], None] | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
 ) -> list[str]:
     """Generate a continuation for each prompt (token ids); returns the decoded new text, cut
     before the first stop string (``stop=None``: no stop strings, only EOS and the length).
 
     ``on_batch(indices, texts)`` is called after each batch (for incremental writing).
-    ``temperature`` > 0 samples instead (with ``top_p``); each batch is seeded with
-    ``seed`` and the index of its first prompt, so a rerun of the same batches repeats itself.
+    Sampling with finished rows leaving the batch: :func:`generate_sampled`.
     """
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
@@ -71,24 +78,16 @@ def generate_greedy(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = prompts[i]
-                ids[row, width - len(p) :] = torch.tensor(p)
-                mask[row, width - len(p) :] = 1
+            ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
+            width = ids.shape[1]
             stopping = StoppingCriteriaList([_StopStrings(tokenizer, width, stop)]) if stop else None
-            sample = bool(temperature and temperature > 0)
-            if sample:
-                torch.manual_seed(seed * 1_000_003 + idx[0])
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=top_p if sample else None,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
                 top_k=None,
                 pad_token_id=pad_id,
                 stopping_criteria=stopping,
@@ -147,12 +146,7 @@ def generate_sampled(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             gen = torch.Generator().manual_seed(seed * 1_000_003 + idx[0])
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]) :] = 1
+            ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
