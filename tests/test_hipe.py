@@ -72,3 +72,61 @@ def test_score_against_sklearn_on_real_gold():
     is_at = recall_score([g[k][1] for k in keys], [q[k][1] for k in keys], average="macro")
     assert r["score"] == pytest.approx((at + is_at) / 2, abs=1e-4) and r["pairs"] == len(keys) > 50
     assert score_file(gold, gold)["score"] == 1.0
+
+
+def _hipe_line(**over):
+    doc = {"document_id": "d1", "media": {"publication_title": "T", "time_period": "1900", "source_type": "Newspaper"},
+           "source": "s", "date": "1900-01-02", "language": "en", "text": "Smith went to Bern.",
+           "sampled_pairs": [{"pers_entity_id": "p", "pers_wikidata_QID": None, "pers_mentions_list": ["Smith"],
+                              "loc_entity_id": "l", "loc_wikidata_QID": None, "loc_mentions_list": ["Bern"],
+                              "at": "TRUE", "isAt": "FALSE"}]}
+    doc.update(over)
+    return doc
+
+
+@pytest.mark.integration
+def test_reader_validates_against_the_schema(tmp_path):
+    from glotkit.hipe.data import default_schema, read_hipe
+
+    if default_schema() is None:
+        pytest.skip("the HIPE schema in ../shared/data is not present")
+    f = tmp_path / "x.jsonl"
+    good = _hipe_line()
+    bad = _hipe_line()
+    bad["sampled_pairs"][0]["at"] = "MAYBE"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(GlotkitError, match=r"x.jsonl: line 2: sampled_pairs\[0\].at: 'MAYBE' is not one of"):
+        read_hipe(f)
+    empty = _hipe_line()
+    empty["sampled_pairs"][0]["loc_mentions_list"] = []
+    f.write_text(json.dumps(empty) + "\n", encoding="utf-8")
+    with pytest.raises(GlotkitError, match=r"line 1: sampled_pairs\[0\].loc_mentions_list: empty"):
+        read_hipe(f)
+    for lang in ("de", "en", "fr"):
+        docs = read_hipe(SHARED / "data" / "hipe-2026" / "newspapers" / f"HIPE-2026-v1.0-impresso-train-{lang}.jsonl")
+        assert len(docs) >= 30
+
+
+def test_predictions_file_keeps_ids_and_order(tmp_path):
+    from glotkit.hipe.data import split_by_document, write_predictions
+
+    gold = [_hipe_line(document_id=f"d{i}") for i in range(10)]
+    write_predictions(tmp_path / "p.jsonl", gold, {("d3", "p", "l"): ("PROBABLE", "TRUE")})
+    pred = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [d["document_id"] for d in pred] == [d["document_id"] for d in gold]
+    assert pred[3]["sampled_pairs"][0]["at"] == "PROBABLE" and pred[0]["sampled_pairs"][0]["at"] == "FALSE"
+    assert score_file(gold, gold)["pairs"] == 10
+    a, b = split_by_document(gold, 0.3, seed=1)
+    assert len(b) == 3 and not {d["document_id"] for d in a} & {d["document_id"] for d in b}
+    assert (a, b) == split_by_document(gold, 0.3, seed=1)
+
+
+def test_excerpt_keeps_the_mentions():
+    from glotkit.hipe.data import excerpt, pair_prompt
+
+    text = "word " * 400 + "Smith arrived in Bern yesterday. " + "word " * 400
+    ex = excerpt(text, ["Smith", "Bern"], 300)
+    assert "Smith arrived in Bern" in ex and ex.startswith("… ") and ex.endswith(" …") and len(ex) <= 310
+    assert excerpt("short", ["x"], 300) == "short"
+    p = pair_prompt(_hipe_line(), _hipe_line()["sampled_pairs"][0])
+    assert "published 1900-01-02" in p and "Person: Smith" in p and "Place: Bern" in p and '"isAt"' in p

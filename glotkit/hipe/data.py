@@ -1,0 +1,144 @@
+"""HIPE-2026 JSONL: reading with schema validation, seeded document splits, prediction files,
+and the prompt of one (person, place) pair.
+
+Validation uses the task's own JSON schema (``schemas/hipe-2026-data.schema.json`` of the data
+release; by default the copy beside the checkout in ``../shared/data/hipe-2026``) through the
+``jsonschema`` library, and adds what a schema cannot say: a pair whose mention lists are empty
+is an error.  Every error is one line naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+from glotkit.errors import GlotkitError
+
+DEFAULT_SCHEMA = Path("..") / "shared" / "data" / "hipe-2026" / "schemas" / "hipe-2026-data.schema.json"
+
+
+def default_schema() -> Path | None:
+    here = Path(__file__).resolve().parents[3] / "shared" / "data" / "hipe-2026" / "schemas" / "hipe-2026-data.schema.json"
+    return here if here.is_file() else (DEFAULT_SCHEMA if DEFAULT_SCHEMA.is_file() else None)
+
+
+def _validator(schema: Path | None):
+    if schema is None:
+        return None
+    from jsonschema import Draft202012Validator
+
+    try:
+        doc = json.loads(Path(schema).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise GlotkitError(f"{schema}: cannot read the HIPE schema ({err})") from None
+    return Draft202012Validator(doc)
+
+
+def _where(error) -> str:
+    parts = []
+    for p in error.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
+    return "".join(parts) or "(document)"
+
+
+def read_hipe(path: str | Path, schema: str | Path | None = "default") -> list[dict]:
+    """Documents of a HIPE-2026 JSONL file, validated; ``schema=None`` skips the schema check."""
+    from glotkit.io import iter_jsonl_objects
+
+    path = Path(path)
+    if not path.is_file():
+        raise GlotkitError(f"{path}: HIPE file not found")
+    validator = _validator(default_schema() if schema == "default" else (Path(schema) if schema else None))
+    docs = []
+    for lineno, doc in iter_jsonl_objects(path):
+        if validator is not None:
+            err = next(iter(sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))), None)
+            if err is not None:
+                raise GlotkitError(f"{path}: line {lineno}: {_where(err)}: {err.message}")
+        for i, pair in enumerate(doc.get("sampled_pairs") or []):
+            for field in ("pers_mentions_list", "loc_mentions_list"):
+                if not [m for m in pair.get(field) or [] if str(m).strip()]:
+                    raise GlotkitError(f"{path}: line {lineno}: sampled_pairs[{i}].{field}: empty (a pair needs its mentions)")
+        docs.append(doc)
+    if not docs:
+        raise GlotkitError(f"{path}: no documents")
+    return docs
+
+
+def split_by_document(docs: Sequence[dict], heldout_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a seeded split by document, so no held-out document is ever trained on."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n = max(1, round(len(docs) * heldout_ratio))
+    if n >= len(docs):
+        raise GlotkitError(f"heldout_ratio={heldout_ratio}: {len(docs)} documents are too few to split")
+    held = set(order[:n])
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def write_predictions(path: str | Path, gold_docs: Sequence[dict], labels: dict[tuple[str, str, str], tuple[str, str]]) -> None:
+    """The gold documents with each pair's ``at`` / ``isAt`` replaced by the prediction (strings;
+    a pair without one gets FALSE/FALSE): same document ids, pair ids and order as the input."""
+    from glotkit.io import atomic_write_jsonl
+
+    out = []
+    for d in gold_docs:
+        pairs = []
+        for p in d.get("sampled_pairs", []):
+            at, is_at = labels.get((d["document_id"], p["pers_entity_id"], p["loc_entity_id"]), ("FALSE", "FALSE"))
+            pairs.append(dict(p, at=at, isAt=is_at, at_explanation=None, isAt_explanation=None))
+        out.append(dict(d, sampled_pairs=pairs))
+    atomic_write_jsonl(Path(path), out)
+
+
+def excerpt(text: str, mentions: Sequence[str], max_chars: int) -> str:
+    """The article, or when longer than ``max_chars`` the stretch of that length centred on the
+    mentions: the window that covers the most mention occurrences (ties: the earliest), cut at
+    whitespace and marked with "…" where text was left out."""
+    if len(text) <= max_chars:
+        return text
+    spots = sorted(i for m in mentions if m for i in _find_all(text, m))
+    if not spots:
+        start = 0
+    else:
+        best, start = -1, 0
+        for s in spots:
+            lo = max(0, min(s - max_chars // 3, len(text) - max_chars))
+            covered = sum(lo <= t < lo + max_chars for t in spots)
+            if covered > best:
+                best, start = covered, lo
+    end = start + max_chars
+    if start > 0:
+        sp = text.find(" ", start)
+        start = sp + 1 if 0 <= sp < start + 40 else start
+    if end < len(text):
+        sp = text.rfind(" ", start, end)
+        end = sp if sp > end - 40 else end
+    return ("… " if start > 0 else "") + text[start:end] + (" …" if end < len(text) else "")
+
+
+def _find_all(text: str, needle: str) -> list[int]:
+    out, i = [], text.find(needle)
+    while i >= 0:
+        out.append(i)
+        i = text.find(needle, i + 1)
+    return out
+
+
+DEFINITIONS = (
+    "at: TRUE if the text shows the person was at the place at some time before the publication date, "
+    "PROBABLE if it suggests so without saying it, FALSE otherwise.\n"
+    "isAt: TRUE if the person was at the place within about a month before the publication date, FALSE otherwise."
+)
+
+
+def pair_prompt(doc: dict, pair: dict, max_chars: int = 2000, explain: bool = True) -> str:
+    """The question for one pair: article (an excerpt around the mentions when long), publication
+    date, the mentions of both entities, the two definitions, and the answer format."""
+    mentions = list(pair["pers_mentions_list"]) + list(pair["loc_mentions_list"])
+    ask = ("Explain briefly, then answer with a JSON object" if explain else "Answer only with a JSON object")
+    return (f"Article (published {doc.get('date') or 'at an unknown date'}):\n{excerpt(doc['text'], mentions, max_chars)}\n\n"
+            f"Person: {' / '.join(pair['pers_mentions_list'])}\nPlace: {' / '.join(pair['loc_mentions_list'])}\n\n"
+            f"{DEFINITIONS}\n{ask} like {{\"at\": \"TRUE|PROBABLE|FALSE\", \"isAt\": \"TRUE|FALSE\"}}.\n")
