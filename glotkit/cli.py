@@ -5,6 +5,7 @@
     glotkit train | synth triplets | embed RECIPE    (one stage of a recipe; XL-LoRA: task: xllora)
     glotkit eval --suite ro [--adapter DIR --compare-base] [--tasks ...] [--shots 0,1,3,5] [--limit N]
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
+    glotkit trim-vocab --model NAME --corpus PATH --out DIR
     glotkit sweep RECIPE --grid lora.r=1,2,4,8 [--grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj']
     glotkit validate RECIPE [--set ...]
     glotkit models
@@ -51,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(sp)
     sp = sub.add_parser("embed", help="train and evaluate the sentence-embedding model on a recipe's triplets")
     recipe_args(sp)
+    sp = sub.add_parser("trim-vocab", help="keep only the token ids a corpus uses (smaller embedding, same outputs)")
+    sp.add_argument("--model", default="gemma-3-270m", help="built-in name or Hugging Face folder")
+    sp.add_argument("--corpus", action="append", required=True, metavar="PATH",
+                    help="text to take the vocabulary from: .txt/.jsonl/TEI .xml files or folders (repeatable)")
+    sp.add_argument("--text-field", default="text")
+    sp.add_argument("--language", default=None, help="'ro': fix legacy cedilla letters in the corpus first")
+    sp.add_argument("--out", required=True, help="folder for the trimmed model (must not exist or be empty)")
     sp = sub.add_parser("sweep", help="run a grid of recipe variants and tabulate them")
     recipe_args(sp)
     sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -103,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "eval":
             return _eval(args)
+        if args.command == "trim-vocab":
+            _quiet_libraries()
+            from glotkit.data.corpus import read_documents
+            from glotkit.models.loading import resolve_model_path
+            from glotkit.models.trim_vocab import trim_vocabulary
+
+            path = resolve_model_path(args.model, log=_log)
+            docs = read_documents(args.corpus, args.text_field, args.language, bool(args.language))
+            info = trim_vocabulary(path, [d.text for d in docs], args.out, log=_log)
+            print(f"{args.out}: vocabulary {info['vocab_before']:,} -> {info['vocab_after']:,}, parameters "
+                  f"{info['params_before']:,} -> {info['params_after']:,}, {info['size_on_disk_mb']} MB on disk")
+            return 0
         if args.command == "memory":
             from glotkit.eval.memory import MODES, measure, table
 
