@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 
 from glotkit.eval.metrics import (UnicodeTokenizer, classification_scores, correlation_scores, option_set_scores,
                                   rouge_scores)
