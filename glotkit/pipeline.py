@@ -274,23 +274,14 @@ def _suite_labels(recipe: Recipe) -> dict[str, str]:
 
 def _suite_pending(recipe: Recipe, run_dir: Path) -> bool:
     """Whether some (model, task, shots) of the suite has no result yet."""
-    import json
-
-    from glotkit.eval.suite import _unit_key
+    from glotkit.eval.suite import done_units, unit_key
 
     tasks, _, _ = _suite_tasks(recipe)  # also checks task names and files before any work
-    path = run_dir / "suite" / "results.json"
-    done = {_unit_key(r) for r in json.loads(path.read_text(encoding="utf-8"))} if path.is_file() else set()
+    done = done_units(run_dir / "suite" / "results.json")
     labels = _suite_labels(recipe)
     cfg = recipe.suite
-    for m in cfg.models:
-        for t in tasks:
-            for k in cfg.shots:
-                probe = {"model": labels[m], "task": t.name, "shots": k, "mode_asked": cfg.mode, "limit": cfg.limit,
-                         "seed": cfg.seed, "template": t.template, "max_new_tokens": t.max_new_tokens}
-                if _unit_key(probe) not in done:
-                    return True
-    return False
+    return any(unit_key(labels[m], t, k, cfg.mode, cfg.limit, cfg.seed) not in done
+               for m in cfg.models for t in tasks for k in cfg.shots)
 
 
 def _run_suite_stage(recipe: Recipe, run_dir: Path, model, tok, device: str, log, progress: bool) -> None:

@@ -98,7 +98,8 @@ def read_pair_file(path: Path, source_field: str, target_field: str, limit: int 
 
 def evaluate_embeddings(model, *, sts: Path | None = None, parallel: Sequence = (),
                         prompt: str | None = None, limit: int | None = None, batch_size: int = 64) -> dict:
-    """{"sts": {...}, "ro→en": {...}, "en→ro": {...}, ...} for one model."""
+    """{"sts": {...}, "ro→en": {...}, "en→ro": {...}, ...} for one model; ``parallel`` holds
+    ``ParallelEval`` items (line-aligned files or a pair file)."""
     from glotkit.train.embeddings import encode
 
     out = {}
@@ -107,14 +108,10 @@ def evaluate_embeddings(model, *, sts: Path | None = None, parallel: Sequence = 
         if limit:
             a, b, scores = a[:limit], b[:limit], scores[:limit]
         out["sts"] = sts_spearman(encode(model, a, batch_size, prompt), encode(model, b, batch_size, prompt), scores)
-    for item in parallel:
-        if isinstance(item, tuple):
-            name, src, tgt = item
-            xs, ys = read_parallel(src, tgt, limit)
-        else:  # a config.ParallelEval
-            name = item.name
-            xs, ys = (read_pair_file(Path(item.file), item.source_field, item.target_field, limit) if item.file
-                      else read_parallel(Path(item.source), Path(item.target), limit))
+    for item in parallel:  # config.ParallelEval
+        name = item.name
+        xs, ys = (read_pair_file(Path(item.file), item.source_field, item.target_field, limit) if item.file
+                  else read_parallel(Path(item.source), Path(item.target), limit))
         ex, ey = encode(model, xs, batch_size, prompt), encode(model, ys, batch_size, prompt)
         a, b = name.split("-", 1) if "-" in name else (name, "target")
         out[f"{a}→{b}"] = retrieval_scores(ex, ey)

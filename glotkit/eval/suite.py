@@ -576,6 +576,15 @@ def _unit_key(r: dict) -> tuple:
     return (r["model"], r["task"], r["shots"], r["mode_asked"], r["limit"], r["seed"], r["template"], r["max_new_tokens"])
 
 
+def unit_key(model_label: str, task: Task, shots: int, mode: str, limit: int | None, seed: int) -> tuple:
+    """The identity of one (model, task, shots) result: what must match for it to be reused."""
+    return (model_label, task.name, shots, mode, limit, seed, task.template, task.max_new_tokens)
+
+
+def done_units(results_path: Path) -> set[tuple]:
+    return {_unit_key(r) for r in json.loads(results_path.read_text(encoding="utf-8"))} if results_path.is_file() else set()
+
+
 def run_suite(model, tokenizer, tasks: Sequence[Task], *, shots: Sequence[int], seed: int, mode: str,
               limit: int | None, batch_size: int, data_root: Path, out_dir: Path, model_label: str,
               task_data: dict[str, Path] | None = None, device: str = "cpu",
@@ -593,14 +602,11 @@ def run_suite(model, tokenizer, tasks: Sequence[Task], *, shots: Sequence[int], 
     done = {_unit_key(r) for r in results}
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_label).strip("_")
     for task in tasks:
-        source = Path(task_data[task.name]) if task.name in task_data else data_root
-        if task.needs_file and task.name not in task_data:
-            source = Path(data_root)  # its loader explains what to give
+        # a task that needs the user's file and got none is given the data root; its loader says what to give
+        source = Path(task_data[task.name]) if task.name in task_data else Path(data_root)
         data = None
         for k in shots:
-            probe = {"model": model_label, "task": task.name, "shots": k, "mode_asked": mode, "limit": limit,
-                     "seed": seed, "template": task.template, "max_new_tokens": task.max_new_tokens}
-            if _unit_key(probe) in done:
+            if unit_key(model_label, task, k, mode, limit, seed) in done:
                 log(f"[glotkit] {task.name} {k}-shot for {model_label}: done before, kept")
                 continue
             data = data if data is not None else task.load(source)

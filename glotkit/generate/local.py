@@ -8,7 +8,8 @@ base models often start their answer on a new line); the text is cut before the 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -33,6 +34,23 @@ class _StopStrings:
         texts = self.tok.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
         done = [cut_at_stop(t, self.stop) is not None for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@contextmanager
+def _batches(model, prompts: Sequence[list[int]], batch_size: int, desc: str, progress: bool) -> Iterator:
+    """Batches of prompt indices, longest prompts first (little padding per batch), with the
+    model in eval mode and a progress bar; yields (batches, bar) and restores the model's mode."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    try:
+        yield [order[i : i + batch_size] for i in range(0, len(order), batch_size)], bar
+    finally:
+        bar.close()
+        model.train(was_training)
 
 
 def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,18 +84,12 @@ def generate_greedy(
     ``on_batch(indices, texts)`` is called after each batch (for incremental writing).
     Sampling with finished rows leaving the batch: :func:`generate_sampled`.
     """
-    from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+    with _batches(model, prompts, batch_size, desc, progress) as (batches, bar):
+        for idx in batches:
             ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
             width = ids.shape[1]
             stopping = StoppingCriteriaList([_StopStrings(tokenizer, width, stop)]) if stop else None
@@ -100,9 +112,6 @@ def generate_greedy(
             if on_batch:
                 on_batch(idx, texts)
             bar.update(len(idx))
-    finally:
-        bar.close()
-        model.train(was_training)
     return [t or "" for t in out]
 
 
@@ -130,21 +139,14 @@ def generate_sampled(
     rows until the longest one ends.  Each batch draws from a generator seeded with ``seed`` and
     the index of its first prompt.  Returns the texts (input order, cut before the stop string)
     and the number of tokens generated."""
-    from tqdm.auto import tqdm
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = {tokenizer.eos_token_id} | set(extra if isinstance(extra, (list, tuple)) else [extra])
     eos.discard(None)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     produced = 0
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+    with _batches(model, prompts, batch_size, desc, progress) as (batches, bar):
+        for idx in batches:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + idx[0])
             ids, mask = _left_pad([prompts[i] for i in idx], pad_id)
             ids, mask = ids.to(device), mask.to(device)
@@ -188,9 +190,6 @@ def generate_sampled(
             if on_batch:
                 on_batch(idx, texts)
             bar.update(len(idx))
-    finally:
-        bar.close()
-        model.train(was_training)
     return out, produced
 
 

@@ -65,9 +65,9 @@ def check_inputs(recipe: Recipe) -> None:
 
 
 def run_xllora(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> None:
+    """Run the XL-LoRA stages; the caller has run :func:`check_inputs`."""
     import torch
 
-    check_inputs(recipe)
     stages = set(recipe.stages)
     gen_dir, synth_dir, embed_dir = run_dir / "generators", run_dir / "synth", run_dir / "embed"
     need_generators = "generators" in stages and not all(
