@@ -118,13 +118,15 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text", langua
     return docs
 
 
-def split_documents(docs: Sequence[Document], heldout_ratio: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """A seeded split by document (never inside one) into train and held-out."""
+def split_documents(docs: Sequence, heldout_ratio: float, seed: int,
+                    setting: str = "pretrain.heldout_ratio") -> tuple[list, list]:
+    """A seeded split by document (never inside one) into train and held-out, in input order;
+    any sequence of documents (``Document`` objects, HIPE dicts)."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n = max(1, round(len(docs) * heldout_ratio)) if heldout_ratio > 0 else 0
     if n >= len(docs):
-        raise GlotkitError(f"pretrain.heldout_ratio={heldout_ratio}: only {len(docs)} documents, too few to hold some out")
+        raise GlotkitError(f"{setting}={heldout_ratio}: only {len(docs)} documents, too few to hold some out")
     held = sorted(order[:n])
     keep = sorted(order[n:])
     return [docs[i] for i in keep], [docs[i] for i in held]

@@ -10,7 +10,6 @@ is an error.  Every error is one line naming the file, the line and the field.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Sequence
 
@@ -69,13 +68,9 @@ def read_hipe(path: str | Path, schema: str | Path | None = "default") -> list[d
 
 def split_by_document(docs: Sequence[dict], heldout_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held out): a seeded split by document, so no held-out document is ever trained on."""
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n = max(1, round(len(docs) * heldout_ratio))
-    if n >= len(docs):
-        raise GlotkitError(f"heldout_ratio={heldout_ratio}: {len(docs)} documents are too few to split")
-    held = set(order[:n])
-    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+    from glotkit.data.corpus import split_documents
+
+    return split_documents(docs, heldout_ratio, seed, setting="heldout_ratio")
 
 
 def write_predictions(path: str | Path, gold_docs: Sequence[dict], labels: dict[tuple[str, str, str], tuple[str, str]]) -> None:
