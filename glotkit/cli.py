@@ -3,6 +3,7 @@
     glotkit run RECIPE [--set key=value ...]
     glotkit pretrain RECIPE            (a recipe with task: pretrain)
     glotkit train | synth triplets | embed RECIPE    (one stage of a recipe; XL-LoRA: task: xllora)
+    glotkit distill compare | teach | student RECIPE  (HIPE-2026 distillation: task: distill)
     glotkit eval --suite ro [--adapter DIR --compare-base] [--tasks ...] [--shots 0,1,3,5] [--limit N]
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
     glotkit trim-vocab --model NAME --corpus PATH --out DIR
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("what", choices=["triplets"])
     recipe_args(sp)
     sp = sub.add_parser("embed", help="train and evaluate the sentence-embedding model on a recipe's triplets")
+    recipe_args(sp)
+    sp = sub.add_parser("distill", help="HIPE-2026 distillation stages (task: distill): 'compare' prompt formats "
+                                        "× models on the dev split, 'teach' (teacher adapter + explanation traces), "
+                                        "'student' (students + the efficiency–accuracy table + report)")
+    sp.add_argument("what", choices=["compare", "teach", "student"])
     recipe_args(sp)
     sp = sub.add_parser("trim-vocab", help="keep only the token ids a corpus uses (smaller embedding, same outputs)")
     sp.add_argument("--model", default="gemma-3-270m", help="built-in name or Hugging Face folder")
@@ -151,11 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         if args.command == "pretrain" and recipe.task != "pretrain":
             raise GlotkitError(f"{args.recipe}: task is '{recipe.task}', not 'pretrain' (use glotkit run)")
-        only = {"train": ["generators"] if recipe.task == "xllora" else ["train"], "synth": ["synth"],
-                "embed": ["embed", "report"]}.get(args.command)
+        only = {"train": {"xllora": ["generators"], "distill": ["teacher"]}.get(recipe.task, ["train"]),
+                "synth": ["synth"], "embed": ["embed", "report"]}.get(args.command)
+        if args.command == "distill":
+            only = {"compare": ["compare"], "teach": ["teacher", "traces"],
+                    "student": ["student", "evaluate", "report"]}[args.what]
         if only:
             if args.command in ("synth", "embed") and recipe.task != "xllora":
                 raise GlotkitError(f"{args.recipe}: task is '{recipe.task}'; 'glotkit {args.command}' needs task: xllora")
+            if args.command == "distill" and recipe.task != "distill":
+                raise GlotkitError(f"{args.recipe}: task is '{recipe.task}'; 'glotkit distill' needs task: distill")
             recipe.stages = only
             args.command = "run"
         if args.command in ("run", "pretrain"):
@@ -221,6 +232,7 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     except Exception:  # pragma: no cover - transformers missing is reported elsewhere
         pass
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")

@@ -21,6 +21,9 @@ from glotkit.errors import GlotkitError
 STAGES = ("eval_base", "train", "eval_tuned", "report")
 ALL_STAGES = ("eval_base", "train", "eval_tuned", "suite", "memory", "report")
 XLLORA_STAGES = ("generators", "synth", "embed", "report")
+DISTILL_STAGES = ("compare", "teacher", "traces", "student", "evaluate", "report")
+TASK_STAGES = {"qa": STAGES, "pretrain": STAGES, "xllora": XLLORA_STAGES, "distill": DISTILL_STAGES}
+_ALLOWED_STAGES = {"qa": ALL_STAGES, "pretrain": ALL_STAGES, "xllora": XLLORA_STAGES, "distill": DISTILL_STAGES}
 
 
 class _Section(BaseModel):
@@ -267,11 +270,63 @@ class EmbedSection(_Section):
     eval_limit: StrictInt | None = Field(None, gt=0)
 
 
+class DistillStudent(_Section):
+    """A student: a model (built-in name, folder or hub id), optionally with its vocabulary cut
+    to the tokens the training texts use (``trim_vocab``: the teacher's own base, made smaller)."""
+
+    name: str  # a label for tables and folders
+    model: str
+    trim_vocab: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"must be a plain folder name (letters, digits, . _ -), got {v!r}")
+        return v
+
+
+class DistillSection(_Section):
+    """HIPE-2026 person–place relations by distillation (``task: distill``): prompt comparison,
+    a LoRA teacher and its explanations of the gold labels, students trained on them."""
+
+    data: list[str] = Field(default_factory=list)  # gold HIPE-2026 JSONL files (one per language)
+    schema_file: str | None = None  # the release's JSON schema; null: the one in ../shared/data/hipe-2026
+    silver: list[str] = Field(default_factory=list)  # more training documents (e.g. the sandbox/ files)
+    silver_pairs: StrictInt = Field(0, ge=0)  # silver pairs per language added to the teacher's training
+    test_ratio: float = Field(0.3, gt=0.0, lt=1.0)  # documents held out for the final table
+    dev_ratio: float = Field(0.15, ge=0.0, lt=1.0)  # documents for the prompt comparison
+    train_pairs: StrictInt | None = Field(64, gt=0)  # seeded sample of pairs per language; null: all
+    dev_pairs: StrictInt | None = Field(8, gt=0)
+    test_pairs: StrictInt | None = Field(48, gt=0)
+    max_chars: StrictInt = Field(1200, ge=200)  # article excerpt around the mentions
+    label_tokens: StrictInt = Field(32, gt=0)  # new tokens for a label-only answer
+    explain_tokens: StrictInt = Field(128, gt=0)  # ... for explanation + answer
+    batch_size: StrictInt = Field(16, gt=0)  # generation batch
+    compare_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
+    compare_formats: list[Literal["json", "explain-json", "plain", "explain-plain"]] = Field(
+        default_factory=lambda: ["json", "explain-json", "plain", "explain-plain"])
+    teacher_format: Literal["json", "plain"] = "json"  # what the teacher learns from gold (no explanations there)
+    student_format: Literal["explain-json", "explain-plain"] = "explain-json"
+    # who writes the explanations of the gold labels: the teacher's base model with its adapter
+    # switched off (a small teacher tuned on label-only answers answers with labels when asked
+    # to explain), or the tuned teacher itself; the tuned teacher checks them in both cases
+    explain_with: Literal["base", "teacher"] = "base"
+    students: list[DistillStudent] = Field(default_factory=lambda: [
+        DistillStudent(name="smollm2", model="smollm2-135m-instruct"),
+        DistillStudent(name="gemma-trimmed", model="gemma-3-270m", trim_vocab=True)])
+    level: Literal["response", "logits"] = "response"  # logits: needs one vocabulary for teacher and student
+    student_epochs: float | None = Field(None, gt=0.0)  # null: train.epochs
+    student_lr: float | None = Field(None, gt=0.0)  # null: train.lr
+    untuned: bool = True  # also evaluate the untuned teacher and students (their best compared format)
+    within_points: float = Field(3.0, gt=0.0)  # the seed's question: student within this many points
+
+
 class Recipe(_Section):
     """A whole run: model, data, prompt, adapter, training, evaluation, and which stages to run."""
 
     name: str = "run"
-    task: Literal["qa", "pretrain", "xllora"] = "qa"
+    task: Literal["qa", "pretrain", "xllora", "distill"] = "qa"
     seed: StrictInt = 42
     runs_dir: str = "runs"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -286,8 +341,10 @@ class Recipe(_Section):
     pairs: PairsSection = Field(default_factory=PairsSection)
     synth: SynthSection = Field(default_factory=SynthSection)
     embed: EmbedSection = Field(default_factory=EmbedSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
     stages: list[Literal["eval_base", "train", "eval_tuned", "suite", "memory", "report", "generators", "synth",
-                         "embed"]] = Field(default_factory=list)  # empty: the task's default stages
+                         "embed", "compare", "teacher", "traces", "student", "evaluate"]] = Field(
+        default_factory=list)  # empty: the task's default stages
     # for `glotkit sweep`: dotted key -> list of values, e.g. {"lora.r": [1, 2, 4, 8]}
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -300,8 +357,8 @@ class Recipe(_Section):
 
     def model_post_init(self, __context) -> None:
         if not self.stages:
-            self.stages = list(XLLORA_STAGES if self.task == "xllora" else STAGES)
-        allowed = XLLORA_STAGES if self.task == "xllora" else ALL_STAGES
+            self.stages = list(TASK_STAGES[self.task])
+        allowed = _ALLOWED_STAGES[self.task]
         bad = [st for st in self.stages if st not in allowed]
         if bad:
             raise GlotkitError(f"stages: '{bad[0]}' is not a stage of task '{self.task}' (stages: {', '.join(allowed)})")
@@ -318,7 +375,8 @@ class Recipe(_Section):
 
 _PATH_KEYS = (("data", "train"), ("data", "test"), ("pretrain", "corpus"), ("suite", "data_root"),
               ("suite", "task_files"), ("suite", "task_data"), ("pairs", "positive"), ("pairs", "negative"),
-              ("synth", "anchors"), ("embed", "sts"), ("embed", "model"))
+              ("synth", "anchors"), ("embed", "sts"), ("embed", "model"), ("distill", "data"), ("distill", "silver"),
+              ("distill", "schema_file"))
 
 
 def _section_fields(model: type[BaseModel]) -> dict[str, Any]:

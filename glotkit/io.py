@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         fh.write(text)
@@ -121,3 +122,30 @@ def read_table(path: Path, where: str, formats: tuple[str, ...] = (".jsonl", ".c
             rows = list(reader)
             fields = list(reader.fieldnames or [])
     return rows, fields
+
+
+def read_appended(path: Path, key: Callable[[dict], Hashable]) -> dict:
+    """The rows of a JSONL file that a resumable stage appends to (one fsynced batch at a time),
+    by ``key``; a torn last line (the process was killed mid-write) is cut off the file first."""
+    done: dict = {}
+    path = Path(path)
+    if not path.is_file():
+        return done
+    data = path.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1] if not data.endswith(b"\n") else data
+    if len(keep) != len(data):
+        with path.open("r+b") as fh:
+            fh.truncate(len(keep))
+    for line in keep.decode("utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            done[key(r)] = r
+    return done
+
+
+def append_rows(fh, rows) -> None:
+    """Append JSONL rows to an open file and make them durable (flush + fsync)."""
+    for r in rows:
+        fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())

@@ -38,7 +38,8 @@ _RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "max_tokens_per_forw
 
 # sections whose outputs record their own settings and are redone when these change; stages may
 # be added to a finished run
-_REDONE_BY_SETTINGS = ("suite.", "memory.", "stages", "synth.", "embed.")
+_REDONE_BY_SETTINGS = ("suite.", "memory.", "stages", "synth.", "embed.", "distill.compare_", "distill.untuned",
+                       "distill.within_points")
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -111,6 +112,14 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
         run_dir = prepare_run_dir(recipe)
         log(f"[glotkit] run '{recipe.name}' in {run_dir}: XL-LoRA, stages {', '.join(recipe.stages)}")
         run_xllora(recipe, run_dir, log=log, progress=progress)
+        return run_dir
+    if recipe.task == "distill":
+        from glotkit.hipe.distill import check_inputs as check_distill, run_distill
+
+        check_distill(recipe, log=log)
+        run_dir = prepare_run_dir(recipe)
+        log(f"[glotkit] run '{recipe.name}' in {run_dir}: distillation (HIPE-2026), stages {', '.join(recipe.stages)}")
+        run_distill(recipe, run_dir, log=log, progress=progress)
         return run_dir
     pretraining = recipe.task == "pretrain"
     if pretraining:

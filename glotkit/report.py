@@ -212,3 +212,77 @@ def write_xllora_report(run_dir: Path, recipe: Recipe) -> Path:
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
     return out
+
+
+def write_distill_report(run_dir: Path, recipe: Recipe) -> Path:
+    """report.md of a distillation run: splits, the prompt comparison, teacher, traces kept per
+    language and label, students, the efficiency–accuracy table with ranks, and the answer to
+    'does the student stay within N points of the teacher in every language'."""
+    d = recipe.distill
+    lines = [f"# glotkit run `{recipe.name}` (HIPE-2026 distillation)", "",
+             f"Teacher `{recipe.model.name}`{' (NF4, QLoRA)' if recipe.model.quantization == 'nf4' else ''} with LoRA "
+             f"r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, targets {recipe.lora.target_modules}; "
+             f"students: " + ", ".join(f"`{s.name}` = `{s.model}`{' with a trimmed vocabulary' if s.trim_vocab else ''}"
+                                        for s in d.students) + f"; {d.level}-level distillation.",
+             f"Articles longer than {d.max_chars} characters are shown as the excerpt of that length that covers "
+             "the most mentions of the pair (cut at whitespace, marked with …)."]
+    split = _read_json(run_dir / "split" / "summary.json")
+    if split:
+        lines += ["", "## Data", "", "Seeded split by document of the gold train files (test documents are never "
+                  "trained on nor used to pick prompts); pairs are a seeded sample per language.", "",
+                  "| split | " + " | ".join(sorted(split["train"])) + " |", "|---|" + "---:|" * len(split["train"])]
+        for name, per in split.items():
+            lines.append(f"| {name} | " + " | ".join(f"{per[x]['documents']} docs / {per[x]['pairs']} pairs"
+                                                     if x in per else "–" for x in sorted(split["train"])) + " |")
+        if "silver" in split:
+            lines.append("")
+            lines.append("The silver (automatically annotated `sandbox/`) pairs were added to the teacher's training.")
+    table = run_dir / "compare" / "table.md"
+    if table.is_file():
+        lines += ["", "## 1. Prompt comparison (dev split, untuned models)", "", table.read_text(encoding="utf-8").rstrip(),
+                  "", "Score: mean over languages of (macro recall of at + macro recall of isAt) / 2, ×100. Binary: "
+                  "PROBABLE counted as TRUE. A parse failure counts as FALSE/FALSE."]
+    teach = _read_json(run_dir / "teacher" / "train" / "result.json")
+    traces = _read_json(run_dir / "traces" / "summary.json")
+    if teach or traces:
+        lines += ["", "## 2. Teacher and its traces", ""]
+        if teach:
+            lines.append(f"- teacher ({d.teacher_format} answers on the gold labels): {teach['examples']} examples, "
+                         f"{teach['steps']} steps in {teach['seconds']:.0f} s, {teach['tokens_per_s']:.0f} tokens/s, "
+                         f"final loss {teach['final_loss']}")
+        if traces:
+            lines.append(f"- traces: the teacher explains each gold label (given in the prompt), then answers again "
+                         f"after its explanation without it; **{traces['kept']} of {traces['written']} kept** "
+                         f"({traces['new_tokens']} tokens in {traces['seconds']:.0f} s, {traces['tokens_per_s']} tokens/s)")
+            lines += ["", "| source:language | written | kept | dropped | kept per label (at/isAt) |", "|---|---:|---:|---|---|"]
+            for k, v in sorted(traces["counts"].items()):
+                lines.append(f"| {k} | {v['written']} | {v['kept']} | "
+                             + ", ".join(f"{r}: {n}" for r, n in v["dropped"].items())
+                             + " | " + ", ".join(f"{lab} {c['kept']}/{c['written']}" for lab, c in sorted(v["by_label"].items()))
+                             + " |")
+            sample = _read_jsonl(run_dir / "traces" / "traces.jsonl")[:3]
+            if sample:
+                lines += ["", "Sample traces:", ""]
+                lines += [f"- {t['language']} {t['at']}/{t['isAt']}: {t['explanation'][:300]}" for t in sample]
+    studs = [(s.name, _read_json(run_dir / "students" / s.name / "train" / "result.json")) for s in d.students]
+    if any(r for _, r in studs):
+        lines += ["", "## 3. Students", ""]
+        for name, r in studs:
+            if r:
+                trim = _read_json(run_dir / "students" / name / "model" / "glotkit-trim.json")
+                extra = (f"; vocabulary trimmed {trim['vocab_before']:,} -> {trim['vocab_after']:,} tokens, "
+                         f"{trim['params_before']:,} -> {trim['params_after']:,} parameters" if trim else "")
+                lines.append(f"- `{name}`: {r['examples']} traces, {r['steps']} steps in {r['seconds']:.0f} s, "
+                             f"{r['tokens_per_s']:.0f} tokens/s, final loss {r['final_loss']}{extra}")
+    eff = _read_json(run_dir / "evaluate" / "table.json")
+    if eff:
+        lines += ["", "## Efficiency and accuracy (held-out test split)", "", eff["markdown"].rstrip(), "",
+                  "Params: the model's plus the adapter's. Disk: the weight files shipped (model safetensors + "
+                  "adapter). Peak RSS: a process that loads only this model and labels the test pairs. Ranks as in "
+                  "HIPE-2026: by accuracy, by parameters, by size, and by the mean of the three (1 = best).", "",
+                  f"**Does the student stay within {eff['within_points']:g} points of the teacher in every language?**", ""]
+        lines += [f"- {a}" for a in eff["answer"]] or ["- no student was evaluated"]
+    lines.append("")
+    out = run_dir / "report.md"
+    atomic_write_text(out, "\n".join(lines))
+    return out

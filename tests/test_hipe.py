@@ -122,11 +122,12 @@ def test_predictions_file_keeps_ids_and_order(tmp_path):
 
 
 def test_excerpt_keeps_the_mentions():
-    from glotkit.hipe.data import excerpt, pair_prompt
+    from glotkit.hipe.data import excerpt
+    from glotkit.hipe.formats import question
 
     text = "word " * 400 + "Smith arrived in Bern yesterday. " + "word " * 400
     ex = excerpt(text, ["Smith", "Bern"], 300)
     assert "Smith arrived in Bern" in ex and ex.startswith("… ") and ex.endswith(" …") and len(ex) <= 310
     assert excerpt("short", ["x"], 300) == "short"
-    p = pair_prompt(_hipe_line(), _hipe_line()["sampled_pairs"][0])
+    p = question(_hipe_line(), _hipe_line()["sampled_pairs"][0], "explain-json", 2000)
     assert "published 1900-01-02" in p and "Person: Smith" in p and "Place: Bern" in p and '"isAt"' in p

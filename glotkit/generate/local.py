@@ -14,12 +14,16 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
-    """``text`` up to the first stop string found after its leading blanks, or None if none is."""
+def cut_at_stop(text: str, stop: Sequence[str], keep: bool = False) -> str | None:
+    """``text`` up to the first stop string found after its leading blanks (with it when
+    ``keep``), or None if none is."""
     body = text.lstrip()
     lead = len(text) - len(body)
-    hits = [i for i in (body.find(s) for s in stop) if i >= 0]
-    return text[: lead + min(hits)] if hits else None
+    hits = [(i, i + len(s)) for i, s in ((body.find(s), s) for s in stop) if i >= 0]
+    if not hits:
+        return None
+    start, end = min(hits)
+    return text[: lead + (end if keep else start)]
 
 
 class _StopStrings:
@@ -128,6 +132,7 @@ def generate_sampled(
     top_k: int = 50,
     seed: int = 0,
     stop: Sequence[str] | None = ("\n",),
+    keep_stop: bool = False,
     device: str = "cpu",
     progress: bool = True,
     desc: str = "generate",
@@ -137,8 +142,8 @@ def generate_sampled(
     our own that drops a sequence from the batch as soon as it ends (EOS or a stop string): the
     rest of the batch no longer pays for it, whereas ``model.generate`` keeps computing finished
     rows until the longest one ends.  Each batch draws from a generator seeded with ``seed`` and
-    the index of its first prompt.  Returns the texts (input order, cut before the stop string)
-    and the number of tokens generated."""
+    the index of its first prompt.  Returns the texts (input order, cut before the stop string,
+    or after it with ``keep_stop``) and the number of tokens generated."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = {tokenizer.eos_token_id} | set(extra if isinstance(extra, (list, tuple)) else [extra])
@@ -183,7 +188,7 @@ def generate_sampled(
             texts = []
             for row, i in enumerate(idx):
                 t = tokenizer.decode(new[row], skip_special_tokens=True)
-                c = cut_at_stop(t, stop) if stop else None
+                c = cut_at_stop(t, stop, keep_stop) if stop else None
                 out[i] = c if c is not None else t
                 texts.append(out[i])
                 produced += len(new[row])

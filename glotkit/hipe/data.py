@@ -1,5 +1,5 @@
 """HIPE-2026 JSONL: reading with schema validation, seeded document splits, prediction files,
-and the prompt of one (person, place) pair.
+and the article excerpt a prompt shows (the prompt formats are in ``formats.py``).
 
 Validation uses the task's own JSON schema (``schemas/hipe-2026-data.schema.json`` of the data
 release; by default the copy beside the checkout in ``../shared/data/hipe-2026``) through the
@@ -73,11 +73,10 @@ def split_by_document(docs: Sequence[dict], heldout_ratio: float, seed: int) -> 
     return split_documents(docs, heldout_ratio, seed, setting="heldout_ratio")
 
 
-def write_predictions(path: str | Path, gold_docs: Sequence[dict], labels: dict[tuple[str, str, str], tuple[str, str]]) -> None:
+def predictions_docs(gold_docs: Sequence[dict], labels: dict[tuple[str, str, str], tuple[str, str]]) -> list[dict]:
     """The gold documents with each pair's ``at`` / ``isAt`` replaced by the prediction (strings;
-    a pair without one gets FALSE/FALSE): same document ids, pair ids and order as the input."""
-    from glotkit.io import atomic_write_jsonl
-
+    a pair without one gets FALSE/FALSE) and no explanations: same document ids, pair ids and
+    order as the input, so the official scorer accepts the file."""
     out = []
     for d in gold_docs:
         pairs = []
@@ -85,7 +84,14 @@ def write_predictions(path: str | Path, gold_docs: Sequence[dict], labels: dict[
             at, is_at = labels.get((d["document_id"], p["pers_entity_id"], p["loc_entity_id"]), ("FALSE", "FALSE"))
             pairs.append(dict(p, at=at, isAt=is_at, at_explanation=None, isAt_explanation=None))
         out.append(dict(d, sampled_pairs=pairs))
-    atomic_write_jsonl(Path(path), out)
+    return out
+
+
+def write_predictions(path: str | Path, gold_docs: Sequence[dict], labels: dict[tuple[str, str, str], tuple[str, str]]) -> None:
+    """:func:`predictions_docs` written atomically as JSONL."""
+    from glotkit.io import atomic_write_jsonl
+
+    atomic_write_jsonl(Path(path), predictions_docs(gold_docs, labels))
 
 
 def excerpt(text: str, mentions: Sequence[str], max_chars: int) -> str:
@@ -120,20 +126,3 @@ def _find_all(text: str, needle: str) -> list[int]:
         out.append(i)
         i = text.find(needle, i + 1)
     return out
-
-
-DEFINITIONS = (
-    "at: TRUE if the text shows the person was at the place at some time before the publication date, "
-    "PROBABLE if it suggests so without saying it, FALSE otherwise.\n"
-    "isAt: TRUE if the person was at the place within about a month before the publication date, FALSE otherwise."
-)
-
-
-def pair_prompt(doc: dict, pair: dict, max_chars: int = 2000, explain: bool = True) -> str:
-    """The question for one pair: article (an excerpt around the mentions when long), publication
-    date, the mentions of both entities, the two definitions, and the answer format."""
-    mentions = list(pair["pers_mentions_list"]) + list(pair["loc_mentions_list"])
-    ask = ("Explain briefly, then answer with a JSON object" if explain else "Answer only with a JSON object")
-    return (f"Article (published {doc.get('date') or 'at an unknown date'}):\n{excerpt(doc['text'], mentions, max_chars)}\n\n"
-            f"Person: {' / '.join(pair['pers_mentions_list'])}\nPlace: {' / '.join(pair['loc_mentions_list'])}\n\n"
-            f"{DEFINITIONS}\n{ask} like {{\"at\": \"TRUE|PROBABLE|FALSE\", \"isAt\": \"TRUE|FALSE\"}}.\n")

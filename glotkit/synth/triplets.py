@@ -163,19 +163,9 @@ class SynthConfig:
 
 def _read_done(path: Path) -> dict[tuple[int, str], dict]:
     """Rows already written; a torn last line (a kill mid-write) is cut off the file."""
-    done: dict[tuple[int, str], dict] = {}
-    if not path.is_file():
-        return done
-    data = path.read_bytes()
-    keep = data[: data.rfind(b"\n") + 1] if not data.endswith(b"\n") else data
-    if len(keep) != len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(len(keep))
-    for line in keep.decode("utf-8").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            done[(r["id"], r["kind"])] = r
-    return done
+    from glotkit.io import read_appended
+
+    return read_appended(path, lambda r: (r["id"], r["kind"]))
 
 
 def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, out_dir: Path, *,

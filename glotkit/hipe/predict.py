@@ -1,0 +1,192 @@
+"""Label HIPE-2026 pairs with a model, and measure what that costs.
+
+:func:`predict_pairs` runs one prompt format over a list of (document, pair) items with greedy
+decoding (our own loop: finished rows leave the batch) and parses every answer.
+:func:`evaluate_model` does that in a fresh process for one model (+ adapter) so that its peak
+resident memory is that model's alone, writes the official predictions files (one per
+language, the gold documents with our labels) and scores them against gold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from glotkit.errors import GlotkitError
+from glotkit.hipe.formats import PromptBuilder, decoding, parse, question
+
+Item = tuple[dict, dict]  # (document, pair)
+
+
+def pair_key(doc: dict, pair: dict) -> tuple[str, str, str]:
+    return (doc["document_id"], pair["pers_entity_id"], pair["loc_entity_id"])
+
+
+@dataclass
+class Settings:
+    fmt: str
+    max_chars: int = 1200
+    label_tokens: int = 32
+    explain_tokens: int = 128
+    batch_size: int = 16
+
+
+def predict_pairs(model, tokenizer, items: Sequence[Item], s: Settings, *, device: str = "cpu",
+                  progress: bool = True, desc: str = "predict") -> tuple[list[dict], dict]:
+    """One row per item (key, language, raw answer, labels, parse outcome) and the timing."""
+    from glotkit.generate.local import generate_sampled
+
+    builder = PromptBuilder(tokenizer)
+    prompts = [builder.prompt_ids(question(d, p, s.fmt, s.max_chars), s.fmt) for d, p in items]
+    dec = decoding(s.fmt, s.label_tokens, s.explain_tokens)
+    t0 = time.perf_counter()
+    texts, produced = generate_sampled(model, tokenizer, prompts, max_new_tokens=dec.max_new_tokens,
+                                       batch_size=s.batch_size, temperature=0.0, stop=dec.stop, keep_stop=True,
+                                       device=device, progress=progress, desc=desc)
+    seconds = time.perf_counter() - t0
+    rows = []
+    for (d, p), text in zip(items, texts):
+        r = parse(s.fmt, text)
+        rows.append({"key": list(pair_key(d, p)), "language": d.get("language"), "raw": text, "at": r.at,
+                     "isAt": r.isAt, "parsed": r.ok, "corrected": r.corrected, "error": r.error})
+    return rows, {"pairs": len(items), "seconds": round(seconds, 2), "new_tokens": produced,
+                  "prompt_tokens": sum(map(len, prompts)),
+                  "pairs_per_s": round(len(items) / seconds, 3) if seconds else None}
+
+
+def score_rows(gold_by_language: dict[str, list[dict]], rows: Sequence[dict]) -> dict:
+    """Per-language official scores of the rows' labels, the profile, and parse failures."""
+    from glotkit.hipe.data import predictions_docs
+    from glotkit.hipe.score import profile, score_file
+
+    labels = {tuple(r["key"]): (r["at"], r["isAt"]) for r in rows}
+    per = {lang: score_file(docs, predictions_docs(docs, labels), where=f"predictions ({lang})")
+           for lang, docs in sorted(gold_by_language.items())}
+    fails = sum(not r["parsed"] for r in rows)
+    return {"languages": per, "profile": profile(per), "parse_failures": fails,
+            "parse_failure_rate": round(fails / len(rows), 4) if rows else 0.0,
+            "corrected": sum(bool(r["corrected"]) for r in rows)}
+
+
+def model_size(model_path: str, adapter: str | None) -> dict:
+    """Parameters (from the config, on the meta device; plus the adapter's) and size on disk of
+    the weight files a user ships: the model folder's safetensors and the adapter's."""
+    from glotkit.eval.memory import estimate_before_loading
+
+    est = estimate_before_loading(model_path)
+    params = est.linear_params + est.other_params
+    disk = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+    adapter_params = 0
+    if adapter:
+        from safetensors import safe_open
+
+        f = Path(adapter) / "adapter_model.safetensors"
+        disk += f.stat().st_size
+        with safe_open(str(f), "pt") as st:
+            adapter_params = sum(_prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return {"params": params + adapter_params, "adapter_params": adapter_params,
+            "disk_mb": round(disk / 2**20, 1), "vocab_size": est.vocab_size}
+
+
+def _prod(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+def _worker(job: dict) -> dict:
+    """In a fresh process: load the model, label the items, write predictions, score."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from glotkit.cli import _quiet_libraries
+
+    _quiet_libraries()
+    import torch
+
+    from glotkit.config import ModelSection
+    from glotkit.hipe.data import read_hipe, write_predictions
+    from glotkit.io import atomic_write_jsonl
+    from glotkit.models.loading import load_model
+    from glotkit.train.memory import current_rss_mb, peak_rss_mb, reset_peak
+
+    torch.manual_seed(0)
+    log = _stderr
+    docs = read_hipe(job["items"], schema=None)
+    items = [(d, p) for d in docs for p in d["sampled_pairs"]]
+    baseline = current_rss_mb()
+    reset_peak()
+    t0 = time.perf_counter()
+    model, tok, device = load_model(ModelSection(**job["model"]), log=log)
+    if job.get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, job["adapter"])
+    load_s = time.perf_counter() - t0
+    rows, timing = predict_pairs(model, tok, items, Settings(**job["settings"]), device=device,
+                                 progress=job.get("progress", True), desc=job.get("label", "predict"))
+    peak = peak_rss_mb()
+    out = Path(job["out"])
+    atomic_write_jsonl(out / "answers.jsonl", rows)
+    labels = {tuple(r["key"]): (r["at"], r["isAt"]) for r in rows}
+    by_lang: dict[str, list[dict]] = {}
+    for d in docs:
+        by_lang.setdefault(d.get("language") or "xx", []).append(d)
+    for lang, ds in by_lang.items():
+        write_predictions(out / f"predictions-{lang}.jsonl", ds, labels)
+    result = score_rows(by_lang, rows) | {
+        "label": job.get("label"), "model": job["model"]["name"], "adapter": job.get("adapter"),
+        "settings": job["settings"], "timing": timing | {"load_s": round(load_s, 2)},
+        "memory": {"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
+                   "above_baseline_mb": round(peak - baseline, 1)}}
+    return result
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Path, settings: Settings,
+                   out_dir: Path, *, progress: bool = True, log: Callable[[str], None] = print,
+                   in_process: bool = False) -> dict:
+    """Label ``items_file``'s pairs with one model in a fresh process; ``out_dir/result.json``
+    holds the scores, timing, peak memory and size (an existing one is returned as it is)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
+    from glotkit.io import atomic_write_json
+    from glotkit.models.loading import resolve_model_path
+
+    done = out_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
+    path = resolve_model_path(model["name"], log=log)
+    job = {"label": label, "model": dict(model, name=path), "adapter": adapter, "items": str(items_file),
+           "settings": asdict(settings), "out": str(out_dir), "progress": progress}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if in_process:
+        result = _worker(job)
+    else:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            try:
+                result = pool.submit(_worker, job).result()
+            except GlotkitError:
+                raise
+            except Exception as err:  # the child died or raised something unexpected
+                raise GlotkitError(f"evaluation of '{label}' failed in its worker process: "
+                                   f"{type(err).__name__}: {err}") from None
+    result["model"] = model["name"]
+    result["size"] = model_size(path, adapter)
+    atomic_write_json(done, result)
+    p = result["profile"]
+    log(f"[glotkit] {label}: score {p['score']:.4f} (binary {p['binary_score']:.4f}), "
+        + ", ".join(f"{k} {v['score']:.4f}" for k, v in result["languages"].items())
+        + f"; parse failures {result['parse_failures']}/{result['timing']['pairs']}; "
+        f"{result['timing']['pairs_per_s']} pairs/s; peak RSS {result['memory']['peak_rss_mb']:.0f} MB")
+    return result

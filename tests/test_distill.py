@@ -1,0 +1,286 @@
+"""HIPE-2026 distillation: prompt formats and their parsers, splits, trace generation and its
+resume, the efficiency table and its ranks, bad input, and the recipe end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from glotkit.cli import main
+from glotkit.errors import GlotkitError
+from glotkit.hipe.formats import FORMATS, PromptBuilder, decoding, labels_text, parse, question, response
+
+LABELS = [("TRUE", "TRUE"), ("TRUE", "FALSE"), ("PROBABLE", "TRUE"), ("PROBABLE", "FALSE"), ("FALSE", "FALSE")]
+
+
+def _doc(doc_id: str, lang: str, n_pairs: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    text = f"Herr Meier kam gestern nach Bern. {doc_id} " + "Die Stadt Zürich feierte. " * 3
+    pairs = []
+    for i in range(n_pairs):
+        at, is_at = rng.choice(LABELS)
+        pairs.append({"pers_entity_id": f"{doc_id}-p{i}", "pers_wikidata_QID": None, "pers_mentions_list": [f"Meier {i}"],
+                      "loc_entity_id": f"{doc_id}-l{i}", "loc_wikidata_QID": None, "loc_mentions_list": ["Bern"],
+                      "at": at, "at_explanation": None, "isAt": is_at, "isAt_explanation": None})
+    return {"document_id": doc_id, "media": {"publication_title": "T", "time_period": "1900", "source_type": "Newspaper"},
+            "source": "s", "language": lang, "date": "1900-01-02", "text": text, "sampled_pairs": pairs}
+
+
+def _write_gold(tmp_path, langs=("de", "en"), docs=8, pairs=3):
+    files = []
+    for k, lang in enumerate(langs):
+        f = tmp_path / f"gold-{lang}.jsonl"
+        f.write_text("".join(json.dumps(_doc(f"{lang}{i}", lang, pairs, seed=100 * k + i)) + "\n" for i in range(docs)),
+                     encoding="utf-8")
+        files.append(str(f))
+    return files
+
+
+def test_every_format_parses_its_own_training_target():
+    for fmt in FORMATS:
+        for at, is_at in LABELS:
+            target = response(fmt, at, is_at, "Meier came to Bern yesterday." if fmt.startswith("explain") else None)
+            r = parse(fmt, target)
+            assert (r.at, r.isAt, r.ok) == (at, is_at, True), (fmt, target)
+    assert parse("plain", "\nat: probable\nisAt: False\nmore") .at == "PROBABLE"
+    assert parse("plain", "at: TRUE").error == "no 'isAt: LABEL' line"
+    r = parse("explain-plain", " He was there.\nAnswer: at: FALSE\nisAt: TRUE")
+    assert (r.at, r.isAt, r.corrected) == ("TRUE", "TRUE", True)
+    # explain formats read only what follows the last "Answer:"
+    r = parse("explain-json", ' {"at": "FALSE", "isAt": "FALSE"} was the template.\nAnswer: {"at": "TRUE", "isAt": "TRUE"}')
+    assert (r.at, r.isAt) == ("TRUE", "TRUE")
+    assert decoding("json", 8, 64).stop == ("}",) and decoding("explain-json", 8, 64).max_new_tokens == 64
+    with pytest.raises(GlotkitError, match="needs an explanation"):
+        response("explain-json", "TRUE", "TRUE")
+
+
+def test_cut_at_stop_can_keep_the_stop_string():
+    from glotkit.generate.local import cut_at_stop
+
+    assert cut_at_stop(' {"at": "TRUE"} tail', ["}"], keep=True) == ' {"at": "TRUE"}'
+    assert cut_at_stop(' {"at": "TRUE"} tail', ["}"]) == ' {"at": "TRUE"'
+    assert cut_at_stop("no stop", ["}"], keep=True) is None
+
+
+def test_prompt_builder_chat_and_plain(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    doc = _doc("d", "de", 1, 0)
+    q = question(doc, doc["sampled_pairs"][0], "json", 200)
+    assert "Person: Meier 0" in q and "Place: Bern" in q and "published 1900-01-02" in q and '"isAt"' in q
+    plain = PromptBuilder(tok)
+    assert not plain.chat and tok.decode(plain.prompt_ids(q, "json")).endswith("\nAnswer:")
+    ex = plain.example(q, "json", response("json", "TRUE", "FALSE"))
+    target = [t for t, y in zip(ex.input_ids, ex.labels) if y != -100]
+    assert tok.decode(target[:-1]) == ' {"at": "TRUE", "isAt": "FALSE"}' and target[-1] == tok.eos_token_id
+    tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
+    chat = PromptBuilder(tok)
+    assert chat.chat and tok.decode(chat.prompt_ids(q, "explain-json")).endswith("</s><s>Explanation:")
+
+
+def test_splits_are_by_document_seeded_and_disjoint(tmp_path):
+    from glotkit.config import validate_recipe
+    from glotkit.hipe.distill import make_splits
+
+    files = _write_gold(tmp_path, docs=10, pairs=4)
+    recipe = validate_recipe({"task": "distill", "distill": {"data": files, "train_pairs": 5, "dev_pairs": None,
+                                                             "test_pairs": None, "test_ratio": 0.3, "dev_ratio": 0.2}})
+    s = make_splits(recipe)
+    assert make_splits(recipe) == s
+    for lang in ("de", "en"):
+        ids = [{d["document_id"] for d in s[name][lang]} for name in ("train", "dev", "test")]
+        assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
+        assert sum(len(d["sampled_pairs"]) for d in s["train"][lang]) == 5
+        assert len(ids[2]) == 3 and sum(len(d["sampled_pairs"]) for d in s["test"][lang]) == 12
+    small = _write_gold(tmp_path / "..", langs=("fr",), docs=1, pairs=2)
+    with pytest.raises(GlotkitError, match="too few"):
+        make_splits(validate_recipe({"task": "distill", "distill": {"data": small}}))
+    with pytest.raises(GlotkitError, match="appears twice"):
+        make_splits(validate_recipe({"task": "distill", "distill": {"data": files + files[:1]}}))
+
+
+def _rows(label, role, score, params, disk, langs):
+    return {"label": label, "role": role, "format": "json", "size": {"params": params, "disk_mb": disk},
+            "memory": {"peak_rss_mb": 100.0}, "timing": {"pairs_per_s": 1.0}, "parse_failure_rate": 0.0,
+            "profile": {"score": score, "binary_score": score},
+            "languages": {k: {"score": v} for k, v in langs.items()}}
+
+
+def test_efficiency_table_ranks_and_the_within_question():
+    from glotkit.hipe.distill import efficiency_table
+
+    t = efficiency_table([
+        _rows("teacher", "teacher", 0.60, 300, 500, {"de": 0.60, "en": 0.62, "fr": 0.58}),
+        _rows("small", "student", 0.59, 100, 200, {"de": 0.59, "en": 0.61, "fr": 0.57}),
+        _rows("tiny", "student", 0.50, 100, 100, {"de": 0.59, "en": 0.40, "fr": 0.51}),
+    ], within=3.0)
+    ranks = {r["label"]: r["rank"] for r in t["rows"]}
+    assert ranks["teacher"] == {"accuracy": 1, "params": 3, "size": 3, "mean": 2.33, "overall": 3}
+    assert ranks["small"]["params"] == ranks["tiny"]["params"] == 1  # ties share the better rank
+    assert ranks["small"]["overall"] == 1 and ranks["tiny"]["size"] == 1
+    assert "within 3 points in every language" in t["answer"][0] and "de -1.00" in t["answer"][0]
+    assert "NOT within 3 points (worst -22.00)" in t["answer"][1]
+    assert "| teacher | json | 0.0M | 500 |" in t["markdown"]
+
+
+def _tiny_teacher(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from glotkit.config import LoraSection
+    from glotkit.models.lora import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    return apply_lora(model, LoraSection(r=2, alpha=4)), AutoTokenizer.from_pretrained(str(path))
+
+
+def test_trace_generation_resumes_after_an_interruption(tmp_path, tiny_llama, monkeypatch):
+    import glotkit.hipe.distill as distill
+    import glotkit.io as gio
+    from glotkit.config import validate_recipe
+
+    files = _write_gold(tmp_path, docs=6, pairs=3)
+    recipe = validate_recipe({"task": "distill", "seed": 1, "distill": {
+        "data": files, "train_pairs": None, "test_ratio": 0.2, "dev_ratio": 0.0, "batch_size": 3,
+        "explain_tokens": 6, "label_tokens": 6, "max_chars": 200}})
+    splits = distill.make_splits(recipe)
+    n = sum(len(d["sampled_pairs"]) for ds in splits["train"].values() for d in ds)
+    monkeypatch.setattr(distill, "_usable", lambda text: bool(text))  # a random model's words count
+    model, tok = _tiny_teacher(tiny_llama)
+
+    full = tmp_path / "full"
+    distill.write_traces(recipe, full, splits, log=lambda m: None, progress=False, model=model, tok=tok)
+
+    real, calls = gio.append_rows, []
+
+    def killed(fh, rows):  # the third batch is torn mid-line, then the process "dies"
+        calls.append(1)
+        if len(calls) == 3:
+            fh.write(json.dumps(rows[0])[:15])
+            fh.flush()
+            raise KeyboardInterrupt
+        real(fh, rows)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(gio, "append_rows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        distill.write_traces(recipe, cut, splits, log=lambda m: None, progress=False, model=model, tok=tok)
+    assert not (cut / "traces" / "summary.json").exists()
+    monkeypatch.setattr(gio, "append_rows", real)
+    logs = []
+    summary = distill.write_traces(recipe, cut, splits, log=logs.append, progress=False, model=model, tok=tok)
+    assert any("already written, continuing" in m for m in logs)
+    for name in ("explanations.jsonl", "checked.jsonl"):
+        keys = [json.loads(line)["key"] for line in (cut / "traces" / name).read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == n, name
+    assert (cut / "traces" / "traces.jsonl").read_text() == (full / "traces" / "traces.jsonl").read_text()
+    assert summary["written"] == n and sum(c["written"] for c in summary["counts"].values()) == n
+
+
+def test_logit_level_needs_one_vocabulary(tmp_path, tiny_llama):
+    from conftest import build_model
+
+    from glotkit.hipe.distill import check_logit_level
+
+    other = tmp_path / "other"
+    _, tok = build_model(other, "llama")
+    tok.add_tokens(["Zürich", "Genève"])
+    tok.save_pretrained(other)
+    with pytest.raises(GlotkitError, match="different vocabularies.*use level: response"):
+        check_logit_level(str(tiny_llama), str(other), "s")
+    with pytest.raises(GlotkitError, match="trimmed vocabulary"):
+        check_logit_level(str(tiny_llama), str(tiny_llama), "s", trimmed=True)
+
+
+def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch, capsys):
+    import glotkit.hipe.distill as distill
+    import glotkit.hipe.formats as formats
+    from glotkit.hipe.parse import Parsed
+
+    files = _write_gold(tmp_path, docs=8, pairs=3)
+    # a random teacher neither explains nor answers: let its check answer FALSE/FALSE, so the
+    # traces of FALSE/FALSE gold pairs are kept and the others dropped
+    monkeypatch.setattr(distill, "_usable", lambda text: bool(text))
+    real_parse = formats.parse
+    monkeypatch.setattr(formats, "parse", lambda fmt, text: Parsed("FALSE", "FALSE", True)
+                        if text.startswith("Answer:") else real_parse(fmt, text))
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(json.dumps({
+        "name": "d", "task": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_gemma)},
+        "distill": {"data": files, "train_pairs": None, "dev_pairs": 2, "test_pairs": 3, "max_chars": 200,
+                    "label_tokens": 4, "explain_tokens": 6, "batch_size": 4,
+                    "compare_models": [str(tiny_llama)], "compare_formats": ["json", "explain-plain"],
+                    "students": [{"name": "llama", "model": str(tiny_llama)},
+                                 {"name": "trimmed", "model": str(tiny_gemma), "trim_vocab": True}]},
+        "lora": {"r": 2, "alpha": 4, "target_modules": "all-linear"},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 2e-4, "max_length": 4096},
+    }), encoding="utf-8")
+    assert main(["distill", "compare", "--no-progress", str(recipe)]) == 0
+    run = tmp_path / "runs" / "d"
+    assert (run / "compare" / "table.md").read_text().count(f"| {tiny_llama} |") == 2
+    assert main(["distill", "teach", "--no-progress", str(recipe)]) == 0
+    traces = [json.loads(x) for x in (run / "traces" / "traces.jsonl").read_text().splitlines()]
+    train_docs = [json.loads(x) for x in (run / "split" / "train.jsonl").read_text().splitlines()]
+    gold_ff = sum((p["at"], p["isAt"]) == ("FALSE", "FALSE") for d in train_docs for p in d["sampled_pairs"])
+    assert len(traces) == gold_ff > 0 and all((t["at"], t["isAt"]) == ("FALSE", "FALSE") for t in traces)
+    assert main(["distill", "student", "--no-progress", str(recipe)]) == 0
+    table = json.loads((run / "evaluate" / "table.json").read_text())
+    labels = [r["label"] for r in table["rows"]]
+    assert labels == ["teacher (untuned)", "teacher", "llama (untuned)", "llama", "trimmed"]
+    test_docs = [json.loads(x) for x in (run / "split" / "test.jsonl").read_text().splitlines()]
+    test_ids = {d["document_id"] for d in test_docs}
+    assert not test_ids & {d["document_id"] for d in train_docs}
+    for r in table["rows"]:
+        assert r["peak_rss_mb"] > 0 and r["params"] > 0 and r["pairs_per_s"] > 0 and set(r["languages"]) == {"de", "en"}
+    pred = [json.loads(x) for x in (run / "evaluate" / "trimmed" / "predictions-de.jsonl").read_text().splitlines()]
+    assert [d["document_id"] for d in pred] == [d["document_id"] for d in test_docs if d["language"] == "de"]
+    trim = json.loads((run / "students" / "trimmed" / "model" / "glotkit-trim.json").read_text())
+    assert trim["vocab_after"] < trim["vocab_before"] and trim["check"]["max_abs_logit_diff"] < 1e-4
+    report = (run / "report.md").read_text()
+    for part in ("## 1. Prompt comparison", "## 2. Teacher and its traces", "## 3. Students",
+                 "## Efficiency and accuracy", "Does the student stay within 3 points", "student 'llama' vs teacher"):
+        assert part in report, part
+    capsys.readouterr()
+    assert main(["run", "--no-progress", str(recipe)]) == 0  # everything done: nothing is redone
+    err = capsys.readouterr().err
+    assert "trained before, kept" in err and "written before, kept" in err and "steps in" not in err
+
+
+def test_distill_bad_input(tmp_path, tiny_llama, tiny_gemma, capsys):
+    files = _write_gold(tmp_path, docs=6, pairs=2)
+    recipe = tmp_path / "d.yaml"
+
+    def run(**distill):
+        recipe.write_text(json.dumps({"name": "d", "task": "distill", "runs_dir": str(tmp_path / "runs"),
+                                      "model": {"name": str(tiny_llama)}, "distill": {"data": files} | distill}))
+        code = main(["run", "--no-progress", str(recipe)])
+        return code, capsys.readouterr().err
+
+    code, err = run(students=[{"name": "a", "model": str(tiny_llama)}, {"name": "a", "model": str(tiny_gemma)}])
+    assert code == 2 and "the name 'a' is used twice" in err
+    code, err = run(data=[])
+    assert code == 2 and "distill.data: no gold HIPE-2026 files given" in err
+    broken = tmp_path / "broken.jsonl"
+    doc = _doc("x", "en", 1, 0)
+    doc["sampled_pairs"][0]["pers_mentions_list"] = [" "]
+    broken.write_text(json.dumps(_doc("y", "en", 1, 0)) + "\n" + json.dumps(doc) + "\n")
+    code, err = run(data=[str(broken)])
+    assert code == 2 and "broken.jsonl: line 2: sampled_pairs[0].pers_mentions_list: empty" in err
+    # a student larger than the teacher is a warning, not an error
+    from glotkit.config import validate_recipe
+    from glotkit.hipe.distill import check_inputs
+
+    big = tmp_path / "big"
+    from conftest import build_model
+
+    build_model(big, "llama", hidden=64)
+    warned = []
+    check_inputs(validate_recipe({"task": "distill", "model": {"name": str(tiny_llama)}, "distill": {
+        "data": files, "students": [{"name": "big", "model": str(big)}]}}), log=warned.append)
+    assert any("is larger than the teacher" in m for m in warned)
+    with pytest.raises(GlotkitError, match="stages: 'train' is not a stage of task 'distill'"):
+        validate_recipe({"task": "distill", "stages": ["train"]})
+    assert main(["distill", "compare", str(tmp_path / "none.yaml")]) == 2
+    assert labels_text("TRUE", "FALSE", "plain") == "at: TRUE\nisAt: FALSE"
