@@ -235,6 +235,11 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     except Exception:  # pragma: no cover - transformers missing is reported elsewhere
         pass
+    import logging
+
+    # bitsandbytes warns on import that the optional `kernels` package (hub-downloaded CPU 4-bit
+    # kernels) is missing; its own CPU path works without it
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 

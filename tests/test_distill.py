@@ -228,7 +228,7 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     assert main(["distill", "student", "--no-progress", str(recipe)]) == 0
     table = json.loads((run / "evaluate" / "table.json").read_text())
     labels = [r["label"] for r in table["rows"]]
-    assert labels == ["teacher (untuned)", "teacher", "llama (untuned)", "llama", "trimmed"]
+    assert labels == ["teacher (untuned)", "teacher", "llama (untuned)", "llama", "trimmed (untuned)", "trimmed"]
     test_docs = [json.loads(x) for x in (run / "split" / "test.jsonl").read_text().splitlines()]
     test_ids = {d["document_id"] for d in test_docs}
     assert not test_ids & {d["document_id"] for d in train_docs}

@@ -514,7 +514,7 @@ def _entries(recipe: Recipe, run_dir: Path) -> list[dict]:
                 "adapter": str(run_dir / "teacher" / "adapter"), "format": d.teacher_format})
     for st in d.students:
         base = str(run_dir / "students" / st.name / "model") if st.trim_vocab else st.model
-        if d.untuned and not st.trim_vocab:  # a trimmed base answers exactly as the untuned teacher
+        if d.untuned:  # a trimmed base answers as its full base does: its row shows what trimming saves
             out.append({"label": f"{st.name} (untuned)", "role": "untuned student", "model": {"name": base},
                         "adapter": None, "format": best_format(run_dir, st.model, d.student_format)})
         out.append({"label": st.name, "role": "student", "model": {"name": base},
@@ -526,10 +526,15 @@ def run_evaluate(recipe: Recipe, run_dir: Path, log, progress) -> dict:
     """Every model on the test split, each in its own process; then the efficiency–accuracy table."""
     from glotkit.hipe.predict import evaluate_model
 
-    results = []
-    for e in _entries(recipe, run_dir):
+    entries = _entries(recipe, run_dir)
+    for e in entries:  # everything the table needs exists before the first model is loaded
         if e["adapter"] and not (Path(e["adapter"]) / "adapter_config.json").is_file():
             raise GlotkitError(f"{e['adapter']}: no adapter for '{e['label']}'; add 'teacher' / 'student' to stages")
+        name = e["model"]["name"]
+        if Path(name).is_relative_to(run_dir) and not Path(name).is_dir():
+            raise GlotkitError(f"{name}: no trimmed model for '{e['label']}'; add 'student' to stages")
+    results = []
+    for e in entries:
         r = evaluate_model(e["label"], e["model"], e["adapter"], run_dir / "split" / "test.jsonl",
                            _settings(recipe, e["format"]), run_dir / "evaluate" / _slug(e["label"]),
                            progress=progress, log=log)
