@@ -26,6 +26,13 @@ TASK_STAGES = {"qa": STAGES, "pretrain": STAGES, "xllora": XLLORA_STAGES, "disti
 _ALLOWED_STAGES = {"qa": ALL_STAGES, "pretrain": ALL_STAGES, "xllora": XLLORA_STAGES, "distill": DISTILL_STAGES}
 
 
+def _folder_name(v: str) -> str:
+    """A name that becomes a folder: plain characters only."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", v):
+        raise ValueError(f"must be a plain folder name (letters, digits, . _ - = , +), got {v!r}")
+    return v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -278,12 +285,7 @@ class DistillStudent(_Section):
     model: str
     trim_vocab: bool = False
 
-    @field_validator("name")
-    @classmethod
-    def _plain(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError(f"must be a plain folder name (letters, digits, . _ -), got {v!r}")
-        return v
+    _plain = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
 
 
 class DistillSection(_Section):
@@ -348,12 +350,7 @@ class Recipe(_Section):
     # for `glotkit sweep`: dotted key -> list of values, e.g. {"lora.r": [1, 2, 4, 8]}
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", v):
-            raise ValueError(f"must be a plain folder name (letters, digits, . _ - = , +), got {v!r}")
-        return v
+    _safe_name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
 
     def model_post_init(self, __context) -> None:
         if not self.stages:

@@ -175,15 +175,10 @@ def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> None:
 def check_logit_level(teacher: str, student: str, name: str, trimmed: bool = False) -> None:
     """Logit-level distillation compares the two models' next-token distributions id by id, so it
     needs one vocabulary; refuse it otherwise (response-level distillation needs none)."""
-    from transformers import AutoTokenizer
-
-    from glotkit.models.loading import resolve_model_path
-
     if trimmed:
         raise GlotkitError(f"distill.level: logits: student '{name}' has a trimmed vocabulary, so its token ids are "
                            "not the teacher's; use level: response (the student learns the teacher's text)")
-    a = AutoTokenizer.from_pretrained(resolve_model_path(teacher, log=lambda m: None))
-    b = AutoTokenizer.from_pretrained(resolve_model_path(student, log=lambda m: None))
+    a, b = _tokenizer(teacher), _tokenizer(student)
     if a.get_vocab() != b.get_vocab():
         raise GlotkitError(
             f"distill.level: logits: teacher '{teacher}' ({len(a):,} tokens) and student '{name}' = '{student}' "
@@ -272,8 +267,8 @@ def _train_adapter(recipe: Recipe, model_cfg, examples, out: Path, work: Path, w
     import torch
 
     from glotkit.models.loading import load_model
-    from glotkit.models.lora import apply_lora, count_trainable, save_adapter
-    from glotkit.train.engine import train
+    from glotkit.models.lora import apply_lora
+    from glotkit.train.engine import train_adapter
 
     cfg = recipe.train.model_copy(update={k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
     torch.manual_seed(recipe.seed)
@@ -284,26 +279,16 @@ def _train_adapter(recipe: Recipe, model_cfg, examples, out: Path, work: Path, w
             f"train.max_length={cfg.max_length} were dropped")
     if not fitting:
         raise GlotkitError(f"{what}: no example fits train.max_length={cfg.max_length}")
-    peft_model = apply_lora(model, recipe.lora)
-    log(f"[glotkit] {what}: {len(fitting)} examples; {count_trainable(peft_model).line()}")
-    result = train(peft_model, fitting, cfg, seed=recipe.seed, work_dir=work, pad_id=tok.pad_token_id,
-                   device=device, log=log, progress=progress)
-    save_adapter(peft_model, out)
-    info = result.to_dict()
-    info.pop("log")
-    info.update(examples=len(fitting), dropped_too_long=len(examples) - len(fitting), epochs=cfg.epochs, lr=cfg.lr)
-    atomic_write_json(work / "result.json", info)
-    (work / "checkpoint.pt").unlink(missing_ok=True)
-    log(f"[glotkit] {what}: {result.steps} steps in {result.seconds:.0f}s, {result.tokens_per_s:.0f} tokens/s, "
-        f"final loss {result.final_loss}")
+    train_adapter(apply_lora(model, recipe.lora), fitting, cfg, what=what, out=out, work_dir=work, seed=recipe.seed,
+                  pad_id=tok.pad_token_id, device=device, log=log, progress=progress,
+                  info={"dropped_too_long": len(examples) - len(fitting), "epochs": cfg.epochs, "lr": cfg.lr})
 
 
 def _tokenizer(name: str):
-    from transformers import AutoTokenizer
+    from glotkit.config import ModelSection
+    from glotkit.models.loading import load_tokenizer, resolve_model_path
 
-    from glotkit.models.loading import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(name, log=lambda m: None))
+    return load_tokenizer(resolve_model_path(name, log=lambda m: None), ModelSection(name=name))
 
 
 def train_teacher(recipe: Recipe, run_dir: Path, splits, log, progress) -> None:

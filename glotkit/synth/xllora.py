@@ -151,9 +151,9 @@ def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress):
     import torch
 
     from glotkit.data.pairs import read_pairs
-    from glotkit.models.lora import apply_lora, count_trainable, save_adapter
+    from glotkit.models.lora import apply_lora
     from glotkit.synth.triplets import encode_pairs
-    from glotkit.train.engine import train
+    from glotkit.train.engine import train_adapter
 
     p = recipe.pairs
     for kind, path, out_field in (("positive", p.positive, p.positive_field), ("negative", p.negative, p.negative_field)):
@@ -171,17 +171,9 @@ def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress):
             raise GlotkitError(f"pairs.{kind}: no pair fits train.max_length={recipe.train.max_length}")
         torch.manual_seed(recipe.seed)
         peft_model = apply_lora(model, recipe.lora)
-        log(f"[glotkit] generator '{kind}': {len(examples)} pairs; {count_trainable(peft_model).line()}")
-        result = train(peft_model, examples, recipe.train, seed=recipe.seed, work_dir=gen_dir / f"train-{kind}",
-                       pad_id=tok.pad_token_id, device=device, log=log, progress=progress)
-        save_adapter(peft_model, out)
-        info = result.to_dict()
-        info.pop("log")
-        info.update(pairs=len(pairs), dropped_too_long=dropped)
-        atomic_write_json(gen_dir / f"train-{kind}" / "result.json", info)
-        (gen_dir / f"train-{kind}" / "checkpoint.pt").unlink(missing_ok=True)
-        log(f"[glotkit] generator '{kind}': {result.steps} steps in {result.seconds:.0f}s, "
-            f"{result.tokens_per_s:.0f} tokens/s, final loss {result.final_loss}")
+        train_adapter(peft_model, examples, recipe.train, what=f"generator '{kind}'", out=out,
+                      work_dir=gen_dir / f"train-{kind}", seed=recipe.seed, pad_id=tok.pad_token_id, device=device,
+                      log=log, progress=progress, info={"pairs": len(pairs), "dropped_too_long": dropped})
         model = peft_model.unload()  # the bare base again (LoRA layers removed, nothing merged)
     return model
 

@@ -605,3 +605,24 @@ def train(
         computed_tokens=compute_tokens,
         log=history,
     )
+
+
+def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *, what: str, out: Path, work_dir: Path,
+                  seed: int, pad_id: int, device: str = "cpu", log: Callable[[str], None] = print,
+                  progress: bool = True, info: dict | None = None) -> TrainResult:
+    """Train a LoRA adapter, save it to ``out`` (a PEFT folder), write ``work_dir/result.json``
+    (the run's figures and ``info``) and drop the checkpoint: one adapter, one call."""
+    from glotkit.io import atomic_write_json
+    from glotkit.models.lora import count_trainable, save_adapter
+
+    log(f"[glotkit] {what}: {len(examples)} examples; {count_trainable(peft_model).line()}")
+    result = train(peft_model, examples, cfg, seed=seed, work_dir=work_dir, pad_id=pad_id, device=device, log=log,
+                   progress=progress)
+    save_adapter(peft_model, out)
+    summary = result.to_dict()
+    summary.pop("log")
+    atomic_write_json(Path(work_dir) / "result.json", summary | (info or {}))
+    (Path(work_dir) / CHECKPOINT).unlink(missing_ok=True)
+    log(f"[glotkit] {what}: {result.steps} steps in {result.seconds:.0f}s, {result.tokens_per_s:.0f} tokens/s, "
+        f"final loss {result.final_loss}")
+    return result
