@@ -282,7 +282,28 @@ def write_distill_report(run_dir: Path, recipe: Recipe) -> Path:
                   "HIPE-2026: by accuracy, by parameters, by size, and by the mean of the three (1 = best).", "",
                   f"**Does the student stay within {eff['within_points']:g} points of the teacher in every language?**", ""]
         lines += [f"- {a}" for a in eff["answer"]] or ["- no student was evaluated"]
+        lines += _confusions(run_dir, [r["label"] for r in eff["rows"] if r["role"] in ("teacher", "student")])
     lines.append("")
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
+    return out
+
+
+def _confusions(run_dir: Path, labels) -> list[str]:
+    """Per-label confusion matrices (gold rows, predicted columns), summed over the languages."""
+    from glotkit.hipe.distill import model_slug
+
+    out = ["", "### Confusion matrices (test split, all languages; rows gold, columns predicted)", ""]
+    for label in labels:
+        r = _read_json(run_dir / "evaluate" / model_slug(label) / "result.json")
+        if not r:
+            continue
+        for rel in ("at", "isAt"):
+            names = next(iter(r["languages"].values()))["confusion"][rel]["labels"]
+            total = [[sum(v["confusion"][rel]["matrix"][i][j] for v in r["languages"].values()) for j in range(len(names))]
+                     for i in range(len(names))]
+            out += [f"`{label}`, {rel}:", "", "| gold \\ predicted | " + " | ".join(names) + " |",
+                    "|---|" + "---:|" * len(names)]
+            out += [f"| {g} | " + " | ".join(str(x) for x in row) + " |" for g, row in zip(names, total)]
+            out.append("")
     return out

@@ -240,7 +240,8 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     assert trim["vocab_after"] < trim["vocab_before"] and trim["check"]["max_abs_logit_diff"] < 1e-4
     report = (run / "report.md").read_text()
     for part in ("## 1. Prompt comparison", "## 2. Teacher and its traces", "## 3. Students",
-                 "## Efficiency and accuracy", "Does the student stay within 3 points", "student 'llama' vs teacher"):
+                 "## Efficiency and accuracy", "Does the student stay within 3 points", "student 'llama' vs teacher",
+                 "`teacher`, isAt:", "| gold \\ predicted | TRUE | PROBABLE | FALSE |"):
         assert part in report, part
     capsys.readouterr()
     assert main(["run", "--no-progress", str(recipe)]) == 0  # everything done: nothing is redone

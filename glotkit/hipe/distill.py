@@ -191,7 +191,7 @@ def check_logit_level(teacher: str, student: str, name: str, trimmed: bool = Fal
 # --------------------------------------------------------------------------- stages
 
 
-def _slug(name: str) -> str:
+def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if "/" in name else name).strip("_") or "model"
 
 
@@ -232,7 +232,7 @@ def run_compare(recipe: Recipe, run_dir: Path, log, progress) -> list[dict]:
     for model in d.compare_models:
         for fmt in d.compare_formats:
             r = evaluate_model(f"{model} / {fmt}", {"name": model}, None, dev, _settings(recipe, fmt),
-                               run_dir / "compare" / f"{_slug(model)}--{fmt}", progress=progress, log=log)
+                               run_dir / "compare" / f"{model_slug(model)}--{fmt}", progress=progress, log=log)
             rows.append(r | {"format": fmt})
     atomic_write_text(run_dir / "compare" / "table.md", compare_table(rows))
     return rows
@@ -255,7 +255,7 @@ def best_format(run_dir: Path, model: str, default: str) -> str:
     """The format that scored best for ``model`` in the comparison (ties: fewer parse failures,
     then faster); ``default`` when the model was not compared."""
     found = []
-    for f in sorted((run_dir / "compare").glob(f"{_slug(model)}--*/result.json")):
+    for f in sorted((run_dir / "compare").glob(f"{model_slug(model)}--*/result.json")):
         r = json.loads(f.read_text(encoding="utf-8"))
         fmt = f.parent.name.split("--", 1)[1]
         found.append((-r["profile"]["score"], r["parse_failure_rate"], r["timing"]["seconds"], fmt))
@@ -521,7 +521,7 @@ def run_evaluate(recipe: Recipe, run_dir: Path, log, progress) -> dict:
     results = []
     for e in entries:
         r = evaluate_model(e["label"], e["model"], e["adapter"], run_dir / "split" / "test.jsonl",
-                           _settings(recipe, e["format"]), run_dir / "evaluate" / _slug(e["label"]),
+                           _settings(recipe, e["format"]), run_dir / "evaluate" / model_slug(e["label"]),
                            progress=progress, log=log)
         results.append(r | {"label": e["label"], "role": e["role"], "format": e["format"]})
     table = efficiency_table(results, recipe.distill.within_points)
