@@ -22,6 +22,7 @@ import os
 import sys
 
 from glotkit.errors import GlotkitError
+from glotkit.runtime import quiet_libraries
 
 
 DEFAULT_SUITE = ("sentiment", "nli", "emotion", "sts", "legal-mcq", "qa")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "trim-vocab":
-            _quiet_libraries()
+            quiet_libraries()
             from glotkit.data.corpus import read_documents
             from glotkit.models.loading import resolve_model_path
             from glotkit.models.trim_vocab import trim_vocabulary
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), end="")
             return 0
-        _quiet_libraries()
+        quiet_libraries()
         if args.command == "pretrain" and recipe.task != "pretrain":
             raise GlotkitError(f"{args.recipe}: task is '{recipe.task}', not 'pretrain' (use glotkit run)")
         only = {"train": {"xllora": ["generators"], "distill": ["teacher"]}.get(recipe.task, ["train"]),
@@ -201,7 +202,7 @@ def _eval(args) -> int:
     root = Path(args.data_root) if args.data_root else shared_data_root()
     if args.compare_base and not args.adapter:
         raise GlotkitError("--compare-base: needs --adapter (the base is the model with the adapter switched off)")
-    _quiet_libraries()
+    quiet_libraries()
     from glotkit.models.loading import load_model
 
     model, tok, device = load_model(ModelSection(name=args.model), log=_log)
@@ -222,26 +223,6 @@ def _eval(args) -> int:
         run_suite(model, tok, tasks, model_label=args.model, **common)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
     return 0
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
-    except Exception:  # pragma: no cover - transformers missing is reported elsewhere
-        pass
-    import logging
-
-    # bitsandbytes warns on import that the optional `kernels` package (hub-downloaded CPU 4-bit
-    # kernels) is missing; its own CPU path works without it
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 if __name__ == "__main__":  # pragma: no cover

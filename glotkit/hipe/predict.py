@@ -103,9 +103,9 @@ def _worker(job: dict) -> dict:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from glotkit.cli import _quiet_libraries
+    from glotkit.runtime import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     import torch
 
     from glotkit.config import ModelSection
