@@ -8,6 +8,7 @@
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
     glotkit trim-vocab --model NAME --corpus PATH --out DIR
     glotkit sweep RECIPE --grid lora.r=1,2,4,8 [--grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj']
+                 [--backend ray --workers 2 --trial-cpus 1 --trial-gpus 0 --address ADDR]
     glotkit validate RECIPE [--set ...]
     glotkit models
 
@@ -70,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(sp)
     sp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="values to sweep; use | between values when a value itself has commas")
+    sp.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local: one trial after another; ray: trials as Ray tasks (pip install 'glotkit[ray]')")
+    sp.add_argument("--address", default=None, help="with --backend ray: a Ray cluster's address (default: a local one)")
+    sp.add_argument("--workers", type=int, default=None, help="with --backend ray: trials at once on the local cluster")
+    sp.add_argument("--trial-cpus", type=float, default=1.0, help="CPUs each Ray trial asks for")
+    sp.add_argument("--trial-gpus", type=float, default=0.0, help="GPUs each Ray trial asks for")
     sp = sub.add_parser("validate", help="check a recipe and print it fully resolved")
     recipe_args(sp)
     sub.add_parser("models", help="list the built-in models")
@@ -178,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from glotkit.sweep import run_sweep
 
-            run_sweep(recipe, args.grid, log=_log, progress=not args.no_progress)
+            run_sweep(recipe, args.grid, log=_log, progress=not args.no_progress, backend=args.backend,
+                      address=args.address, workers=args.workers, trial_cpus=args.trial_cpus,
+                      trial_gpus=args.trial_gpus)
             return 0
     except GlotkitError as err:
         print(f"glotkit: error: {err}", file=sys.stderr)

@@ -1,12 +1,19 @@
-"""Sweeps: run a grid of recipe variants one after another and tabulate them.
+"""Sweeps: run a grid of recipe variants and tabulate them, one after another or as Ray tasks.
 
     glotkit sweep RECIPE --grid lora.r=1,2,4,8 --grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj'
+    glotkit sweep RECIPE --grid lora.r=1,2,4,8 --backend ray [--workers 2] [--trial-cpus 1] [--trial-gpus 0] [--address ADDR]
 
 or a ``sweep:`` block in the recipe (``lora.r: [1, 2, 4, 8]``).  Values are separated by commas,
 or by ``|`` when a value itself contains commas.  Every trial is an ordinary run folder under
 ``runs/<name>-sweep/``; finished trials are skipped, so an interrupted sweep continues where it
 stopped.  When the grid touches only the adapter and training, the base model is evaluated once
 and shared by all trials.  Results: ``sweep.csv``, ``sweep.md`` and ``f1_vs_<key>.png``.
+
+With ``--backend ray`` each pending trial is a Ray task (a local cluster of ``--workers`` ×
+``--trial-cpus`` CPUs by default, or the cluster at ``--address``) with its own CPU/GPU request and
+no retry; a trial whose process dies or raises is marked ``failed`` in the table, with the
+reason, and the others go on.  The table is rewritten as each trial ends; a rerun runs only the
+trials that are not finished.  Each trial's log is ``<trial>.log`` in the sweep folder.
 """
 
 from __future__ import annotations
@@ -73,9 +80,16 @@ def trial_recipes(recipe: Recipe, grid: dict[str, list[Any]]) -> list[tuple[str,
     return out
 
 
-def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] = print, progress: bool = True) -> Path:
+def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] = print, progress: bool = True, *,
+              backend: str = "local", address: str | None = None, workers: int | None = None,
+              trial_cpus: float = 1.0, trial_gpus: float = 0.0) -> Path:
     from glotkit.pipeline import run_recipe
 
+    if backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # before any trial or base evaluation runs
+            raise GlotkitError("--backend ray needs Ray: pip install 'glotkit[ray]'")
     grid = dict(recipe.sweep)
     for item in grid_args:
         k, v = parse_grid(item)
@@ -96,10 +110,13 @@ def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] =
         run_recipe(base_recipe, log=log, progress=progress)
         base_eval = sweep_dir / "base" / "eval_base"
 
-    rows = []
+    def finished(run_dir: Path) -> bool:
+        return (run_dir / "report.md").is_file() and (run_dir / "eval_tuned" / "metrics.json").is_file()
+
+    results: dict[str, tuple[str, str]] = {}
+    todo = []
     for i, (name, values, trial) in enumerate(trials, 1):
         run_dir = trial.run_dir()
-        log(f"[glotkit] trial {i}/{len(trials)}: {name}")
         if base_eval is not None:
             trial = trial.model_copy(update={"stages": [s for s in trial.stages if s != "eval_base"]})
             if not (run_dir / "eval_base" / "metrics.json").is_file():
@@ -108,21 +125,102 @@ def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] =
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(base_eval, tmp)
                 os.replace(tmp, run_dir / "eval_base")
-        status, error = "ok", ""
-        if (run_dir / "report.md").is_file() and (run_dir / "eval_tuned" / "metrics.json").is_file():
+        if finished(run_dir):
             log(f"[glotkit] trial {name}: finished before, skipped")
+            results[name] = ("ok", "")
         else:
+            todo.append((i, name, trial))
+
+    def table() -> list[dict[str, Any]]:
+        rows = [_row(name, values, trial.run_dir(), *results[name]) for name, values, trial in trials if name in results]
+        _write_tables(sweep_dir, list(grid), rows)
+        return rows
+
+    if backend == "ray":
+        for name, status, error in _run_on_ray(todo, sweep_dir, address=address, workers=workers,
+                                               trial_cpus=trial_cpus, trial_gpus=trial_gpus, log=log):
+            results[name] = (status, error)
+            table()
+    else:
+        for i, name, trial in todo:
+            log(f"[glotkit] trial {i}/{len(trials)}: {name}")
+            status, error = "ok", ""
             try:
                 run_recipe(trial, log=log, progress=progress)
             except GlotkitError as err:
                 status, error = "failed", str(err)
                 log(f"[glotkit] trial {name} failed: {err}")
             gc.collect()
-        rows.append(_row(name, values, run_dir, status, error))
-        _write_tables(sweep_dir, list(grid), rows)
+            results[name] = (status, error)
+            table()
+    rows = table()
     _plot(sweep_dir, list(grid), rows)
     log(f"[glotkit] sweep table: {sweep_dir / 'sweep.md'}")
     return sweep_dir
+
+
+def _ray_trial(raw: dict, cwd: str, log_path: str) -> tuple[str, str]:
+    """One trial in a Ray worker process: the recipe as plain data, run with the driver's
+    working directory; its log goes to ``log_path``."""
+    import signal
+
+    from glotkit.pipeline import run_recipe
+    from glotkit.runtime import quiet_libraries
+
+    os.chdir(cwd)
+    quiet_libraries()
+    recipe = validate_recipe(raw, where=f"trial {raw.get('name')}")
+    if os.environ.get("GLOTKIT_TEST_KILL_TRIAL") == recipe.name:  # tests: a trial whose process dies
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        def log(msg: str) -> None:
+            fh.write(msg + "\n")
+            fh.flush()
+
+        try:
+            run_recipe(recipe, log=log, progress=False)
+        except GlotkitError as err:
+            log(f"[glotkit] failed: {err}")
+            return "failed", str(err)
+    return "ok", ""
+
+
+def _run_on_ray(todo, sweep_dir: Path, *, address: str | None, workers: int | None, trial_cpus: float,
+                trial_gpus: float, log: Callable[[str], None]):
+    """Yield (trial name, status, error) as the Ray tasks of the pending trials end."""
+    try:
+        import ray
+    except ImportError:
+        raise GlotkitError("--backend ray needs Ray: pip install 'glotkit[ray]'") from None
+    if not todo:
+        return
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(num_cpus=max(1, int((workers or 1) * trial_cpus)), num_gpus=int(trial_gpus * (workers or 1)),
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+    task = ray.remote(_ray_trial).options(num_cpus=trial_cpus, num_gpus=trial_gpus, max_retries=0)
+    refs = {}
+    for i, name, trial in todo:
+        raw = trial.to_dict() | {"runs_dir": str(Path(trial.runs_dir).resolve())}
+        refs[task.remote(raw, os.getcwd(), str((sweep_dir / f"{name}.log").resolve()))] = name
+    log(f"[glotkit] {len(refs)} trials submitted to Ray ({trial_cpus:g} CPU, {trial_gpus:g} GPU each)")
+    try:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            name = refs[done[0]]
+            try:
+                status, error = ray.get(done[0])
+            except ray.exceptions.RayError as err:  # the worker died, or raised something unexpected
+                status, error = "failed", f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            log(f"[glotkit] trial {name}: {status}" + (f" ({error})" if error else ""))
+            yield name, status, error
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _row(name: str, values: dict[str, Any], run_dir: Path, status: str, error: str) -> dict[str, Any]:

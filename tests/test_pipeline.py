@@ -135,3 +135,37 @@ def test_sweep_table_and_restart(tmp_path, tiny_llama, qa_files, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert err.count("finished before, skipped") == 4
+
+
+def test_sweep_on_ray_survives_a_killed_trial(tmp_path, tiny_llama, qa_files, capsys, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'glotkit[ray]')")
+    import csv
+
+    recipe = _write_recipe(tmp_path, tiny_llama, *qa_files, lora={"alpha": "4r"}, train={"max_steps": 2})
+    argv = ["sweep", "--no-progress", str(recipe), "--grid", "lora.r=1,2,4,8", "--backend", "ray", "--workers", "2"]
+    monkeypatch.setenv("GLOTKIT_TEST_KILL_TRIAL", "tiny--r=4")  # that trial's process dies (SIGKILL)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0
+    sweep = tmp_path / "runs" / "tiny-sweep"
+    table = {r["trial"]: r for r in csv.DictReader((sweep / "sweep.csv").open())}
+    assert list(table) == ["tiny--r=1", "tiny--r=2", "tiny--r=4", "tiny--r=8"]  # grid order, whatever ends first
+    assert table["tiny--r=4"]["status"] == "failed" and "WorkerCrashedError" in table["tiny--r=4"]["error"]
+    assert all(table[t]["status"] == "ok" and table[t]["f1"] for t in ("tiny--r=1", "tiny--r=2", "tiny--r=8"))
+    assert "steps in" in (sweep / "tiny--r=2.log").read_text()
+    capsys.readouterr()
+    monkeypatch.delenv("GLOTKIT_TEST_KILL_TRIAL")
+    assert main(argv) == 0  # the rerun runs only the failed trial
+    err = capsys.readouterr().err
+    assert err.count("finished before, skipped") == 3 and "1 trials submitted to Ray" in err
+    table = {r["trial"]: r for r in csv.DictReader((sweep / "sweep.csv").open())}
+    assert all(r["status"] == "ok" for r in table.values())
+
+
+def test_sweep_ray_missing_says_which_extra(tmp_path, tiny_llama, qa_files, capsys, monkeypatch):
+    import importlib.util
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find(name, *a))
+    recipe = _write_recipe(tmp_path, tiny_llama, *qa_files, train={"max_steps": 1}, stages=["train", "eval_tuned", "report"])
+    assert main(["sweep", "--no-progress", str(recipe), "--grid", "lora.r=1,2", "--backend", "ray"]) == 2
+    assert "--backend ray needs Ray: pip install 'glotkit[ray]'" in capsys.readouterr().err
