@@ -116,10 +116,10 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
     if recipe.task == "distill":
         from glotkit.hipe.distill import check_inputs as check_distill, run_distill
 
-        check_distill(recipe, log=log)
+        splits = check_distill(recipe, log=log)
         run_dir = prepare_run_dir(recipe)
         log(f"[glotkit] run '{recipe.name}' in {run_dir}: distillation (HIPE-2026), stages {', '.join(recipe.stages)}")
-        run_distill(recipe, run_dir, log=log, progress=progress)
+        run_distill(recipe, run_dir, log=log, progress=progress, splits=splits)
         return run_dir
     pretraining = recipe.task == "pretrain"
     if pretraining:

@@ -113,23 +113,28 @@ def items_of(docs_by_lang: dict[str, list[dict]]) -> list[tuple[dict, dict]]:
     return [(doc, p) for lang in sorted(docs_by_lang) for doc in docs_by_lang[lang] for p in doc["sampled_pairs"]]
 
 
-def _write_splits(recipe: Recipe, run_dir: Path) -> dict[str, dict[str, list[dict]]]:
-    splits = make_splits(recipe)
+def training_items(splits) -> list[tuple[dict, dict]]:
+    """The pairs the teacher learns and explains: the gold train split, then the silver pairs."""
+    return items_of(splits["train"]) + items_of(splits.get("silver", {}))
+
+
+def _counts(by_lang: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
+    return {lang: {"documents": len(ds), "pairs": sum(len(x["sampled_pairs"]) for x in ds)} for lang, ds in by_lang.items()}
+
+
+def _write_splits(recipe: Recipe, run_dir: Path, splits) -> dict[str, dict[str, dict[str, int]]]:
+    """Write each split's documents (and the silver ones, added to ``splits``); return the counts."""
     folder = run_dir / "split"
-    summary = {}
-    for name, by_lang in splits.items():
-        atomic_write_jsonl(folder / f"{name}.jsonl", [doc for lang in sorted(by_lang) for doc in by_lang[lang]])
-        summary[name] = {lang: {"documents": len(ds), "pairs": sum(len(x["sampled_pairs"]) for x in ds)}
-                         for lang, ds in by_lang.items()}
     gold_ids = {doc["document_id"] for by_lang in splits.values() for ds in by_lang.values() for doc in ds}
     silver = _silver(recipe, gold_ids)
     if silver:
-        atomic_write_jsonl(folder / "silver.jsonl", [doc for lang in sorted(silver) for doc in silver[lang]])
-        summary["silver"] = {lang: {"documents": len(ds), "pairs": sum(len(x["sampled_pairs"]) for x in ds)}
-                             for lang, ds in silver.items()}
         splits["silver"] = silver
+    summary = {}
+    for name, by_lang in splits.items():
+        atomic_write_jsonl(folder / f"{name}.jsonl", [doc for lang in sorted(by_lang) for doc in by_lang[lang]])
+        summary[name] = _counts(by_lang)
     atomic_write_json(folder / "summary.json", summary)
-    return splits
+    return summary
 
 
 # --------------------------------------------------------------------------- checks
@@ -143,13 +148,13 @@ def _settings(recipe: Recipe, fmt: str):
                     batch_size=d.batch_size)
 
 
-def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> None:
+def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
     """Fail on bad input before any model is loaded: the data (schema, empty mentions), the
     students (names, vocabularies for logit-level distillation), and warn about a student that
-    is larger than its teacher."""
+    is larger than its teacher.  Returns the splits (:func:`make_splits`)."""
     from glotkit.eval.memory import estimate_before_loading
 
-    make_splits(recipe)
+    splits = make_splits(recipe)
     d = recipe.distill
     names = [s.name for s in d.students]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -157,7 +162,7 @@ def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> None:
         raise GlotkitError(f"distill.students: the name '{dup[0]}' is used twice")
     stages = set(recipe.stages)
     if not stages & {"student", "evaluate"} or not d.students:
-        return
+        return splits
     teacher = estimate_before_loading(recipe.model.name)
     t_params = teacher.linear_params + teacher.other_params
     for st in d.students:
@@ -170,6 +175,7 @@ def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> None:
                 f"'{recipe.model.name}' ({t_params:,}); distillation usually goes to a smaller model")
         if d.level == "logits":
             check_logit_level(recipe.model.name, st.model, st.name, trimmed=st.trim_vocab)
+    return splits
 
 
 def check_logit_level(teacher: str, student: str, name: str, trimmed: bool = False) -> None:
@@ -195,14 +201,17 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if "/" in name else name).strip("_") or "model"
 
 
-def run_distill(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> None:
-    """Run the stages of a distill recipe; the caller has run :func:`check_inputs`."""
+def run_distill(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True,
+                splits: dict | None = None) -> None:
+    """Run the stages of a distill recipe; the caller has run :func:`check_inputs` (whose splits
+    it may pass on, so the gold files are read once)."""
     stages = set(recipe.stages)
-    splits = _write_splits(recipe, run_dir)
+    if splits is None:
+        splits = make_splits(recipe)
+    summary = _write_splits(recipe, run_dir, splits)
     for name in ("train", "dev", "test"):
-        s = json.loads((run_dir / "split" / "summary.json").read_text())[name]
         log(f"[glotkit] {name}: " + ", ".join(f"{k} {v['documents']} documents / {v['pairs']} pairs"
-                                               for k, v in sorted(s.items())))
+                                               for k, v in sorted(summary[name].items())))
     if "compare" in stages:
         run_compare(recipe, run_dir, log, progress)
     if "teacher" in stages:
@@ -301,7 +310,7 @@ def train_teacher(recipe: Recipe, run_dir: Path, splits, log, progress) -> None:
         return
     d = recipe.distill
     builder = PromptBuilder(_tokenizer(recipe.model.name))
-    items = items_of(splits["train"]) + items_of(splits.get("silver", {}))
+    items = training_items(splits)
     examples = [builder.example(question(doc, p, d.teacher_format, d.max_chars), d.teacher_format,
                                 response(d.teacher_format, p["at"], p["isAt"]), group=doc["document_id"])
                 for doc, p in items]
@@ -314,13 +323,13 @@ def _key(doc: dict, pair: dict) -> str:
 
 def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=None, tok=None, device="cpu") -> dict:
     """The teacher explains every training pair's gold label (rationalization: the label is in the
-    prompt, after three worked examples; ``distill.explain_with: base`` writes the explanations
-    with the adapter switched off), then the tuned teacher answers again after the explanation
-    with the label left out of the prompt; a trace is kept when that answer equals gold.  Both steps append to JSONL files batch by
-    batch, so an interrupted run continues where it stopped."""
-    from glotkit.generate.local import generate_sampled
+    answer, and the explanation starts with the person's name; ``distill.explain_with: base``
+    writes the explanations with the adapter switched off), then the tuned teacher answers again
+    after the explanation with the label left out of the prompt; a trace is kept when that answer
+    equals gold.  Both steps append to JSONL files batch by batch, so an interrupted run
+    continues where it stopped."""
     from glotkit.hipe.formats import PromptBuilder, decoding, explanation_of, parse, question, rationalization
-    from glotkit.io import append_rows, read_appended
+    from glotkit.io import read_appended
 
     folder = run_dir / "traces"
     if (folder / "summary.json").is_file():
@@ -328,7 +337,7 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
         return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     d = recipe.distill
     fmt = d.student_format
-    items = items_of(splits["train"]) + items_of(splits.get("silver", {}))
+    items = training_items(splits)
     silver_ids = {doc["document_id"] for ds in splits.get("silver", {}).values() for doc in ds}
     if model is None:
         from peft import PeftModel
@@ -342,8 +351,7 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
         model = PeftModel.from_pretrained(model, str(adapter))
     folder.mkdir(parents=True, exist_ok=True)
     builder = PromptBuilder(tok)
-    seconds, produced = 0.0, 0
-    import time
+    gen = dict(batch_size=d.batch_size, device=device, progress=progress)
 
     # 1. explanations of the gold labels
     path = folder / "explanations.jsonl"
@@ -351,22 +359,13 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     todo = [(doc, p) for doc, p in items if _key(doc, p) not in done]
     if done and todo:
         log(f"[glotkit] traces: {len(done)} explanations already written, continuing")
-    if todo:
-        asks = [rationalization(doc, p, fmt, d.max_chars) for doc, p in todo]
-        prompts = [builder.prompt_ids(user, fmt, turn=turn) for user, turn, _ in asks]
-        with path.open("a", encoding="utf-8") as fh:
-            def write(idx: list[int], texts: list[str]) -> None:
-                append_rows(fh, [{"key": _key(*todo[i]), "raw": t,
-                                  "explanation": explanation_of(asks[i][2] + t) if _usable(t) else ""}
-                                 for i, t in zip(idx, texts)])
-
-            t0 = time.perf_counter()
-            with (model.disable_adapter() if d.explain_with == "base" else contextlib.nullcontext()):
-                _, n = generate_sampled(model, tok, prompts, max_new_tokens=d.explain_tokens,
-                                        batch_size=d.batch_size, temperature=0.0, stop=("\n", "Answer:"),
-                                        device=device, progress=progress, desc="teacher explains", on_batch=write)
-            seconds += time.perf_counter() - t0
-            produced += n
+    asks = [rationalization(doc, p, fmt, d.max_chars) for doc, p in todo]
+    with (model.disable_adapter() if todo and d.explain_with == "base" else contextlib.nullcontext()):
+        s1, n1 = _generate_appending(
+            model, tok, path, [builder.prompt_ids(user, fmt, turn=turn) for user, turn, _ in asks],
+            lambda i, t: {"key": _key(*todo[i]), "raw": t,
+                          "explanation": explanation_of(asks[i][2] + t) if _usable(t) else ""},
+            max_new_tokens=d.explain_tokens, stop=("\n", "Answer:"), desc="teacher explains", **gen)
     explained = read_appended(path, lambda r: r["key"])
 
     # 2. the teacher's own answer after its explanation, without the gold label
@@ -374,26 +373,18 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     done2 = read_appended(path2, lambda r: r["key"])
     usable = [(doc, p) for doc, p in items if _usable(explained[_key(doc, p)]["explanation"])]
     todo2 = [(doc, p) for doc, p in usable if _key(doc, p) not in done2]
-    if todo2:
-        dec = decoding(fmt, d.label_tokens, d.explain_tokens)
-        prompts = [builder.prompt_ids(question(doc, p, fmt, d.max_chars), fmt,
-                                      after_cue=" " + explained[_key(doc, p)]["explanation"] + "\nAnswer:")
-                   for doc, p in todo2]
-        with path2.open("a", encoding="utf-8") as fh:
-            def write2(idx: list[int], texts: list[str]) -> None:
-                rows = []
-                for i, t in zip(idx, texts):
-                    doc, p = todo2[i]
-                    r = parse(fmt, "Answer:" + t)
-                    rows.append({"key": _key(doc, p), "raw": t, "at": r.at, "isAt": r.isAt, "parsed": r.ok})
-                append_rows(fh, rows)
 
-            t0 = time.perf_counter()
-            _, n = generate_sampled(model, tok, prompts, max_new_tokens=d.label_tokens, batch_size=d.batch_size,
-                                    temperature=0.0, stop=dec.stop, keep_stop=True, device=device,
-                                    progress=progress, desc="teacher checks", on_batch=write2)
-            seconds += time.perf_counter() - t0
-            produced += n
+    def checked_row(i: int, text: str) -> dict:
+        r = parse(fmt, "Answer:" + text)
+        return {"key": _key(*todo2[i]), "raw": text, "at": r.at, "isAt": r.isAt, "parsed": r.ok}
+
+    s2, n2 = _generate_appending(
+        model, tok, path2, [builder.prompt_ids(question(doc, p, fmt, d.max_chars), fmt,
+                                               after_cue=" " + explained[_key(doc, p)]["explanation"] + "\nAnswer:")
+                            for doc, p in todo2],
+        checked_row, max_new_tokens=d.label_tokens, stop=decoding(fmt, d.label_tokens, d.explain_tokens).stop,
+        keep_stop=True, desc="teacher checks", **gen)
+    seconds, produced = s1 + s2, n1 + n2
     checked = read_appended(path2, lambda r: r["key"])
 
     traces, counts = [], {}
@@ -426,6 +417,24 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     return summary
 
 
+def _generate_appending(model, tok, path: Path, prompts, row: Callable[[int, str], dict], **gen) -> tuple[float, int]:
+    """Greedy generation for ``prompts``, each batch's ``row(index, text)`` appended (fsynced) to
+    ``path`` as it ends; returns (seconds, new tokens)."""
+    import time
+
+    from glotkit.generate.local import generate_sampled
+    from glotkit.io import append_rows
+
+    if not prompts:
+        return 0.0, 0
+    with path.open("a", encoding="utf-8") as fh:
+        t0 = time.perf_counter()
+        _, n = generate_sampled(model, tok, prompts, temperature=0.0,
+                                on_batch=lambda idx, texts: append_rows(fh, [row(i, t) for i, t in zip(idx, texts)]),
+                                **gen)
+    return time.perf_counter() - t0, n
+
+
 def _usable(text: str) -> bool:
     """An explanation worth learning from: a few words of the model's own, not a label dump."""
     return len(text.split()) >= 3 and "{" not in text
@@ -451,7 +460,7 @@ def train_student(recipe: Recipe, run_dir: Path, st, splits, log, progress) -> N
         raise GlotkitError(f"{traces_path}: the teacher kept no trace, so there is nothing to distill")
     if d.level == "logits":
         check_logit_level(recipe.model.name, st.model, st.name, trimmed=st.trim_vocab)
-    by_key = {_key(doc, p): (doc, p) for doc, p in items_of(splits["train"]) + items_of(splits.get("silver", {}))}
+    by_key = {_key(doc, p): (doc, p) for doc, p in training_items(splits)}
     model_name = student_model_path(recipe, run_dir, st, splits, traces, log)
     builder = PromptBuilder(_tokenizer(model_name))
     examples = []
@@ -478,7 +487,7 @@ def student_model_path(recipe: Recipe, run_dir: Path, st, splits, traces, log) -
     from glotkit.models.loading import resolve_model_path
     from glotkit.models.trim_vocab import trim_vocabulary
 
-    items = items_of(splits["train"]) + items_of(splits.get("silver", {}))
+    items = training_items(splits)
     texts = list({doc["document_id"]: doc["text"] for doc, _ in items}.values())
     texts += [question(items[0][0], items[0][1], f, recipe.distill.max_chars) for f in FORMATS]
     texts += [t["explanation"] for t in traces]
