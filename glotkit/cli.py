@@ -44,12 +44,22 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a recipe value, e.g. --set lora.r=4 (repeatable)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    def launcher_args(sp):
+        sp.add_argument("--launcher", choices=["none", "accelerate"], default="none",
+                        help="accelerate: train in --num-processes processes (DDP; gloo on CPU, NCCL on GPUs)")
+        sp.add_argument("--num-processes", type=int, default=2, help="with --launcher accelerate (default 2)")
+        sp.add_argument("--accelerate-config", default=None, metavar="YAML",
+                        help="with --launcher accelerate: an accelerate config, e.g. configs/accelerate/fsdp.yaml")
+
     sp = sub.add_parser("run", help="run a recipe's stages (resumes an interrupted run)")
     recipe_args(sp)
+    launcher_args(sp)
     sp = sub.add_parser("pretrain", help="continued pretraining: run a recipe whose task is 'pretrain'")
     recipe_args(sp)
+    launcher_args(sp)
     sp = sub.add_parser("train", help="only the training stage of a recipe (XL-LoRA: the two generator adapters)")
     recipe_args(sp)
+    launcher_args(sp)
     sp = sub.add_parser("synth", help="synthetic data: 'glotkit synth triplets RECIPE' (XL-LoRA)")
     sp.add_argument("what", choices=["triplets"])
     recipe_args(sp)
@@ -177,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise GlotkitError(f"{args.recipe}: task is '{recipe.task}'; 'glotkit distill' needs task: distill")
             recipe.stages = only
             args.command = "run"
+        if getattr(args, "launcher", "none") == "accelerate":
+            return _launch(args, argv if argv is not None else sys.argv[1:], recipe)
         if args.command in ("run", "pretrain"):
             from glotkit.pipeline import run_recipe
 
@@ -196,6 +208,41 @@ def main(argv: list[str] | None = None) -> int:
         print("\nglotkit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 1
+
+
+def _launch(args, argv: list[str], recipe) -> int:
+    """Run this same command under ``accelerate launch`` (see glotkit/train/distributed.py)."""
+    import subprocess
+
+    from glotkit.models.loading import resolve_model_path
+    from glotkit.train.distributed import check_split, launch_command, launched_world
+
+    if launched_world() > 1:
+        raise GlotkitError("--launcher accelerate: this process already runs in a launch; drop --launcher")
+    if args.num_processes < 1:
+        raise GlotkitError(f"--num-processes: {args.num_processes}; give 1 or more")
+    if recipe.task not in ("qa", "pretrain"):
+        raise GlotkitError(f"{args.recipe}: task '{recipe.task}' trains in one process; --launcher accelerate "
+                           "runs recipes with task qa or pretrain")
+    check_split(recipe.train.batch_size, args.num_processes)
+    if args.accelerate_config and not os.path.isfile(args.accelerate_config):
+        raise GlotkitError(f"--accelerate-config {args.accelerate_config}: no such file")
+    resolve_model_path(recipe.model.name, log=_log)  # convert a built-in model once, before the processes start
+    inner, skip = [], 0
+    for i, a in enumerate(argv):  # the same command without the launcher's own options
+        if skip:
+            skip -= 1
+        elif a in ("--launcher", "--num-processes", "--accelerate-config"):
+            skip = 1
+        elif not a.startswith(("--launcher=", "--num-processes=", "--accelerate-config=")):
+            inner.append(a)
+    cmd = launch_command(inner, args.num_processes, args.accelerate_config)
+    _log(f"[glotkit] launching {args.num_processes} processes: accelerate launch ... -m glotkit {' '.join(inner)}")
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise GlotkitError(f"the {args.num_processes} training processes ended with exit status {code} "
+                           "(their messages are above); rerun the same command to resume")
+    return 0
 
 
 def _eval(args) -> int:

@@ -178,6 +178,30 @@ class EvalSection(_Section):
     limit: StrictInt | None = Field(None, gt=0)
 
 
+class GenerateSection(_Section):
+    """Where generation runs: the local model (default) or an OpenAI-compatible server (vLLM, TGI,
+    llama.cpp's server) that serves the same model.  With a server, the QA evaluation stages send
+    their prompts (text, the same prompts as the local backend) to ``base_url`` and parse the
+    answers as usual; ``models`` names what the server calls each model of the run."""
+
+    backend: Literal["local", "openai"] = "local"
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    # role -> served model name: base (the model as loaded), tuned (the run's adapter, e.g. a
+    # LoRA served by name with `vllm serve MODEL --enable-lora --lora-modules NAME=runs/NAME/adapter`)
+    models: dict[Literal["base", "tuned"], str] = Field(default_factory=dict)
+    api_key_env: str | None = None  # environment variable holding the key; none for a local server
+    concurrency: StrictInt = Field(4, gt=0)  # requests in flight
+    retries: StrictInt = Field(3, ge=0)  # per request, with exponential backoff
+    timeout: float = Field(120.0, gt=0)  # seconds per request
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v):
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"'{v}' is not an http(s) URL")
+        return v.rstrip("/") if v else v
+
+
 class SuiteSection(_Section):
     """The task suite (stage ``suite``): base and adapted model on the same tasks and shots."""
 
@@ -338,6 +362,7 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
     suite: SuiteSection = Field(default_factory=SuiteSection)
     memory: MemorySection = Field(default_factory=MemorySection)
     pairs: PairsSection = Field(default_factory=PairsSection)
@@ -359,6 +384,17 @@ class Recipe(_Section):
         bad = [st for st in self.stages if st not in allowed]
         if bad:
             raise GlotkitError(f"stages: '{bad[0]}' is not a stage of task '{self.task}' (stages: {', '.join(allowed)})")
+        g = self.generate
+        if g.backend == "openai":
+            if self.task != "qa":
+                raise GlotkitError(f"generate.backend: 'openai' serves the QA evaluation stages; task '{self.task}' "
+                                   "generates with the local model")
+            if not g.base_url:
+                raise GlotkitError("generate.base_url: needed with backend 'openai' (e.g. http://127.0.0.1:8000/v1)")
+            for stage, role in (("eval_base", "base"), ("eval_tuned", "tuned")):
+                if stage in self.stages and role not in g.models:
+                    raise GlotkitError(f"generate.models.{role}: the served name of the {role} model is needed "
+                                       f"for stage {stage} with backend 'openai'")
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, every default filled in."""

@@ -33,7 +33,8 @@ from glotkit.io import atomic_write_json
 
 # keys that change how a run is carried out but not its results
 _RESULT_NEUTRAL = {("train", "checkpoint_every"), ("train", "max_tokens_per_forward"),
-                   ("eval", "batch_size")}
+                   ("eval", "batch_size"), ("generate", "base_url"), ("generate", "api_key_env"),
+                   ("generate", "concurrency"), ("generate", "retries"), ("generate", "timeout")}
 
 
 # sections whose outputs record their own settings and are redone when these change; stages may
@@ -105,6 +106,14 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
 
     import torch
 
+    from glotkit.train.distributed import Parallel
+
+    par = Parallel.from_launch()
+    if par.world > 1 and recipe.task not in ("qa", "pretrain"):
+        raise GlotkitError(f"task: '{recipe.task}' trains in one process; multi-process training (accelerate) "
+                           "runs recipes with task qa or pretrain")
+    if not par.is_main:
+        log = lambda msg: None  # noqa: E731 - one voice: process 0 speaks and writes
     if recipe.task == "xllora":
         from glotkit.synth.xllora import check_inputs, run_xllora
 
@@ -136,7 +145,8 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
         data = load_qa_data(recipe.data, recipe.seed)
         for w in data.warnings:
             log(f"[glotkit] warning: {w}")
-    run_dir = prepare_run_dir(recipe)
+    with par.main_first():  # process 0 makes or checks the folder; the others wait and only read
+        run_dir = prepare_run_dir(recipe) if par.is_main else recipe.run_dir()
     if pretraining:
         log(f"[glotkit] run '{recipe.name}' in {run_dir}: continued pretraining on {len(docs)} documents")
     else:
@@ -155,12 +165,26 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
     if suite_todo and "tuned" in recipe.suite.models and not todo[1] and not adapter_dir.is_dir():
         raise GlotkitError(f"{adapter_dir}: no adapter for the suite's 'tuned' model; add 'train' to stages "
                            "or set suite.models: [base]")
+    if par.world > 1:
+        log(f"[glotkit] {par.world} processes ({par.kind}): they train together, then process 0 runs the other stages")
+        if not todo[1]:
+            log("[glotkit] note: training is already done; the other processes have nothing to do")
+        todo, suite_todo = ([False, todo[1], False], False) if not par.is_main else (todo, suite_todo)
     if any(todo) or suite_todo:
         torch.manual_seed(recipe.seed)
-        model, tok, device = load_model(recipe.model, log=log)
-        atomic_write_json(run_dir / "versions.json", versions(device))
+        serve = recipe.generate.backend == "openai"
+        with par.main_first():  # a built-in model is converted once, by process 0
+            if serve and not (todo[1] or suite_todo):  # the server generates: the tokenizer is enough
+                from glotkit.models.loading import load_tokenizer, resolve_model_path
+
+                model, device = None, "cpu"
+                tok = load_tokenizer(resolve_model_path(recipe.model.name, log=log), recipe.model)
+            else:
+                model, tok, device = load_model(recipe.model, log=log)
+        if par.is_main:
+            atomic_write_json(run_dir / "versions.json", versions(device) | {"processes": par.world})
         if pretraining:
-            train_rows, held_rows, held_bytes = _pretrain_rows(recipe, docs, tok, log)
+            train_rows, held_rows, held_bytes = _pretrain_rows(recipe, docs, tok, log, write=par.is_main)
         else:
             fmt = PromptFormatter(recipe.prompt, tok, recipe.model.chat_template)
             lang = recipe.data.language
@@ -176,14 +200,18 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
                 log(f"[glotkit] {tag} model, held-out: perplexity {r['perplexity']:.3f}, "
                     f"bits/byte {r['bits_per_byte']:.4f} ({r['tokens']} tokens, {r['bytes']} bytes)")
             else:
+                server = None
+                if serve:
+                    from glotkit.generate.server import ServerGenerator
+
+                    server = ServerGenerator(recipe.generate, recipe.generate.models[tag])
+                    server.check()
+                    log(f"[glotkit] eval {tag}: generating on {server.url}, model '{server.model}'")
                 r = evaluate_qa(m, tok, fmt, data.test, recipe.eval, language=lang, out_dir=out_dir,
-                                device=device, desc=f"eval {tag}", log=log, progress=progress)
+                                device=device, desc=f"eval {tag}", log=log, progress=progress, server=server)
                 log(f"[glotkit] {tag} model: EM {r['em']:.2f}  F1 {r['f1']:.2f}  (n={r['n']})")
 
-        if todo[0]:
-            evaluate(model, "base")
-
-        if todo[1]:
+        def train_stage():
             torch.manual_seed(recipe.seed)
             peft_model = apply_lora(model, recipe.lora)
             params = count_trainable(peft_model)
@@ -198,7 +226,9 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
             if note:
                 log(f"[glotkit] warning: {note}")
             result = train(peft_model, encoded, recipe.train, seed=recipe.seed, work_dir=train_dir,
-                           pad_id=tok.pad_token_id, device=device, log=log, progress=progress)
+                           pad_id=tok.pad_token_id, device=device, log=log, progress=progress, parallel=par)
+            if not par.is_main:
+                return peft_model
             save_adapter(peft_model, adapter_dir)
             info = result.to_dict()
             info.pop("log")
@@ -211,17 +241,38 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
             log(f"[glotkit] trained {result.steps} steps in {result.seconds:.0f}s: "
                 f"{result.tokens_per_s:.0f} tokens/s, final loss {result.final_loss}, "
                 f"peak RSS {result.memory['peak_rss_mb']:.0f} MB")
-            model = peft_model
+            return peft_model
+
+        if par.world > 1:  # train together first, then process 0 alone
+            if todo[1]:
+                model = train_stage()
+            par.end()
+            if not par.is_main:
+                return run_dir
+            todo[1] = False
+        if todo[0]:
+            if serve:
+                evaluate(None, "base")
+            elif hasattr(model, "peft_config"):
+                with model.disable_adapter():
+                    evaluate(model, "base")
+            else:
+                evaluate(model, "base")
+        if todo[1]:
+            model = train_stage()
         if todo[2]:
-            if not adapter_dir.is_dir():
+            if not adapter_dir.is_dir() and not serve:
                 raise GlotkitError(f"{adapter_dir}: no adapter to evaluate; add 'train' to stages")
-            if not hasattr(model, "peft_config"):
+            if not serve and not hasattr(model, "peft_config"):
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, str(adapter_dir))
             evaluate(model, "tuned")
         if suite_todo:
             _run_suite_stage(recipe, run_dir, model, tok, device, log, progress)
+    par.end()  # (when training was done before: the other processes leave process 0 the rest)
+    if not par.is_main:
+        return run_dir
     if "memory" in stages and _memory_pending(recipe, run_dir):
         _run_memory_stage(recipe, run_dir, log)
     if "report" in stages:
@@ -230,7 +281,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
     return run_dir
 
 
-def _pretrain_rows(recipe: Recipe, docs, tok, log):
+def _pretrain_rows(recipe: Recipe, docs, tok, log, write: bool = True):
     """Packed training rows and held-out rows (whole documents, up to the token budget)."""
     from glotkit.data.corpus import pack_documents, split_documents, tokenize_documents
 
@@ -247,10 +298,11 @@ def _pretrain_rows(recipe: Recipe, docs, tok, log):
         total += len(held_tok[-1])
     train_tok = tokenize_documents(train_docs, tok)
     distinct = set().union(*map(set, train_tok), *map(set, held_tok)) if train_tok or held_tok else set()
-    atomic_write_json(recipe.run_dir() / "corpus.json", {
-        "train_documents": len(train_docs), "train_tokens_all": sum(map(len, train_tok)),
-        "heldout_documents": len(held_tok), "heldout_tokens": total, "heldout_bytes": held_bytes,
-        "distinct_token_ids": len(distinct), "vocab_size": len(tok)})
+    if write:
+        atomic_write_json(recipe.run_dir() / "corpus.json", {
+            "train_documents": len(train_docs), "train_tokens_all": sum(map(len, train_tok)),
+            "heldout_documents": len(held_tok), "heldout_tokens": total, "heldout_bytes": held_bytes,
+            "distinct_token_ids": len(distinct), "vocab_size": len(tok)})
     if cfg.max_train_tokens:
         kept, n = [], 0
         for ids in train_tok:

@@ -31,11 +31,14 @@ def evaluate_qa(
     desc: str = "eval",
     log: Callable[[str], None] = print,
     progress: bool = True,
+    server=None,
 ) -> dict:
     """Write ``out_dir/predictions.jsonl`` and ``out_dir/metrics.json``; return the metrics.
 
     Predictions are appended to a partial file after every batch, so an interrupted evaluation
-    continues with the examples it has not done yet.
+    continues with the examples it has not done yet.  With ``server`` (a
+    :class:`glotkit.generate.server.ServerGenerator`) the same prompts go to that server instead
+    of ``model``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = list(examples)[: cfg.limit] if cfg.limit else list(examples)
@@ -87,7 +90,12 @@ def evaluate_qa(
             fh.flush()
             os.fsync(fh.fileno())
 
-        if todo:
+        if todo and server is not None:
+            from glotkit.generate.server import prompt_text
+
+            server.generate([prompt_text(tokenizer, p) for p in prompts], max_new_tokens=cfg.max_new_tokens,
+                            progress=progress, desc=desc, on_batch=on_batch)
+        elif todo:
             generate_greedy(
                 model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                 device=device, progress=progress, desc=desc, on_batch=on_batch,
@@ -96,6 +104,7 @@ def evaluate_qa(
     ordered = [done[ex.id] for ex in examples]
     metrics = aggregate([QAScore(r["em"], r["f1"], r["em_raw"], r["f1_raw"]) for r in ordered])
     metrics["seconds"] = round(seconds, 2)
+    metrics["backend"] = f"openai {server.url} model={server.model}" if server is not None else "local"
     if todo:
         metrics["examples_per_s"] = round(len(todo) / max(seconds, 1e-9), 2)
         metrics["generated_tokens_per_s"] = round(new_tokens / max(seconds, 1e-9), 1)

@@ -31,7 +31,10 @@ def pick_device(spec: str = "auto") -> str:
 
     if spec != "auto":
         return spec
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    # in a multi-process launch each process has its own GPU
+    return f"cuda:{os.environ['LOCAL_RANK']}" if os.environ.get("LOCAL_RANK") else "cuda"
 
 
 def pick_dtype(spec: str, device: str):

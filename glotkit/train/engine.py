@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from glotkit.data.prompts import IGNORE, Encoded
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_jsonl
 from glotkit.train.memory import peak_memory, reset_peak
+
+if TYPE_CHECKING:
+    from glotkit.train.distributed import Parallel
 
 CHECKPOINT = "checkpoint.pt"
 HEAD_CHUNK = 512  # supervised positions per LM-head chunk (bounds the vocabulary-wide logits in memory)
@@ -404,6 +407,7 @@ class TrainResult:
     fast_loss: bool
     shared_prefix: bool = False
     computed_tokens: int = 0
+    processes: int = 1
     log: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -421,6 +425,19 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _LossModule(torch.nn.Module):
+    """The model with the supervised loss as its forward, so that DistributedDataParallel sees
+    the whole computation of a pass (the loss calls the decoder body and the LM head apart)."""
+
+    def __init__(self, model, loss_fn: "SupervisedLoss"):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss_fn(batch)[0]
 
 
 def make_scheduler(optimizer, cfg: TrainSection, total_steps: int):
@@ -443,17 +460,27 @@ def train(
     log: Callable[[str], None] = print,
     progress: bool = True,
     stop_after: int | None = None,
+    parallel: "Parallel | None" = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (the LoRA adapter) on ``examples``.
 
     ``work_dir`` holds the checkpoint and the loss log; if it has a checkpoint the run resumes
     from it.  ``stop_after`` ends the loop early after that many steps (for tests of resume).
+    With ``parallel`` (the processes of an ``accelerate launch``) each micro-batch is split
+    between the processes and only process 0 writes; the steps are those of one process.
     """
     from tqdm.auto import tqdm
 
+    from glotkit.train.distributed import Parallel, check_split, share_of
+
+    par = parallel or Parallel()
+    check_split(cfg.batch_size, par.world)
+    if not par.is_main:
+        log, progress = (lambda msg: None), False
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    if par.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed + par.rank)  # dropout masks differ between processes
     lengths = [len(e.input_ids) for e in examples]
     packed = any(isinstance(e, Row) for e in examples)
     keys = [group_key(e) for e in examples] if cfg.share_prefix and not packed else None
@@ -503,7 +530,11 @@ def train(
                 named[name].copy_(value.to(named[name].device))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        rngs = state.get("torch_rngs") or [state["torch_rng"]]
+        if state.get("processes", 1) != par.world:
+            log(f"[glotkit] note: the checkpoint was made by {state.get('processes', 1)} process(es), this run has "
+                f"{par.world}; the steps are the same, random state (dropout) continues from process 0's")
+        torch.set_rng_state(rngs[par.rank] if len(rngs) == par.world else rngs[0])
         start_step, history = state["step"], list(state["log"])
         tokens, sup_tokens, elapsed = state["tokens"], state["supervised_tokens"], state["elapsed"]
         resumed_compute = state.get("compute_tokens", 0)
@@ -512,8 +543,13 @@ def train(
         loss_fn.self_check(examples[steps[0][0][0]], log)
     share = keys is not None and loss_fn.check_sharing([examples[i] for mb in steps[0] for i in mb], pad_id, log)
     compute_tokens = resumed_compute
+    wrapped, optimizer = par.prepare(_LossModule(model, loss_fn), optimizer) if par.world > 1 else (None, optimizer)
 
-    def save(step: int, rng_state: torch.Tensor) -> None:
+    def save(step: int, rng_state: torch.Tensor, together: bool = True) -> None:
+        # every process's random state, when all of them are here to hand it over
+        rngs = par.gather(rng_state) if together and par.world > 1 else [rng_state]
+        if not par.is_main:
+            return
         _atomic_torch_save(
             {
                 "step": step,
@@ -521,7 +557,9 @@ def train(
                 "trainable": _trainable_state(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "torch_rng": rng_state,
+                "torch_rng": rngs[0],
+                "torch_rngs": rngs,  # one per process (only process 0's after an interrupt)
+                "processes": par.world,
                 "log": history,
                 "tokens": tokens,
                 "supervised_tokens": sup_tokens,
@@ -542,24 +580,35 @@ def train(
     in_update = False
     try:
         while step < end:
-            micro = steps[step]
-            batches = []
-            for mb in micro:
-                rows = build_rows([examples[i] for i in mb], share_prefix=share, max_row=cfg.max_tokens_per_forward)
+            # (batch, real): this process's forward passes; a process whose share of a short last
+            # micro-batch is empty runs one example with weight 0, so that every process takes
+            # part in the gradient synchronisation
+            passes = []
+            for mb in steps[step]:
+                mine = share_of(mb, par.rank, par.world)
+                rows = build_rows([examples[i] for i in mine or mb[:1]], share_prefix=share,
+                                  max_row=cfg.max_tokens_per_forward)
                 row_len = [len(r.input_ids) for r in rows]
                 for chunk in split_by_tokens(list(range(len(rows))), row_len, cfg.max_tokens_per_forward):
-                    batches.append(loss_fn.collate([rows[i] for i in chunk], pad_id))
-            n_sup = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+                    passes.append((loss_fn.collate([rows[i] for i in chunk], pad_id), bool(mine)))
+            counts = [(int((b["targets"] != IGNORE).sum()), b["n_tokens"], b["n_compute"]) if real else (0, 0, 0)
+                      for b, real in passes]
+            n_sup, n_tok, n_comp = (int(v) for v in par.sum([sum(c[k] for c in counts) for k in range(3)]))
+            # each process's gradients are averaged over the processes: scale its sum back up
+            norm = max(n_sup, 1) / par.world
             step_loss = 0.0
-            for b in batches:
-                loss_sum, _ = loss_fn(b)
-                (loss_sum / max(n_sup, 1)).backward()
-                step_loss += loss_sum.item()
-                tokens += b["n_tokens"]
-                compute_tokens += b["n_compute"]
+            for k, (b, real) in enumerate(passes):
+                with par.no_sync(wrapped, skip=k < len(passes) - 1):
+                    loss_sum = wrapped(b) if wrapped is not None else loss_fn(b)[0]
+                    par.backward(loss_sum / norm if real else loss_sum * 0.0)
+                if real:
+                    step_loss += loss_sum.item()
+            step_loss = par.sum([step_loss])[0]
+            tokens += n_tok
+            compute_tokens += n_comp
             sup_tokens += n_sup
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                par.clip_grad_norm_(params, cfg.max_grad_norm)
             in_update = True
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -581,13 +630,13 @@ def train(
         bar.close()
         if not in_update and step > start_step:
             optimizer.zero_grad(set_to_none=True)
-            save(step, rng_at_step)
+            save(step, rng_at_step, together=False)
             log(f"[glotkit] interrupted: checkpoint saved at step {step}/{total}")
         raise
     bar.close()
     if step < total:  # stopped early on purpose (tests)
         save(step, rng_at_step)
-    else:
+    elif par.is_main:
         atomic_write_jsonl(work_dir / "log.jsonl", history)
     elapsed = time.perf_counter() - t0
     return TrainResult(
@@ -603,6 +652,7 @@ def train(
         fast_loss=loss_fn.fast,
         shared_prefix=share,
         computed_tokens=compute_tokens,
+        processes=par.world,
         log=history,
     )
 

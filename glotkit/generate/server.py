@@ -1,0 +1,129 @@
+"""Generation through an OpenAI-compatible server (vLLM, TGI, llama.cpp's server), with the
+``openai`` client: ``/v1/completions`` with the same prompt text the local backend would feed
+the model, greedy or sampled, several requests in flight.
+
+* Before any request the server's ``/v1/models`` must list the model asked for, and every answer
+  must name it: a server that serves something else is an error, not a silent mix-up.
+* Each request is retried with exponential backoff (the client's own), and bounded by a timeout;
+  an unreachable server ends the stage with one line naming the URL.  What was answered before
+  has already been handed to ``on_batch`` (the stages append it to their files), so the rerun
+  continues where it stopped.
+* The texts come back in input order; stop strings are applied here exactly as the local backend
+  applies them (a leading newline does not stop an answer), so the same parsers see the same
+  kind of text.
+
+Start a server for the built-in SmolLM2 (the test does this)::
+
+    python -m llama_cpp.server --model .../SmolLM2-135M-Instruct.Q4_1.gguf --model_alias smollm2 \\
+        --host 127.0.0.1 --port 8000
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Callable, Sequence
+
+from glotkit.config import GenerateSection
+from glotkit.errors import GlotkitError
+from glotkit.generate.local import cut_at_stop
+
+
+def prompt_text(tokenizer, ids: Sequence[int]) -> str:
+    """The text of a prompt the local backend would feed as ``ids``.  A leading BOS is left out:
+    the server's tokenizer adds its own, as the model's tokenizer config says."""
+    ids = list(ids)
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class ServerGenerator:
+    """One served model (``model``) on the server of ``cfg``."""
+
+    def __init__(self, cfg: GenerateSection, model: str):
+        try:
+            import openai
+        except ImportError:
+            raise GlotkitError("generate.backend: 'openai' needs the openai client: pip install 'glotkit[server]'") from None
+        self.openai = openai
+        self.cfg, self.model, self.url = cfg, model, cfg.base_url
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        if cfg.api_key_env and not key:
+            raise GlotkitError(f"generate.api_key_env: the environment variable {cfg.api_key_env} is not set")
+        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "none", max_retries=cfg.retries,
+                                    timeout=cfg.timeout)
+
+    def _unreachable(self, err) -> GlotkitError:
+        return GlotkitError(f"generate.base_url: no answer from {self.url} after {self.cfg.retries + 1} tries "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); "
+                            "start the server (or fix the URL) and rerun: finished answers are kept")
+
+    def check(self) -> None:
+        """The server answers and serves ``self.model``."""
+        try:
+            served = [m.id for m in self.client.models.list()]
+        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as err:
+            raise self._unreachable(err) from None
+        except self.openai.APIStatusError as err:
+            raise GlotkitError(f"generate.base_url: {self.url}/models answered HTTP {err.status_code}") from None
+        if self.model not in served:
+            raise GlotkitError(f"generate.models: the server at {self.url} serves {', '.join(served) or 'nothing'}, "
+                               f"not '{self.model}'")
+
+    def _one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> tuple[str, int]:
+        try:
+            r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_new_tokens,
+                                               temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                               seed=seed)
+        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as err:
+            raise self._unreachable(err) from None
+        except self.openai.APIStatusError as err:
+            raise GlotkitError(f"generate: {self.url} answered HTTP {err.status_code} for model '{self.model}': "
+                               f"{str(err).splitlines()[0][:300]}") from None
+        if r.model != self.model:
+            raise GlotkitError(f"generate.models: asked {self.url} for '{self.model}', it answered as '{r.model}'")
+        if not r.choices:
+            raise GlotkitError(f"generate: {self.url} returned no choice for model '{self.model}'")
+        used = r.usage.completion_tokens if r.usage else 0
+        return r.choices[0].text or "", used
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop: Sequence[str] | None = ("\n",), keep_stop: bool = False,
+                 progress: bool = True, desc: str = "generate",
+                 on_batch: Callable[[list[int], list[str]], None] | None = None) -> tuple[list[str], int]:
+        """Texts for ``prompts`` in input order and the number of tokens generated; ``on_batch``
+        gets each answer as it arrives (in the calling thread).  Prompt ``i`` is sampled with
+        seed ``seed * 1_000_003 + i``."""
+        from tqdm.auto import tqdm
+
+        out: list[str] = [""] * len(prompts)
+        produced = 0
+        bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        pending = {}
+        nxt = 0
+        try:
+            while nxt < len(prompts) or pending:
+                while nxt < len(prompts) and len(pending) < self.cfg.concurrency:
+                    pending[pool.submit(self._one, prompts[nxt], max_new_tokens, temperature, top_p,
+                                        seed * 1_000_003 + nxt)] = nxt
+                    nxt += 1
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    i = pending.pop(fut)
+                    text, used = fut.result()  # a GlotkitError stops the stage; answers so far are kept
+                    if stop:
+                        cut = cut_at_stop(text, stop, keep_stop)
+                        text = cut if cut is not None else text
+                    out[i] = text
+                    produced += used
+                    if on_batch:
+                        on_batch([i], [text])
+                    bar.update(1)
+        finally:
+            bar.close()
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+        return out, produced

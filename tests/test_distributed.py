@@ -1,0 +1,186 @@
+"""Data-parallel training through accelerate, on the CPU with 2 processes (gloo): the same steps as
+one process, only process 0 writes, and a killed 2-process run resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from glotkit.cli import main
+from glotkit.train.distributed import check_split, launch_command, share_of
+from glotkit.errors import GlotkitError
+
+from conftest import write_qa_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 120
+
+# Installed in every process of the launch through PYTHONPATH: records each file a process opens
+# for writing, creates or renames under the run folder (Python's audit events), one log per rank.
+SITECUSTOMIZE = '''
+import atexit, os, sys
+_root = os.environ.get("GLOTKIT_TEST_WATCH")
+_rank = os.environ.get("RANK")
+if _root and _rank is not None:
+    _seen = []
+    _flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    def _under(p):
+        try:
+            return os.path.abspath(os.fsdecode(p)).startswith(_root)
+        except TypeError:
+            return False
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (mode is None and flags & _flags)
+            if writing and _under(path):
+                _seen.append(os.fsdecode(path))
+        elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove") and _under(args[0]):
+            _seen.append(event + " " + os.fsdecode(args[0]))
+    sys.addaudithook(_hook)
+    atexit.register(lambda: open(os.environ["GLOTKIT_TEST_WRITES"] + "." + _rank, "w").write("\\n".join(_seen)))
+'''
+
+
+def test_share_of_splits_contiguously_and_completely():
+    for n in range(0, 9):
+        for world in (1, 2, 3):
+            parts = [share_of(list(range(n)), r, world) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_more_processes_than_the_batch_splits_into(tmp_path, tiny_llama, qa_files, capsys):
+    check_split(2, 2)
+    with pytest.raises(GlotkitError, match="train.batch_size: 2 .* over 3 processes"):
+        check_split(2, 3)
+    recipe = _recipe(tmp_path, tiny_llama, *qa_files, batch_size=2)
+    assert main(["train", str(recipe), "--launcher", "accelerate", "--num-processes", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.batch_size: 2 examples per micro-batch cannot be split over 3 processes" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_launch_command_reruns_glotkit_under_accelerate():
+    cmd = launch_command(["train", "r.yaml", "--set", "lora.r=4"], 4, port=12345)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--main_process_port") + 1] == "12345"
+    assert cmd[-6:] == ["-m", "glotkit", "train", "r.yaml", "--set", "lora.r=4"]
+    cmd = launch_command(["train", "r.yaml"], 2, config_file="configs/accelerate/ddp.yaml")
+    assert cmd[cmd.index("--config_file") + 1] == "configs/accelerate/ddp.yaml" and "--multi_gpu" not in cmd
+
+
+def _recipe(root: Path, model: Path, train: Path, test: Path, name: str = "tiny", batch_size: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    raw = {"name": name, "runs_dir": str(root / "runs"), "model": {"name": str(model)},
+           "data": {"train": str(train), "test": str(test)}, "stages": ["train"],
+           "lora": {"r": 4, "target_modules": "all-linear", "dropout": 0.0},
+           "train": {"max_steps": STEPS, "batch_size": batch_size, "grad_accum": 2, "lr": 1e-3, "checkpoint_every": 5}}
+    p = root / "recipe.yaml"
+    p.write_text(json.dumps(raw), encoding="utf-8")
+    return p
+
+
+def _env(tmp_path: Path, watch: Path) -> dict:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+    return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", GLOTKIT_TEST_WATCH=str(watch.resolve()),
+                GLOTKIT_TEST_WRITES=str(tmp_path / "writes"))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+
+
+def _adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama):
+    """One process in-line, then 2 processes through --launcher accelerate (uninterrupted, and
+    killed with SIGKILL after a checkpoint then rerun).  23 examples in micro-batches of 2: the
+    last micro-batch of an epoch has one example, so one process has none and takes part with a
+    zero-weight pass."""
+    root = tmp_path_factory.mktemp("ddp")
+    train = write_qa_jsonl(root / "train.jsonl", 23)
+    test = write_qa_jsonl(root / "test.jsonl", 4, offset=100)
+    cmd = [sys.executable, "-m", "glotkit", "run", "--no-progress"]
+    launch = ["--launcher", "accelerate", "--num-processes", "2"]
+    out = {}
+
+    one = _recipe(root / "one", tiny_llama, train, test)
+    subprocess.run(cmd + [str(one)], env=_env(root / "one", root / "one"), check=True, capture_output=True, timeout=300)
+    out["one"] = root / "one" / "runs" / "tiny"
+
+    two = _recipe(root / "two", tiny_llama, train, test)
+    res = subprocess.run(cmd + [str(two)] + launch, env=_env(root / "two", root / "two" / "runs"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out["two"], out["two_err"], out["writes"] = root / "two" / "runs" / "tiny", res.stderr, root / "two" / "writes"
+
+    kill = _recipe(root / "kill", tiny_llama, train, test)
+    ckpt = root / "kill" / "runs" / "tiny" / "train" / "checkpoint.pt"
+    proc = subprocess.Popen(cmd + [str(kill)] + launch, env=_env(root / "kill", root / "kill" / "runs"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    finished_early = proc.poll() is not None
+    import psutil
+
+    # the launcher, accelerate, torchrun and both training processes (torchrun starts the
+    # training processes in sessions of their own)
+    tree = psutil.Process(proc.pid)
+    for p in [tree, *tree.children(recursive=True)]:
+        p.kill()
+    _, err = proc.communicate(timeout=60)
+    if finished_early or not ckpt.exists():
+        pytest.fail(f"the 2-process run ended before a checkpoint could be killed (raise STEPS): {err[-2000:]!r}")
+    out["killed_at"] = torch.load(ckpt, weights_only=True)["step"]
+    res = subprocess.run(cmd + [str(kill)] + launch, env=_env(root / "kill", root / "kill" / "runs"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out["kill"], out["kill_err"] = root / "kill" / "runs" / "tiny", res.stderr
+    return out
+
+
+def test_two_processes_take_the_same_steps_as_one(runs):
+    one, two = _losses(runs["one"]), _losses(runs["two"])
+    assert len(one) == len(two) == STEPS
+    assert two == pytest.approx(one, abs=2e-5)
+    a, b = _adapter(runs["one"]), _adapter(runs["two"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    result = json.loads((runs["two"] / "train" / "result.json").read_text())
+    assert result["processes"] == 2 and result["steps"] == STEPS
+    assert json.loads((runs["one"] / "train" / "result.json").read_text())["processes"] == 1
+    assert "2 processes (MULTI_CPU)" in runs["two_err"]
+    assert runs["two_err"].count("trainable params:") == 1  # one voice
+
+
+def test_only_process_zero_writes(runs):
+    rank0 = (runs["writes"].parent / "writes.0").read_text().splitlines()
+    rank1 = (runs["writes"].parent / "writes.1").read_text().splitlines()
+    assert any("adapter_config.json" in w for w in rank0) and any("checkpoint.pt" in w for w in rank0)
+    assert rank1 == []
+
+
+def test_killed_two_process_run_resumes_to_the_same_result(runs):
+    assert 0 < runs["killed_at"] < STEPS
+    assert f"resuming training from step {runs['killed_at']}/{STEPS}" in runs["kill_err"]
+    assert _losses(runs["kill"]) == pytest.approx(_losses(runs["two"]), abs=1e-6)
+    a, b = _adapter(runs["two"]), _adapter(runs["kill"])
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
