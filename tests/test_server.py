@@ -45,6 +45,7 @@ class _Fake(BaseHTTPRequestHandler):
 
     in_flight = 0
     most = 0
+    requests: list = []
     lock = threading.Lock()
 
     def log_message(self, *args):
@@ -65,6 +66,7 @@ class _Fake(BaseHTTPRequestHandler):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         cls = type(self)
         with cls.lock:
+            cls.requests.append(req)
             cls.in_flight += 1
             cls.most = max(cls.most, cls.in_flight)
         time.sleep(random.uniform(0.0, 0.05))
@@ -109,6 +111,40 @@ def test_server_with_another_model_is_an_error(fake_server):
         ServerGenerator(cfg, "gpt-4").check()
     with pytest.raises(GlotkitError, match=r"asked .* for 'm', it answered as 'other'"):
         ServerGenerator(cfg, "m").generate(["a", "wrong", "b"], max_new_tokens=4, progress=False)
+
+
+def test_xllora_synthesis_on_a_server(tmp_path, tiny_llama, fake_server):
+    """The generators are trained locally; the server serves them by name and gets the same
+    prompts (as text) and sampling settings; its answers land in generations.jsonl."""
+    from glotkit.synth.triplets import pair_prompt
+
+    anchors = [f"Orașul {i} are un parc mare lângă râu." for i in range(6)]
+    pos, neg = tmp_path / "pos.csv", tmp_path / "neg.csv"
+    pos.write_text("sent0,sent1\n" + "".join(f"{a},Parcul {i} e mare.\n" for i, a in enumerate(anchors)), encoding="utf-8")
+    neg.write_text("sent0,hard_neg\n" + "".join(f"{a},Nu e parc {i}.\n" for i, a in enumerate(anchors)), encoding="utf-8")
+    (tmp_path / "anchors.txt").write_text("\n".join(anchors) + "\n", encoding="utf-8")
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text(json.dumps({
+        "name": "xl", "task": "xllora", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
+        "pairs": {"positive": str(pos), "negative": str(neg)}, "stages": ["generators", "synth"],
+        "lora": {"r": 2, "alpha": 4, "target_modules": "all-linear"}, "train": {"max_steps": 1, "batch_size": 4},
+        "synth": {"anchors": str(tmp_path / "anchors.txt"), "max_new_tokens": 8, "min_chars": 0, "max_chars": 1000,
+                  "copy_ratio": 1.0, "language_check": None, "reference_margin": None, "baseline_anchors": 2},
+        "generate": {"backend": "openai", "base_url": fake_server, "models": {"positive": "m", "negative": "m"},
+                     "retries": 0}}), encoding="utf-8")
+    _Fake.requests = []
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "xl" / "synth" / "generations.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["kind"]) for r in rows) == sorted((i, k) for i in range(6) for k in ("positive", "negative"))
+    reqs = _Fake.requests
+    prompts = {pair_prompt(r["kind"], anchors[r["id"]], "English") for r in rows}
+    assert {r["prompt"] for r in reqs} == prompts  # the local backend's prompts, as text
+    for r in rows:  # the answer up to the first newline after some text, as locally
+        assert r["raw"] == "\n " + pair_prompt(r["kind"], anchors[r["id"]], "English").split("\n")[0]
+    assert len(reqs) == 12 and {r["temperature"] for r in reqs} == {0.7} and {r["top_k"] for r in reqs} == {50}
+    assert len({(r["prompt"], r["seed"]) for r in reqs}) == 12
+    summary = json.loads((tmp_path / "runs" / "xl" / "synth" / "summary.json").read_text())
+    assert summary["speed"]["one_at_a_time"] is None  # no local model to time
 
 
 def test_unreachable_server_names_the_url_after_the_retries(tmp_path, qa_files, tiny_llama, capsys):

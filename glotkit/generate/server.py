@@ -71,11 +71,14 @@ class ServerGenerator:
             raise GlotkitError(f"generate.models: the server at {self.url} serves {', '.join(served) or 'nothing'}, "
                                f"not '{self.model}'")
 
-    def _one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> tuple[str, int]:
+    def _one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+             seed: int) -> tuple[str, int]:
+        # top_k is not in OpenAI's API; vLLM, TGI and llama.cpp read it from the request body
+        extra = {"top_k": top_k} if top_k and temperature > 0 else None
         try:
             r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_new_tokens,
                                                temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                               seed=seed)
+                                               seed=seed, extra_body=extra)
         except (self.openai.APIConnectionError, self.openai.APITimeoutError) as err:
             raise self._unreachable(err) from None
         except self.openai.APIStatusError as err:
@@ -89,7 +92,7 @@ class ServerGenerator:
         return r.choices[0].text or "", used
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop: Sequence[str] | None = ("\n",), keep_stop: bool = False,
+                 top_k: int = 0, seed: int = 0, stop: Sequence[str] | None = ("\n",), keep_stop: bool = False,
                  progress: bool = True, desc: str = "generate",
                  on_batch: Callable[[list[int], list[str]], None] | None = None) -> tuple[list[str], int]:
         """Texts for ``prompts`` in input order and the number of tokens generated; ``on_batch``
@@ -106,7 +109,7 @@ class ServerGenerator:
         try:
             while nxt < len(prompts) or pending:
                 while nxt < len(prompts) and len(pending) < self.cfg.concurrency:
-                    pending[pool.submit(self._one, prompts[nxt], max_new_tokens, temperature, top_p,
+                    pending[pool.submit(self._one, prompts[nxt], max_new_tokens, temperature, top_p, top_k,
                                         seed * 1_000_003 + nxt)] = nxt
                     nxt += 1
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)

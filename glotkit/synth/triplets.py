@@ -169,9 +169,12 @@ def _read_done(path: Path) -> dict[tuple[int, str], dict]:
 
 
 def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, out_dir: Path, *,
-                   device: str = "cpu", progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                   device: str = "cpu", progress: bool = True, log: Callable[[str], None] = print,
+                   servers: dict | None = None) -> dict:
     """Positives and negatives for every anchor, appended to ``out_dir/generations.jsonl``;
-    ``model`` is a PeftModel holding adapters named "positive" and "negative".  Returns timing."""
+    ``model`` is a PeftModel holding adapters named "positive" and "negative", or ``servers``
+    maps each kind to a :class:`glotkit.generate.server.ServerGenerator` that serves that adapter
+    (the same prompts as text, the same sampling settings).  Returns timing."""
     from glotkit.generate import local
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,8 +188,7 @@ def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, o
             todo = [i for i in range(len(anchors)) if (i, kind) not in done]
             if not todo:
                 continue
-            model.set_adapter(kind)
-            prompts = [tokenizer(pair_prompt(kind, anchors[i], cfg.language))["input_ids"] for i in todo]
+            texts = [pair_prompt(kind, anchors[i], cfg.language) for i in todo]
 
             def write(batch_idx: list[int], texts: list[str], kind=kind, todo=todo) -> None:
                 for j, t in zip(batch_idx, texts):
@@ -197,10 +199,16 @@ def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, o
                 os.fsync(fh.fileno())
 
             t0 = time.perf_counter()
-            texts, produced = local.generate_sampled(
-                model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed + KINDS.index(kind),
-                device=device, progress=progress, desc=f"synth {kind}", on_batch=write)
+            sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            top_k=cfg.top_k, seed=cfg.seed + KINDS.index(kind), progress=progress,
+                            desc=f"synth {kind}", on_batch=write)
+            if servers:
+                texts, produced = servers[kind].generate(texts, **sampling)
+            else:
+                model.set_adapter(kind)
+                prompts = [tokenizer(t)["input_ids"] for t in texts]
+                texts, produced = local.generate_sampled(model, tokenizer, prompts, batch_size=cfg.batch_size,
+                                                         device=device, **sampling)
             seconds += time.perf_counter() - t0
             new_tokens += produced
             n += len(texts)

@@ -82,7 +82,12 @@ def run_xllora(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print
     if "synth" in stages:  # after training: the settings include the adapters' hash
         _settle_settings(synth_dir, _synth_settings(recipe), _GENERATION_KEYS, log)
         if not (synth_dir / "summary.json").is_file():
-            if model is None:
+            if recipe.generate.backend == "openai":  # the server generates: the tokenizer is enough
+                from glotkit.models.loading import load_tokenizer, resolve_model_path
+
+                model, device = None, "cpu"
+                tok = load_tokenizer(resolve_model_path(recipe.model.name, log=log), recipe.model)
+            elif model is None:
                 from glotkit.models.loading import load_model
 
                 model, tok, device = load_model(recipe.model, log=log)
@@ -99,16 +104,18 @@ def run_xllora(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print
 
 # synthesis settings whose change makes the existing generations wrong
 _GENERATION_KEYS = ("anchors", "anchor_field", "language", "max_new_tokens", "temperature", "top_p", "top_k",
-                    "seed", "generators")
+                    "seed", "generators", "backend")
 
 
 def _synth_settings(recipe: Recipe) -> dict:
     from glotkit.io import sha256_of_files
 
     gen = recipe.run_dir() / "generators"
+    g = recipe.generate
     return recipe.synth.model_dump(mode="json") | {
         "seed": recipe.seed, "reference_model": recipe.embed.model, "reference_prompt": recipe.embed.prompt,
-        "generators": sha256_of_files(sorted(gen.glob("*/adapter_model.safetensors")))}
+        "generators": sha256_of_files(sorted(gen.glob("*/adapter_model.safetensors"))),
+        "backend": "local" if g.backend == "local" else f"openai {g.models.get('positive')} {g.models.get('negative')}"}
 
 
 def _embed_settings(recipe: Recipe, synth_dir: Path) -> dict:
@@ -191,15 +198,25 @@ def _synthesize(recipe, model, tok, device, gen_dir: Path, synth_dir: Path, log,
     anchors, stats = read_anchors(s.anchors, s.anchor_field, min_chars=1, limit=s.max_anchors)
     log(f"[glotkit] synthesis: {len(anchors)} anchors ({stats['duplicate_anchors']} duplicates and "
         f"{stats['empty_or_short']} empty lines dropped), outputs in {s.language}")
-    if hasattr(model, "peft_config"):
-        model = model.unload()
-    model = PeftModel.from_pretrained(model, str(gen_dir / "positive"), adapter_name="positive")
-    model.load_adapter(str(gen_dir / "negative"), adapter_name="negative")
+    servers = None
+    if model is None:  # generate.backend: openai
+        from glotkit.generate.server import ServerGenerator
+
+        servers = {k: ServerGenerator(recipe.generate, recipe.generate.models[k]) for k in ("positive", "negative")}
+        for k, srv in servers.items():
+            srv.check()
+            log(f"[glotkit] synthesis: {k} generator served by {srv.url} as '{srv.model}'")
+    else:
+        if hasattr(model, "peft_config"):
+            model = model.unload()
+        model = PeftModel.from_pretrained(model, str(gen_dir / "positive"), adapter_name="positive")
+        model.load_adapter(str(gen_dir / "negative"), adapter_name="negative")
     cfg = SynthConfig(language=s.language, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                       top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size, seed=recipe.seed, baseline_anchors=s.baseline_anchors,
                       filters=_filters(recipe))
-    speed = generate_pairs(model, tok, anchors, cfg, synth_dir, device=device, progress=progress, log=log)
-    base = baseline_speed(model, tok, anchors, cfg, device) if s.baseline_anchors else None
+    speed = generate_pairs(model, tok, anchors, cfg, synth_dir, device=device, progress=progress, log=log,
+                           servers=servers)
+    base = baseline_speed(model, tok, anchors, cfg, device) if s.baseline_anchors and not servers else None
     reference = None
     if s.reference_margin is not None:
         from glotkit.train.embeddings import load_encoder
