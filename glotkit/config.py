@@ -180,17 +180,18 @@ class EvalSection(_Section):
 
 class GenerateSection(_Section):
     """Where generation runs: the local model (default) or an OpenAI-compatible server (vLLM, TGI,
-    llama.cpp's server) that serves the same models.  With a server, the QA evaluation stages and
-    XL-LoRA's synthesis send their prompts (text, the same prompts as the local backend) to
-    ``base_url`` and parse the answers as usual; ``models`` names what the server calls each
-    model of the run."""
+    llama.cpp's server) that serves the same models.  With a server, the QA evaluation stages,
+    XL-LoRA's synthesis and the distillation traces send their prompts (text, the same prompts as
+    the local backend) to ``base_url`` and parse the answers as usual; ``models`` names what the
+    server calls each model of the run."""
 
     backend: Literal["local", "openai"] = "local"
     base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
     # role -> served model name: base (the model as loaded), tuned (the run's adapter, e.g. a
     # LoRA served by name with `vllm serve MODEL --enable-lora --lora-modules NAME=runs/NAME/adapter`);
-    # XL-LoRA: positive and negative (the two generator adapters)
-    models: dict[Literal["base", "tuned", "positive", "negative"], str] = Field(default_factory=dict)
+    # XL-LoRA: positive and negative (the two generator adapters); distillation traces: teacher
+    # (the teacher adapter) and base (with distill.explain_with: base)
+    models: dict[Literal["base", "tuned", "positive", "negative", "teacher"], str] = Field(default_factory=dict)
     api_key_env: str | None = None  # environment variable holding the key; none for a local server
     concurrency: StrictInt = Field(4, gt=0)  # requests in flight
     retries: StrictInt = Field(3, ge=0)  # per request, with exponential backoff
@@ -388,13 +389,15 @@ class Recipe(_Section):
             raise GlotkitError(f"stages: '{bad[0]}' is not a stage of task '{self.task}' (stages: {', '.join(allowed)})")
         g = self.generate
         if g.backend == "openai":
-            if self.task not in ("qa", "xllora"):
-                raise GlotkitError(f"generate.backend: 'openai' serves the QA evaluation stages and XL-LoRA's "
-                                   f"synthesis; task '{self.task}' generates with the local model")
+            if self.task not in ("qa", "xllora", "distill"):
+                raise GlotkitError(f"generate.backend: 'openai' serves QA evaluation, XL-LoRA's synthesis and the "
+                                   f"distillation traces; task '{self.task}' generates with the local model")
             if not g.base_url:
                 raise GlotkitError("generate.base_url: needed with backend 'openai' (e.g. http://127.0.0.1:8000/v1)")
-            for stage, role in (("eval_base", "base"), ("eval_tuned", "tuned"), ("synth", "positive"),
-                                ("synth", "negative")):
+            needs = [("eval_base", "base"), ("eval_tuned", "tuned"), ("synth", "positive"), ("synth", "negative")]
+            if self.task == "distill":
+                needs = [("traces", "teacher"), ("traces", self.distill.explain_with)]
+            for stage, role in needs:
                 if stage in self.stages and role not in g.models:
                     raise GlotkitError(f"generate.models.{role}: the served name of the {role} model is needed "
                                        f"for stage {stage} with backend 'openai'")

@@ -147,6 +147,37 @@ def test_xllora_synthesis_on_a_server(tmp_path, tiny_llama, fake_server):
     assert summary["speed"]["one_at_a_time"] is None  # no local model to time
 
 
+def test_distillation_traces_on_a_server(tmp_path, tiny_llama, fake_server, monkeypatch):
+    """Both trace steps go to the server (the base model explains, the teacher adapter checks),
+    with the local backend's prompts as text; each step appends its rows as they come."""
+    import glotkit.hipe.distill as distill
+    from glotkit.config import validate_recipe
+
+    from test_distill import _write_gold
+
+    files = _write_gold(tmp_path, docs=6, pairs=3)
+    recipe = validate_recipe({"task": "distill", "seed": 1, "model": {"name": str(tiny_llama)}, "distill": {
+        "data": files, "train_pairs": None, "test_ratio": 0.2, "dev_ratio": 0.0, "batch_size": 3,
+        "explain_tokens": 6, "label_tokens": 6, "max_chars": 200},
+        "generate": {"backend": "openai", "base_url": fake_server, "models": {"teacher": "m", "base": "m"},
+                     "retries": 0}})
+    splits = distill.make_splits(recipe)
+    n = sum(len(d["sampled_pairs"]) for ds in splits["train"].values() for d in ds)
+    monkeypatch.setattr(distill, "_usable", lambda text: bool(text.strip()))
+    _Fake.requests = []
+    summary = distill.write_traces(recipe, tmp_path / "run", splits, log=lambda m: None, progress=False)
+    for name in ("explanations.jsonl", "checked.jsonl"):
+        keys = [json.loads(line)["key"] for line in (tmp_path / "run" / "traces" / name).read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == n, name
+    assert len(_Fake.requests) == 2 * n and {r["temperature"] for r in _Fake.requests} == {0.0}
+    # the fake echoes prompts, so no check parses: every trace is dropped for that reason
+    assert summary["kept"] == 0 and summary["written"] == n
+    assert sum(c["dropped"].get("answer not parsed", 0) for c in summary["counts"].values()) == n
+    with pytest.raises(GlotkitError, match="generate.models.teacher: the served name of the teacher model"):
+        validate_recipe({"task": "distill", "generate": {"backend": "openai", "base_url": fake_server,
+                                                         "models": {"base": "m"}}})
+
+
 def test_unreachable_server_names_the_url_after_the_retries(tmp_path, qa_files, tiny_llama, capsys):
     url = f"http://127.0.0.1:{_free_port()}/v1"
     recipe = _recipe(tmp_path, str(tiny_llama), *qa_files, url=url, retries=1, timeout=2)

@@ -339,7 +339,12 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     fmt = d.student_format
     items = training_items(splits)
     silver_ids = {doc["document_id"] for ds in splits.get("silver", {}).values() for doc in ds}
-    if model is None:
+    servers = _trace_servers(recipe, log)
+    if servers:  # the server generates: the tokenizer is enough
+        from glotkit.models.loading import load_tokenizer, resolve_model_path
+
+        tok = load_tokenizer(resolve_model_path(recipe.model.name, log=log), recipe.model)
+    elif model is None:
         from peft import PeftModel
 
         from glotkit.models.loading import load_model
@@ -360,12 +365,14 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     if done and todo:
         log(f"[glotkit] traces: {len(done)} explanations already written, continuing")
     asks = [rationalization(doc, p, fmt, d.max_chars) for doc, p in todo]
-    with (model.disable_adapter() if todo and d.explain_with == "base" else contextlib.nullcontext()):
+    base_off = todo and d.explain_with == "base" and not servers
+    with (model.disable_adapter() if base_off else contextlib.nullcontext()):
         s1, n1 = _generate_appending(
             model, tok, path, [builder.prompt_ids(user, fmt, turn=turn) for user, turn, _ in asks],
             lambda i, t: {"key": _key(*todo[i]), "raw": t,
                           "explanation": explanation_of(asks[i][2] + t) if _usable(t) else ""},
-            max_new_tokens=d.explain_tokens, stop=("\n", "Answer:"), desc="teacher explains", **gen)
+            max_new_tokens=d.explain_tokens, stop=("\n", "Answer:"), desc="teacher explains",
+            server=servers.get(d.explain_with), **gen)
     explained = read_appended(path, lambda r: r["key"])
 
     # 2. the teacher's own answer after its explanation, without the gold label
@@ -383,7 +390,7 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
                                                after_cue=" " + explained[_key(doc, p)]["explanation"] + "\nAnswer:")
                             for doc, p in todo2],
         checked_row, max_new_tokens=d.label_tokens, stop=decoding(fmt, d.label_tokens, d.explain_tokens).stop,
-        keep_stop=True, desc="teacher checks", **gen)
+        keep_stop=True, desc="teacher checks", server=servers.get("teacher"), **gen)
     seconds, produced = s1 + s2, n1 + n2
     checked = read_appended(path2, lambda r: r["key"])
 
@@ -417,9 +424,25 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     return summary
 
 
-def _generate_appending(model, tok, path: Path, prompts, row: Callable[[int, str], dict], **gen) -> tuple[float, int]:
-    """Greedy generation for ``prompts``, each batch's ``row(index, text)`` appended (fsynced) to
-    ``path`` as it ends; returns (seconds, new tokens)."""
+def _trace_servers(recipe: Recipe, log) -> dict:
+    """role -> ServerGenerator for the trace steps with ``generate.backend: openai`` (else empty)."""
+    if recipe.generate.backend != "openai":
+        return {}
+    from glotkit.generate.server import ServerGenerator
+
+    roles = {"teacher", recipe.distill.explain_with}
+    servers = {r: ServerGenerator(recipe.generate, recipe.generate.models[r]) for r in sorted(roles)}
+    for r, srv in servers.items():
+        srv.check()
+        log(f"[glotkit] traces: the {r} model served by {srv.url} as '{srv.model}'")
+    return servers
+
+
+def _generate_appending(model, tok, path: Path, prompts, row: Callable[[int, str], dict], server=None,
+                        **gen) -> tuple[float, int]:
+    """Greedy generation for ``prompts`` (locally, or on ``server`` with the same prompts as
+    text), each batch's ``row(index, text)`` appended (fsynced) to ``path`` as it ends; returns
+    (seconds, new tokens)."""
     import time
 
     from glotkit.generate.local import generate_sampled
@@ -429,9 +452,15 @@ def _generate_appending(model, tok, path: Path, prompts, row: Callable[[int, str
         return 0.0, 0
     with path.open("a", encoding="utf-8") as fh:
         t0 = time.perf_counter()
-        _, n = generate_sampled(model, tok, prompts, temperature=0.0,
-                                on_batch=lambda idx, texts: append_rows(fh, [row(i, t) for i, t in zip(idx, texts)]),
-                                **gen)
+        write = lambda idx, texts: append_rows(fh, [row(i, t) for i, t in zip(idx, texts)])  # noqa: E731
+        if server is not None:
+            from glotkit.generate.server import prompt_text
+
+            for local_only in ("batch_size", "device"):
+                gen.pop(local_only, None)
+            _, n = server.generate([prompt_text(tok, p) for p in prompts], temperature=0.0, on_batch=write, **gen)
+        else:
+            _, n = generate_sampled(model, tok, prompts, temperature=0.0, on_batch=write, **gen)
     return time.perf_counter() - t0, n
 
 
