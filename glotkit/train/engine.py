@@ -440,6 +440,37 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(batch)[0]
 
 
+class _DeferredInterrupt:
+    """Ctrl-C during training ends the current step, then stops (the checkpoint is saved at a
+    step boundary); a second Ctrl-C stops at once.  Python otherwise raises KeyboardInterrupt
+    wherever the signal lands, and loses it when that is inside a finaliser ("Exception
+    ignored in ..."), so a run could go on after Ctrl-C.  Only in the main thread."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.asked, self.log, self.previous = False, log, None
+
+    def _handler(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        self.log("[glotkit] Ctrl-C: stopping after this step (press it again to stop at once)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
 def make_scheduler(optimizer, cfg: TrainSection, total_steps: int):
     from transformers import get_scheduler
 
@@ -578,54 +609,58 @@ def train(
     t0 = time.perf_counter() - elapsed
     end = total if stop_after is None else min(total, start_step + stop_after)
     in_update = False
+    interrupt = _DeferredInterrupt(log)
     try:
-        while step < end:
-            # (batch, real): this process's forward passes; a process whose share of a short last
-            # micro-batch is empty runs one example with weight 0, so that every process takes
-            # part in the gradient synchronisation
-            passes = []
-            for mb in steps[step]:
-                mine = share_of(mb, par.rank, par.world)
-                rows = build_rows([examples[i] for i in mine or mb[:1]], share_prefix=share,
-                                  max_row=cfg.max_tokens_per_forward)
-                row_len = [len(r.input_ids) for r in rows]
-                for chunk in split_by_tokens(list(range(len(rows))), row_len, cfg.max_tokens_per_forward):
-                    passes.append((loss_fn.collate([rows[i] for i in chunk], pad_id), bool(mine)))
-            counts = [(int((b["targets"] != IGNORE).sum()), b["n_tokens"], b["n_compute"]) if real else (0, 0, 0)
-                      for b, real in passes]
-            n_sup, n_tok, n_comp = (int(v) for v in par.sum([sum(c[k] for c in counts) for k in range(3)]))
-            # each process's gradients are averaged over the processes: scale its sum back up
-            norm = max(n_sup, 1) / par.world
-            step_loss = 0.0
-            for k, (b, real) in enumerate(passes):
-                with par.no_sync(wrapped, skip=k < len(passes) - 1):
-                    loss_sum = wrapped(b) if wrapped is not None else loss_fn(b)[0]
-                    par.backward(loss_sum / norm if real else loss_sum * 0.0)
-                if real:
-                    step_loss += loss_sum.item()
-            step_loss = par.sum([step_loss])[0]
-            tokens += n_tok
-            compute_tokens += n_comp
-            sup_tokens += n_sup
-            if cfg.max_grad_norm:
-                par.clip_grad_norm_(params, cfg.max_grad_norm)
-            in_update = True
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            rng_at_step = torch.get_rng_state()
-            in_update = False
-            elapsed = time.perf_counter() - t0
-            loss = step_loss / max(n_sup, 1)
-            if not math.isfinite(loss):
-                raise GlotkitError(f"training diverged at step {step}: loss is {loss}; lower train.lr (now {cfg.lr})")
-            history.append({"step": step, "loss": round(loss, 6), "lr": lr, "tokens": tokens, "seconds": round(elapsed, 3)})
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
-            bar.update(1)
-            if step % cfg.checkpoint_every == 0 and step < total:
-                save(step, rng_at_step)
+        with interrupt:
+            while step < end:
+                # (batch, real): this process's forward passes; a process whose share of a short last
+                # micro-batch is empty runs one example with weight 0, so that every process takes
+                # part in the gradient synchronisation
+                passes = []
+                for mb in steps[step]:
+                    mine = share_of(mb, par.rank, par.world)
+                    rows = build_rows([examples[i] for i in mine or mb[:1]], share_prefix=share,
+                                      max_row=cfg.max_tokens_per_forward)
+                    row_len = [len(r.input_ids) for r in rows]
+                    for chunk in split_by_tokens(list(range(len(rows))), row_len, cfg.max_tokens_per_forward):
+                        passes.append((loss_fn.collate([rows[i] for i in chunk], pad_id), bool(mine)))
+                counts = [(int((b["targets"] != IGNORE).sum()), b["n_tokens"], b["n_compute"]) if real else (0, 0, 0)
+                          for b, real in passes]
+                n_sup, n_tok, n_comp = (int(v) for v in par.sum([sum(c[k] for c in counts) for k in range(3)]))
+                # each process's gradients are averaged over the processes: scale its sum back up
+                norm = max(n_sup, 1) / par.world
+                step_loss = 0.0
+                for k, (b, real) in enumerate(passes):
+                    with par.no_sync(wrapped, skip=k < len(passes) - 1):
+                        loss_sum = wrapped(b) if wrapped is not None else loss_fn(b)[0]
+                        par.backward(loss_sum / norm if real else loss_sum * 0.0)
+                    if real:
+                        step_loss += loss_sum.item()
+                step_loss = par.sum([step_loss])[0]
+                tokens += n_tok
+                compute_tokens += n_comp
+                sup_tokens += n_sup
+                if cfg.max_grad_norm:
+                    par.clip_grad_norm_(params, cfg.max_grad_norm)
+                in_update = True
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                rng_at_step = torch.get_rng_state()
+                in_update = False
+                elapsed = time.perf_counter() - t0
+                loss = step_loss / max(n_sup, 1)
+                if not math.isfinite(loss):
+                    raise GlotkitError(f"training diverged at step {step}: loss is {loss}; lower train.lr (now {cfg.lr})")
+                history.append({"step": step, "loss": round(loss, 6), "lr": lr, "tokens": tokens, "seconds": round(elapsed, 3)})
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+                bar.update(1)
+                if step % cfg.checkpoint_every == 0 and step < total:
+                    save(step, rng_at_step)
+                if interrupt.asked:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         if not in_update and step > start_step:
