@@ -175,10 +175,9 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
         serve = recipe.generate.backend == "openai"
         with par.main_first():  # a built-in model is converted once, by process 0
             if serve and not (todo[1] or suite_todo):  # the server generates: the tokenizer is enough
-                from glotkit.models.loading import load_tokenizer, resolve_model_path
+                from glotkit.models.loading import tokenizer_for
 
-                model, device = None, "cpu"
-                tok = load_tokenizer(resolve_model_path(recipe.model.name, log=log), recipe.model)
+                model, device, tok = None, "cpu", tokenizer_for(recipe.model, log=log)
             else:
                 model, tok, device = load_model(recipe.model, log=log)
         if par.is_main:
@@ -204,9 +203,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
                 if serve:
                     from glotkit.generate.server import ServerGenerator
 
-                    server = ServerGenerator(recipe.generate, recipe.generate.models[tag])
-                    server.check()
-                    log(f"[glotkit] eval {tag}: generating on {server.url}, model '{server.model}'")
+                    server = ServerGenerator.connect(recipe.generate, tag, log, f"eval {tag}")
                 r = evaluate_qa(m, tok, fmt, data.test, recipe.eval, language=lang, out_dir=out_dir,
                                 device=device, desc=f"eval {tag}", log=log, progress=progress, server=server)
                 log(f"[glotkit] {tag} model: EM {r['em']:.2f}  F1 {r['f1']:.2f}  (n={r['n']})")

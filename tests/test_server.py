@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -33,10 +32,7 @@ pytest.importorskip("openai", reason="the server backend needs the openai client
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from glotkit.train.distributed import free_port as _free_port  # noqa: E402
 
 
 class _Fake(BaseHTTPRequestHandler):

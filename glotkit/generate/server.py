@@ -91,6 +91,14 @@ class ServerGenerator:
         used = r.usage.completion_tokens if r.usage else 0
         return r.choices[0].text or "", used
 
+    @classmethod
+    def connect(cls, cfg: GenerateSection, role: str, log: Callable[[str], None], what: str) -> "ServerGenerator":
+        """The server's model for ``role`` (``cfg.models[role]``), checked to be served."""
+        server = cls(cfg, cfg.models[role])
+        server.check()
+        log(f"[glotkit] {what}: the {role} model is served by {server.url} as '{server.model}'")
+        return server
+
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop: Sequence[str] | None = ("\n",), keep_stop: bool = False,
                  progress: bool = True, desc: str = "generate",

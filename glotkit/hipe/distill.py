@@ -295,9 +295,9 @@ def _train_adapter(recipe: Recipe, model_cfg, examples, out: Path, work: Path, w
 
 def _tokenizer(name: str):
     from glotkit.config import ModelSection
-    from glotkit.models.loading import load_tokenizer, resolve_model_path
+    from glotkit.models.loading import tokenizer_for
 
-    return load_tokenizer(resolve_model_path(name, log=lambda m: None), ModelSection(name=name))
+    return tokenizer_for(ModelSection(name=name), log=lambda m: None)
 
 
 def train_teacher(recipe: Recipe, run_dir: Path, splits, log, progress) -> None:
@@ -341,9 +341,9 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     silver_ids = {doc["document_id"] for ds in splits.get("silver", {}).values() for doc in ds}
     servers = _trace_servers(recipe, log)
     if servers:  # the server generates: the tokenizer is enough
-        from glotkit.models.loading import load_tokenizer, resolve_model_path
+        from glotkit.models.loading import tokenizer_for
 
-        tok = load_tokenizer(resolve_model_path(recipe.model.name, log=log), recipe.model)
+        tok = tokenizer_for(recipe.model, log=log)
     elif model is None:
         from peft import PeftModel
 
@@ -430,12 +430,8 @@ def _trace_servers(recipe: Recipe, log) -> dict:
         return {}
     from glotkit.generate.server import ServerGenerator
 
-    roles = {"teacher", recipe.distill.explain_with}
-    servers = {r: ServerGenerator(recipe.generate, recipe.generate.models[r]) for r in sorted(roles)}
-    for r, srv in servers.items():
-        srv.check()
-        log(f"[glotkit] traces: the {r} model served by {srv.url} as '{srv.model}'")
-    return servers
+    roles = sorted({"teacher", recipe.distill.explain_with})
+    return {r: ServerGenerator.connect(recipe.generate, r, log, "traces") for r in roles}
 
 
 def _generate_appending(model, tok, path: Path, prompts, row: Callable[[int, str], dict], server=None,

@@ -57,6 +57,11 @@ def load_tokenizer(path: str, cfg: ModelSection):
     return tok
 
 
+def tokenizer_for(cfg: ModelSection, log=print):
+    """The tokenizer of ``cfg.name`` (built-in, folder or hub id) without loading the weights."""
+    return load_tokenizer(resolve_model_path(cfg.name, log=log), cfg)
+
+
 def quantization_config(cfg: ModelSection, dtype):
     """A BitsAndBytesConfig for NF4, or None; a clear error when bitsandbytes is missing."""
     if cfg.quantization == "none":

@@ -83,10 +83,9 @@ def run_xllora(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print
         _settle_settings(synth_dir, _synth_settings(recipe), _GENERATION_KEYS, log)
         if not (synth_dir / "summary.json").is_file():
             if recipe.generate.backend == "openai":  # the server generates: the tokenizer is enough
-                from glotkit.models.loading import load_tokenizer, resolve_model_path
+                from glotkit.models.loading import tokenizer_for
 
-                model, device = None, "cpu"
-                tok = load_tokenizer(resolve_model_path(recipe.model.name, log=log), recipe.model)
+                model, device, tok = None, "cpu", tokenizer_for(recipe.model, log=log)
             elif model is None:
                 from glotkit.models.loading import load_model
 
@@ -202,10 +201,7 @@ def _synthesize(recipe, model, tok, device, gen_dir: Path, synth_dir: Path, log,
     if model is None:  # generate.backend: openai
         from glotkit.generate.server import ServerGenerator
 
-        servers = {k: ServerGenerator(recipe.generate, recipe.generate.models[k]) for k in ("positive", "negative")}
-        for k, srv in servers.items():
-            srv.check()
-            log(f"[glotkit] synthesis: {k} generator served by {srv.url} as '{srv.model}'")
+        servers = {k: ServerGenerator.connect(recipe.generate, k, log, "synthesis") for k in ("positive", "negative")}
     else:
         if hasattr(model, "peft_config"):
             model = model.unload()
