@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="accelerate: train in --num-processes processes (DDP; gloo on CPU, NCCL on GPUs)")
         sp.add_argument("--num-processes", type=int, default=2, help="with --launcher accelerate (default 2)")
         sp.add_argument("--accelerate-config", default=None, metavar="YAML",
-                        help="with --launcher accelerate: an accelerate config, e.g. configs/accelerate/fsdp.yaml")
+                        help="with --launcher accelerate: an accelerate config, e.g. configs/accelerate/ddp.yaml")
 
     sp = sub.add_parser("run", help="run a recipe's stages (resumes an interrupted run)")
     recipe_args(sp)
@@ -215,21 +215,18 @@ def _launch(args, argv: list[str], recipe) -> int:
     import subprocess
 
     from glotkit.models.loading import resolve_model_path
-    from glotkit.train.distributed import check_split, launch_command, launched_world
+    from glotkit.train.distributed import check_recipe, launch_command, launched_world
 
     if launched_world() > 1:
         raise GlotkitError("--launcher accelerate: this process already runs in a launch; drop --launcher")
     if args.num_processes < 1:
         raise GlotkitError(f"--num-processes: {args.num_processes}; give 1 or more")
-    if recipe.task not in ("qa", "pretrain"):
-        raise GlotkitError(f"{args.recipe}: task '{recipe.task}' trains in one process; --launcher accelerate "
-                           "runs recipes with task qa or pretrain")
-    check_split(recipe.train.batch_size, args.num_processes)
+    check_recipe(recipe, args.num_processes)
     if args.accelerate_config and not os.path.isfile(args.accelerate_config):
         raise GlotkitError(f"--accelerate-config {args.accelerate_config}: no such file")
     resolve_model_path(recipe.model.name, log=_log)  # convert a built-in model once, before the processes start
     inner, skip = [], 0
-    for i, a in enumerate(argv):  # the same command without the launcher's own options
+    for a in argv:  # the same command without the launcher's own options
         if skip:
             skip -= 1
         elif a in ("--launcher", "--num-processes", "--accelerate-config"):

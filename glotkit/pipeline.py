@@ -106,12 +106,11 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
 
     import torch
 
-    from glotkit.train.distributed import Parallel
+    from glotkit.train.distributed import Parallel, check_recipe
 
     par = Parallel.from_launch()
-    if par.world > 1 and recipe.task not in ("qa", "pretrain"):
-        raise GlotkitError(f"task: '{recipe.task}' trains in one process; multi-process training (accelerate) "
-                           "runs recipes with task qa or pretrain")
+    if par.world > 1:
+        check_recipe(recipe, par.world)
     if not par.is_main:
         log = lambda msg: None  # noqa: E731 - one voice: process 0 speaks and writes
     if recipe.task == "xllora":

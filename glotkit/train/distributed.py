@@ -47,6 +47,15 @@ def check_split(batch_size: int, world: int) -> None:
         )
 
 
+def check_recipe(recipe, world: int) -> None:
+    """What a recipe needs to train in ``world`` processes (checked before launching, and in
+    each process of a launch started by hand)."""
+    if recipe.task not in ("qa", "pretrain"):
+        raise GlotkitError(f"task: '{recipe.task}' trains in one process; multi-process training (accelerate) "
+                           "runs recipes with task qa or pretrain")
+    check_split(recipe.train.batch_size, world)
+
+
 def share_of(batch: Sequence[int], rank: int, world: int) -> list[int]:
     """This process's contiguous part of a micro-batch (near-equal sizes, the first parts larger).
 
