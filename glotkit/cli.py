@@ -46,10 +46,12 @@ def _parser() -> argparse.ArgumentParser:
 
     def launcher_args(sp):
         sp.add_argument("--launcher", choices=["none", "accelerate"], default="none",
-                        help="accelerate: train in --num-processes processes (DDP; gloo on CPU, NCCL on GPUs)")
+                        help="accelerate: train in --num-processes processes (DDP by default, FSDP with "
+                             "configs/accelerate/fsdp.yaml; gloo on CPU, NCCL on GPUs)")
         sp.add_argument("--num-processes", type=int, default=2, help="with --launcher accelerate (default 2)")
         sp.add_argument("--accelerate-config", default=None, metavar="YAML",
-                        help="with --launcher accelerate: an accelerate config, e.g. configs/accelerate/ddp.yaml")
+                        help="with --launcher accelerate: an accelerate config, e.g. configs/accelerate/ddp.yaml "
+                             "or configs/accelerate/fsdp.yaml")
 
     sp = sub.add_parser("run", help="run a recipe's stages (resumes an interrupted run)")
     recipe_args(sp)
@@ -215,15 +217,16 @@ def _launch(args, argv: list[str], recipe) -> int:
     import subprocess
 
     from glotkit.models.loading import resolve_model_path
-    from glotkit.train.distributed import check_recipe, launch_command, launched_world
+    from glotkit.train.distributed import check_recipe, launch_command, launched_world, read_launch_config
 
     if launched_world() > 1:
         raise GlotkitError("--launcher accelerate: this process already runs in a launch; drop --launcher")
     if args.num_processes < 1:
         raise GlotkitError(f"--num-processes: {args.num_processes}; give 1 or more")
-    check_recipe(recipe, args.num_processes)
     if args.accelerate_config and not os.path.isfile(args.accelerate_config):
         raise GlotkitError(f"--accelerate-config {args.accelerate_config}: no such file")
+    sharded = read_launch_config(args.accelerate_config) if args.accelerate_config else False
+    check_recipe(recipe, args.num_processes, sharded=sharded)
     resolve_model_path(recipe.model.name, log=_log)  # convert a built-in model once, before the processes start
     inner, skip = [], 0
     for a in argv:  # the same command without the launcher's own options

@@ -110,7 +110,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
 
     par = Parallel.from_launch()
     if par.world > 1:
-        check_recipe(recipe, par.world)
+        check_recipe(recipe, par.world, sharded=par.sharded)
     if not par.is_main:
         log = lambda msg: None  # noqa: E731 - one voice: process 0 speaks and writes
     if recipe.task == "xllora":
@@ -223,9 +223,10 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
                 log(f"[glotkit] warning: {note}")
             result = train(peft_model, encoded, recipe.train, seed=recipe.seed, work_dir=train_dir,
                            pad_id=tok.pad_token_id, device=device, log=log, progress=progress, parallel=par)
+            whole = par.trainable_state(peft_model) if par.sharded else None  # gathered by every process
             if not par.is_main:
                 return peft_model
-            save_adapter(peft_model, adapter_dir)
+            save_adapter(peft_model, adapter_dir, state=whole)
             info = result.to_dict()
             info.pop("log")
             info.update(trainable_params=params.trainable, all_params=params.total,
@@ -246,6 +247,11 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
             if not par.is_main:
                 return run_dir
             todo[1] = False
+            if par.sharded and (todo[0] or todo[2] or suite_todo):
+                # the trained model is in pieces (its other parts left with the other processes):
+                # process 0 loads it again, and the adapter from its folder
+                del model
+                model, tok, device = load_model(recipe.model, log=log)
         if todo[0]:
             if serve:
                 evaluate(None, "base")

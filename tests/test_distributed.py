@@ -1,10 +1,12 @@
-"""Data-parallel training through accelerate, on the CPU with 2 processes (gloo): the same steps as
-one process, only process 0 writes, and a killed 2-process run resumes to the same result."""
+"""Data-parallel training through accelerate, on the CPU with 2 processes (gloo), DDP and FSDP
+(configs/accelerate/fsdp.yaml): the same steps as one process, only process 0 writes, and a killed
+2-process run resumes to the same result."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -68,6 +70,32 @@ def test_more_processes_than_the_batch_splits_into(tmp_path, tiny_llama, qa_file
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("config, message", [
+    ("distributed_type: FSDP\nfsdp_config: {fsdp_version: 1}\n", "fsdp_config.fsdp_version 1; glotkit shards with FSDP2"),
+    ("distributed_type: DEEPSPEED\n", "distributed_type DEEPSPEED is not supported"),
+    ("distributed_type: [FSDP\n", "not valid YAML"),
+    ("- FSDP\n", "expected a mapping"),
+])
+def test_an_accelerate_config_glotkit_cannot_run_is_refused_before_launching(tmp_path, tiny_llama, qa_files, capsys,
+                                                                          config, message):
+    cfg = tmp_path / "acc.yaml"
+    cfg.write_text(config, encoding="utf-8")
+    recipe = _recipe(tmp_path, tiny_llama, *qa_files)
+    assert main(["train", str(recipe), "--launcher", "accelerate", "--accelerate-config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fsdp_refuses_a_4bit_model_before_launching(tmp_path, tiny_llama, qa_files, capsys):
+    recipe = _recipe(tmp_path, tiny_llama, *qa_files)
+    fsdp = str(REPO / "configs" / "accelerate" / "fsdp.yaml")
+    assert main(["train", str(recipe), "--set", "model.quantization=nf4", "--launcher", "accelerate",
+                 "--accelerate-config", fsdp]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.quantization: nf4 weights are not sharded" in err[0] and "ddp.yaml" in err[0]
+
+
 def test_launch_command_reruns_glotkit_under_accelerate():
     cmd = launch_command(["train", "r.yaml", "--set", "lora.r=4"], 4, port=12345)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
@@ -77,10 +105,11 @@ def test_launch_command_reruns_glotkit_under_accelerate():
     assert cmd[cmd.index("--config_file") + 1] == "configs/accelerate/ddp.yaml" and "--multi_gpu" not in cmd
 
 
-def _recipe(root: Path, model: Path, train: Path, test: Path, name: str = "tiny", batch_size: int = 2) -> Path:
+def _recipe(root: Path, model: Path, train: Path, test: Path, name: str = "tiny", batch_size: int = 2,
+            stages: tuple = ("train",)) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     raw = {"name": name, "runs_dir": str(root / "runs"), "model": {"name": str(model)},
-           "data": {"train": str(train), "test": str(test)}, "stages": ["train"],
+           "data": {"train": str(train), "test": str(test)}, "stages": list(stages),
            "lora": {"r": 4, "target_modules": "all-linear", "dropout": 0.0},
            "train": {"max_steps": STEPS, "batch_size": batch_size, "grad_accum": 2, "lr": 1e-3, "checkpoint_every": 5}}
     p = root / "recipe.yaml"
@@ -107,31 +136,45 @@ def _adapter(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_llama):
-    """One process in-line, then 2 processes through --launcher accelerate (uninterrupted, and
-    killed with SIGKILL after a checkpoint then rerun).  23 examples in micro-batches of 2: the
-    last micro-batch of an epoch has one example, so one process has none and takes part with a
-    zero-weight pass."""
-    root = tmp_path_factory.mktemp("ddp")
-    train = write_qa_jsonl(root / "train.jsonl", 23)
-    test = write_qa_jsonl(root / "test.jsonl", 4, offset=100)
-    cmd = [sys.executable, "-m", "glotkit", "run", "--no-progress"]
-    launch = ["--launcher", "accelerate", "--num-processes", "2"]
-    out = {}
+def data(tmp_path_factory):
+    """23 examples in micro-batches of 2: the last micro-batch of an epoch has one example, so one
+    process has none and takes part with a zero-weight pass."""
+    root = tmp_path_factory.mktemp("data")
+    return write_qa_jsonl(root / "train.jsonl", 23), write_qa_jsonl(root / "test.jsonl", 4, offset=100)
 
-    one = _recipe(root / "one", tiny_llama, train, test)
-    subprocess.run(cmd + [str(one)], env=_env(root / "one", root / "one"), check=True, capture_output=True, timeout=300)
-    out["one"] = root / "one" / "runs" / "tiny"
 
-    two = _recipe(root / "two", tiny_llama, train, test)
-    res = subprocess.run(cmd + [str(two)] + launch, env=_env(root / "two", root / "two" / "runs"),
+CMD = [sys.executable, "-m", "glotkit", "run", "--no-progress"]
+LAUNCH = {"one": [], "ddp": ["--launcher", "accelerate", "--num-processes", "2"],
+          "fsdp": ["--launcher", "accelerate", "--num-processes", "2",
+                   "--accelerate-config", str(REPO / "configs" / "accelerate" / "fsdp.yaml")]}
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, tiny_llama, data):
+    """The reference: one process, in-line."""
+    root = tmp_path_factory.mktemp("one")
+    recipe = _recipe(root, tiny_llama, *data)
+    subprocess.run(CMD + [str(recipe)], env=_env(root, root), check=True, capture_output=True, timeout=300)
+    return root / "runs" / "tiny"
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def runs(request, tmp_path_factory, tiny_llama, data, one):
+    """2 processes through --launcher accelerate, DDP (no config) or FSDP (configs/accelerate/fsdp.yaml):
+    uninterrupted (then evaluated by process 0), and killed with SIGKILL after a checkpoint then rerun."""
+    root = tmp_path_factory.mktemp(request.param)
+    launch = LAUNCH[request.param]
+    out = {"one": one, "kind": request.param}
+
+    two = _recipe(root / "two", tiny_llama, *data, stages=("train", "eval_tuned"))
+    res = subprocess.run(CMD + [str(two)] + launch, env=_env(root / "two", root / "two" / "runs"),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out["two"], out["two_err"], out["writes"] = root / "two" / "runs" / "tiny", res.stderr, root / "two" / "writes"
 
-    kill = _recipe(root / "kill", tiny_llama, train, test)
+    kill = _recipe(root / "kill", tiny_llama, *data)
     ckpt = root / "kill" / "runs" / "tiny" / "train" / "checkpoint.pt"
-    proc = subprocess.Popen(cmd + [str(kill)] + launch, env=_env(root / "kill", root / "kill" / "runs"),
+    proc = subprocess.Popen(CMD + [str(kill)] + launch, env=_env(root / "kill", root / "kill" / "runs"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -148,7 +191,9 @@ def runs(tmp_path_factory, tiny_llama):
     if finished_early or not ckpt.exists():
         pytest.fail(f"the 2-process run ended before a checkpoint could be killed (raise STEPS): {err[-2000:]!r}")
     out["killed_at"] = torch.load(ckpt, weights_only=True)["step"]
-    res = subprocess.run(cmd + [str(kill)] + launch, env=_env(root / "kill", root / "kill" / "runs"),
+    out["checkpoint"] = root / "checkpoint-at-kill.pt"
+    shutil.copy(ckpt, out["checkpoint"])
+    res = subprocess.run(CMD + [str(kill)] + launch, env=_env(root / "kill", root / "kill" / "runs"),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out["kill"], out["kill_err"] = root / "kill" / "runs" / "tiny", res.stderr
@@ -166,8 +211,10 @@ def test_two_processes_take_the_same_steps_as_one(runs):
     result = json.loads((runs["two"] / "train" / "result.json").read_text())
     assert result["processes"] == 2 and result["steps"] == STEPS
     assert json.loads((runs["one"] / "train" / "result.json").read_text())["processes"] == 1
-    assert "2 processes (MULTI_CPU)" in runs["two_err"]
+    assert ("2 processes (FSDP)" if runs["kind"] == "fsdp" else "2 processes (MULTI_CPU)") in runs["two_err"]
     assert runs["two_err"].count("trainable params:") == 1  # one voice
+    # process 0 evaluates the adapter it saved (after FSDP: on the model loaded again, whole)
+    assert json.loads((runs["two"] / "eval_tuned" / "metrics.json").read_text())["n"] == 4
 
 
 def test_only_process_zero_writes(runs):
@@ -184,3 +231,17 @@ def test_killed_two_process_run_resumes_to_the_same_result(runs):
     a, b = _adapter(runs["two"]), _adapter(runs["kill"])
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_resumes_in_another_kind_of_launch(runs, tiny_llama, data, tmp_path):
+    """A DDP checkpoint (optimizer state by position) resumes sharded, an FSDP one (gathered,
+    by parameter name) in one process: the steps are those of the uninterrupted run."""
+    other = "fsdp" if runs["kind"] == "ddp" else "one"
+    recipe = _recipe(tmp_path, tiny_llama, *data)
+    (tmp_path / "runs" / "tiny" / "train").mkdir(parents=True)
+    shutil.copy(runs["checkpoint"], tmp_path / "runs" / "tiny" / "train" / "checkpoint.pt")
+    res = subprocess.run(CMD + [str(recipe)] + LAUNCH[other], env=_env(tmp_path, tmp_path / "runs"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming training from step {runs['killed_at']}/{STEPS}" in res.stderr
+    assert _losses(tmp_path / "runs" / "tiny") == pytest.approx(_losses(runs["one"]), abs=2e-5)

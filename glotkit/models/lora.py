@@ -67,13 +67,14 @@ def count_trainable(peft_model) -> TrainableParams:
     return TrainableParams(trainable=int(trainable), total=int(total))
 
 
-def save_adapter(peft_model, out_dir) -> None:
+def save_adapter(peft_model, out_dir, state: dict | None = None) -> None:
     """Write the adapter in PEFT format, atomically (temporary folder, then rename).
 
     The adapter's tensors are handed to PEFT explicitly rather than letting it call
     ``model.state_dict()``: with bitsandbytes 0.50 on CPU, ``state_dict()`` of a 4-bit model
     after training corrupts the quantized weights in memory (measured: held-out loss 5.36 -> 25.8),
-    so the tuned evaluation that follows would be wrong.
+    so the tuned evaluation that follows would be wrong.  ``state``: the trainable tensors when
+    the model's own are sharded between processes (gathered by the caller).
     """
     import os
     import shutil
@@ -82,7 +83,8 @@ def save_adapter(peft_model, out_dir) -> None:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    state = {k: v.detach() for k, v in peft_model.named_parameters() if v.requires_grad}
+    if state is None:
+        state = {k: v.detach() for k, v in peft_model.named_parameters() if v.requires_grad}
     peft_model.save_pretrained(tmp, state_dict=state)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

@@ -423,10 +423,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 class _LossModule(torch.nn.Module):
     """The model with the supervised loss as its forward, so that DistributedDataParallel sees
     the whole computation of a pass (the loss calls the decoder body and the LM head apart)."""
@@ -520,9 +516,49 @@ def train(
     steps = plan_steps(lengths, cfg, seed, keys)
     total = len(steps)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise GlotkitError("nothing to train: the model has no trainable parameters")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    loss_fn = SupervisedLoss(model)
+    resumed_compute = 0
+    start_step, history = 0, []
+    tokens = sup_tokens = 0
+    elapsed = 0.0
+    ckpt_path = work_dir / CHECKPOINT
+    state = None
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("total_steps") != total:
+            raise GlotkitError(
+                f"{ckpt_path}: checkpoint was made for {state.get('total_steps')} steps, this run plans {total}; "
+                "delete the run folder to start again"
+            )
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value.to(named[name].device))
+        rngs = state.get("torch_rngs") or [state["torch_rng"]]
+        if state.get("processes", 1) != par.world:
+            log(f"[glotkit] note: the checkpoint was made by {state.get('processes', 1)} process(es), this run has "
+                f"{par.world}; the steps are the same, random state (dropout) continues from process 0's")
+        torch.set_rng_state(rngs[par.rank] if len(rngs) == par.world else rngs[0])
+        start_step, history = state["step"], list(state["log"])
+        tokens, sup_tokens, elapsed = state["tokens"], state["supervised_tokens"], state["elapsed"]
+        resumed_compute = state.get("compute_tokens", 0)
+        log(f"[glotkit] resuming training from step {start_step}/{total}")
+    else:
+        loss_fn.self_check(examples[steps[0][0][0]], log)
+    share = keys is not None and loss_fn.check_sharing([examples[i] for mb in steps[0] for i in mb], pad_id, log)
+    compute_tokens = resumed_compute
+    wrapped = _LossModule(model, loss_fn) if par.world > 1 else None
+    if par.sharded:  # before the optimizer, which must hold the sharded parameters
+        par.shard(wrapped, model)
+
+    params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -537,56 +573,33 @@ def train(
             log("[glotkit] note: paged AdamW pages optimizer state between GPU and CPU memory; on CPU plain AdamW is used")
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = make_scheduler(optimizer, cfg, total)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-
-    loss_fn = SupervisedLoss(model)
-    resumed_compute = 0
-    start_step, history = 0, []
-    tokens = sup_tokens = 0
-    elapsed = 0.0
-    ckpt_path = work_dir / CHECKPOINT
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("total_steps") != total:
-            raise GlotkitError(
-                f"{ckpt_path}: checkpoint was made for {state.get('total_steps')} steps, this run plans {total}; "
-                "delete the run folder to start again"
-            )
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value.to(named[name].device))
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        par.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        rngs = state.get("torch_rngs") or [state["torch_rng"]]
-        if state.get("processes", 1) != par.world:
-            log(f"[glotkit] note: the checkpoint was made by {state.get('processes', 1)} process(es), this run has "
-                f"{par.world}; the steps are the same, random state (dropout) continues from process 0's")
-        torch.set_rng_state(rngs[par.rank] if len(rngs) == par.world else rngs[0])
-        start_step, history = state["step"], list(state["log"])
-        tokens, sup_tokens, elapsed = state["tokens"], state["supervised_tokens"], state["elapsed"]
-        resumed_compute = state.get("compute_tokens", 0)
-        log(f"[glotkit] resuming training from step {start_step}/{total}")
-    else:
-        loss_fn.self_check(examples[steps[0][0][0]], log)
-    share = keys is not None and loss_fn.check_sharing([examples[i] for mb in steps[0] for i in mb], pad_id, log)
-    compute_tokens = resumed_compute
-    wrapped, optimizer = par.prepare(_LossModule(model, loss_fn), optimizer) if par.world > 1 else (None, optimizer)
+        del state
+    torch_optimizer = optimizer
+    if par.world > 1:
+        wrapped, optimizer = par.prepare(wrapped, optimizer)
 
-    def save(step: int, rng_state: torch.Tensor, together: bool = True) -> None:
-        # every process's random state, when all of them are here to hand it over
+    def save(step: int, rng_state: torch.Tensor, together: bool = True) -> bool:
+        # every process's random state, when all of them are here to hand it over; sharded
+        # parameters and optimizer state are gathered by all of them together
+        if par.sharded and not together:
+            log(f"[glotkit] the processes did not stop together: the checkpoint is the last one saved, not step {step}")
+            return False
         rngs = par.gather(rng_state) if together and par.world > 1 else [rng_state]
+        if not (par.is_main or par.sharded):
+            return True
+        trainable = par.trainable_state(model)
+        optimizer_state = par.optimizer_state(model, torch_optimizer)
         if not par.is_main:
-            return
+            return True
         _atomic_torch_save(
             {
                 "step": step,
                 "total_steps": total,
-                "trainable": _trainable_state(model),
-                "optimizer": optimizer.state_dict(),
+                "trainable": trainable,
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": rngs[0],
                 "torch_rngs": rngs,  # one per process (only process 0's after an interrupt)
@@ -600,6 +613,7 @@ def train(
             ckpt_path,
         )
         atomic_write_jsonl(work_dir / "log.jsonl", history)
+        return True
 
     model.train()
     reset_peak(device)
@@ -608,7 +622,7 @@ def train(
     rng_at_step = torch.get_rng_state()
     t0 = time.perf_counter() - elapsed
     end = total if stop_after is None else min(total, start_step + stop_after)
-    in_update = False
+    in_update = agreed = False
     interrupt = _DeferredInterrupt(log)
     try:
         with interrupt:
@@ -624,6 +638,10 @@ def train(
                     row_len = [len(r.input_ids) for r in rows]
                     for chunk in split_by_tokens(list(range(len(rows))), row_len, cfg.max_tokens_per_forward):
                         passes.append((loss_fn.collate([rows[i] for i in chunk], pad_id), bool(mine)))
+                if par.sharded:  # each pass gathers the shards: every process makes as many
+                    most = par.most(len(passes))
+                    while len(passes) < most:
+                        passes.append((loss_fn.collate(build_rows([examples[steps[step][0][0]]])[:1], pad_id), False))
                 counts = [(int((b["targets"] != IGNORE).sum()), b["n_tokens"], b["n_compute"]) if real else (0, 0, 0)
                           for b, real in passes]
                 n_sup, n_tok, n_comp = (int(v) for v in par.sum([sum(c[k] for c in counts) for k in range(3)]))
@@ -636,7 +654,8 @@ def train(
                         par.backward(loss_sum / norm if real else loss_sum * 0.0)
                     if real:
                         step_loss += loss_sum.item()
-                step_loss = par.sum([step_loss])[0]
+                # (with the loss, whether any process was asked to stop: they stop after the same step)
+                step_loss, stop = par.sum([step_loss, float(interrupt.asked)])
                 tokens += n_tok
                 compute_tokens += n_comp
                 sup_tokens += n_sup
@@ -659,14 +678,15 @@ def train(
                 bar.update(1)
                 if step % cfg.checkpoint_every == 0 and step < total:
                     save(step, rng_at_step)
-                if interrupt.asked:
+                if stop:
+                    agreed = True
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         if not in_update and step > start_step:
             optimizer.zero_grad(set_to_none=True)
-            save(step, rng_at_step, together=False)
-            log(f"[glotkit] interrupted: checkpoint saved at step {step}/{total}")
+            if save(step, rng_at_step, together=agreed):
+                log(f"[glotkit] interrupted: checkpoint saved at step {step}/{total}")
         raise
     bar.close()
     if step < total:  # stopped early on purpose (tests)
