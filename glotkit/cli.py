@@ -5,6 +5,7 @@
     glotkit train | synth triplets | embed RECIPE    (one stage of a recipe; XL-LoRA: task: xllora)
     glotkit distill compare | teach | student RECIPE  (HIPE-2026 distillation: task: distill)
     glotkit eval --suite ro [--adapter DIR --compare-base] [--tasks ...] [--shots 0,1,3,5] [--limit N]
+                 [--base-url URL --served-model NAME]   (a model on an OpenAI-compatible server)
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
     glotkit trim-vocab --model NAME --corpus PATH --out DIR
     glotkit sweep RECIPE --grid lora.r=1,2,4,8 [--grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj']
@@ -112,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--data-root", default=None, help="folder with the data sets (default: ../shared/data)")
     sp.add_argument("--out", default="runs/eval-ro")
+    sp.add_argument("--base-url", default=None, metavar="URL",
+                    help="score a model served by an OpenAI-compatible server (vLLM, llama.cpp) at URL, e.g. "
+                         "http://127.0.0.1:8000/v1; --model then only gives the tokenizer")
+    sp.add_argument("--served-model", default=None, metavar="NAME", help="with --base-url: the served model's name")
+    sp.add_argument("--concurrency", type=int, default=4, help="with --base-url: requests in flight")
     sp.add_argument("--no-progress", action="store_true")
     sp = sub.add_parser("memory", help="memory after loading (M1) and peak while generating (M2): fp32, bf16, NF4")
     sp.add_argument("--model", default="gemma-3-270m")
@@ -258,13 +264,37 @@ def _eval(args) -> int:
     root = Path(args.data_root) if args.data_root else shared_data_root()
     if args.compare_base and not args.adapter:
         raise GlotkitError("--compare-base: needs --adapter (the base is the model with the adapter switched off)")
+    if args.served_model and not args.base_url:
+        raise GlotkitError("--served-model: needs --base-url (the server that serves it)")
     quiet_libraries()
+    common = dict(shots=shots, seed=args.seed, mode=args.mode, limit=args.limit, batch_size=args.batch_size,
+                  data_root=root, out_dir=Path(args.out), task_data=task_data, log=_log,
+                  progress=not args.no_progress)
+    if args.base_url:
+        from glotkit.config import GenerateSection
+        from glotkit.generate.server import ServerGenerator
+        from glotkit.models.loading import tokenizer_for
+
+        if not args.served_model:
+            raise GlotkitError("--base-url: needs --served-model NAME (the name the server gives the model)")
+        if args.adapter:
+            raise GlotkitError("--adapter: with --base-url the server applies adapters; serve the adapter under a "
+                               "name (vLLM: --lora-modules NAME=DIR) and give that name to --served-model")
+        try:
+            cfg = GenerateSection(backend="openai", base_url=args.base_url, models={"base": args.served_model},
+                                  concurrency=args.concurrency)
+        except ValueError as e:  # (pydantic's ValidationError)
+            err = e.errors()[0]
+            raise GlotkitError(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']}: {err['msg']}") from None
+        tok = tokenizer_for(ModelSection(name=args.model), log=_log)
+        server = ServerGenerator.connect(cfg, "base", _log, "task suite")
+        run_suite(None, tok, tasks, model_label=args.served_model, server=server, **common)
+        print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+        return 0
     from glotkit.models.loading import load_model
 
     model, tok, device = load_model(ModelSection(name=args.model), log=_log)
-    common = dict(shots=shots, seed=args.seed, mode=args.mode, limit=args.limit, batch_size=args.batch_size,
-                  data_root=root, out_dir=Path(args.out), task_data=task_data, device=device, log=_log,
-                  progress=not args.no_progress)
+    common["device"] = device
     if args.adapter:
         if not (Path(args.adapter) / "adapter_config.json").is_file():
             raise GlotkitError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")

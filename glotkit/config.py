@@ -390,11 +390,13 @@ class Recipe(_Section):
         g = self.generate
         if g.backend == "openai":
             if self.task not in ("qa", "xllora", "distill"):
-                raise GlotkitError(f"generate.backend: 'openai' serves QA evaluation, XL-LoRA's synthesis and the "
-                                   f"distillation traces; task '{self.task}' generates with the local model")
+                raise GlotkitError(f"generate.backend: 'openai' serves QA evaluation and the task suite, XL-LoRA's "
+                                   f"synthesis and the distillation traces; task '{self.task}' generates with the "
+                                   "local model")
             if not g.base_url:
                 raise GlotkitError("generate.base_url: needed with backend 'openai' (e.g. http://127.0.0.1:8000/v1)")
             needs = [("eval_base", "base"), ("eval_tuned", "tuned"), ("synth", "positive"), ("synth", "negative")]
+            needs += [("suite", m) for m in self.suite.models]
             if self.task == "distill":
                 needs = [("traces", "teacher"), ("traces", self.distill.explain_with)]
             for stage, role in needs:

@@ -161,7 +161,8 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
     suite_todo = "suite" in stages and _suite_pending(recipe, run_dir)
     if suite_todo:
         _check_suite(recipe)  # bad task names, templates or shots fail now, not after training
-    if suite_todo and "tuned" in recipe.suite.models and not todo[1] and not adapter_dir.is_dir():
+    if (suite_todo and "tuned" in recipe.suite.models and not todo[1] and not adapter_dir.is_dir()
+            and recipe.generate.backend == "local"):
         raise GlotkitError(f"{adapter_dir}: no adapter for the suite's 'tuned' model; add 'train' to stages "
                            "or set suite.models: [base]")
     if par.world > 1:
@@ -173,7 +174,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
         torch.manual_seed(recipe.seed)
         serve = recipe.generate.backend == "openai"
         with par.main_first():  # a built-in model is converted once, by process 0
-            if serve and not (todo[1] or suite_todo):  # the server generates: the tokenizer is enough
+            if serve and not todo[1]:  # the server generates and scores: the tokenizer is enough
                 from glotkit.models.loading import tokenizer_for
 
                 model, device, tok = None, "cpu", tokenizer_for(recipe.model, log=log)
@@ -271,7 +272,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = print, progress: boo
                 model = PeftModel.from_pretrained(model, str(adapter_dir))
             evaluate(model, "tuned")
         if suite_todo:
-            _run_suite_stage(recipe, run_dir, model, tok, device, log, progress)
+            _run_suite_stage(recipe, run_dir, None if serve else model, tok, device, log, progress)
     par.end()  # (when training was done before: the other processes leave process 0 the rest)
     if not par.is_main:
         return run_dir
@@ -348,6 +349,8 @@ def _suite_pending(recipe: Recipe, run_dir: Path) -> bool:
 
 
 def _run_suite_stage(recipe: Recipe, run_dir: Path, model, tok, device: str, log, progress: bool) -> None:
+    """The suite for each of ``suite.models``: on the local ``model`` (the adapter switched off for
+    'base'), or on the server's models when ``generate.backend`` is 'openai' (``model`` is None)."""
     from glotkit.eval.suite import run_suite
 
     tasks, task_data, root = _suite_tasks(recipe)
@@ -356,6 +359,13 @@ def _run_suite_stage(recipe: Recipe, run_dir: Path, model, tok, device: str, log
     common = dict(shots=cfg.shots, seed=cfg.seed, mode=cfg.mode, limit=cfg.limit, batch_size=cfg.batch_size,
                   data_root=root, out_dir=run_dir / "suite", task_data=task_data, device=device, log=log,
                   progress=progress)
+    if model is None:
+        from glotkit.generate.server import ServerGenerator
+
+        for m in cfg.models:
+            server = ServerGenerator.connect(recipe.generate, m, log, f"task suite ({labels[m]})")
+            run_suite(None, tok, tasks, model_label=labels[m], server=server, **common)
+        return
     if "tuned" in cfg.models and not hasattr(model, "peft_config"):
         from peft import PeftModel
 

@@ -109,6 +109,143 @@ def test_server_with_another_model_is_an_error(fake_server):
         ServerGenerator(cfg, "m").generate(["a", "wrong", "b"], max_new_tokens=4, progress=False)
 
 
+class _ModelServer(_Fake):
+    """/v1/completions answered by a tiny local model, as vLLM answers: with ``echo`` the prompt's
+    tokens come back with their log-probabilities and offsets into the echoed text, which starts
+    with the BOS token's text, then the generated token.  ``shifted`` reproduces llama-cpp-python's
+    bug: each prompt token's log-probability under the distribution *after* it."""
+
+    model = tok = None
+    shifted = False
+
+    def do_POST(self):
+        import torch
+
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        cls = type(self)
+        cls.requests.append(req)
+        enc = cls.tok(req["prompt"], return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(cls.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        nxt = int(logp[-1].argmax())
+        bos = cls.tok.bos_token
+        gen = cls.tok.decode([nxt])
+        tokens = [cls.tok.decode([i]) for i in ids] + [gen]
+        offsets = [0] + [len(bos) + a for a, _ in enc["offset_mapping"][1:]] + [len(bos) + len(req["prompt"])]
+        values = [None] + [float(logp[t if cls.shifted else t - 1, ids[t]]) for t in range(1, len(ids))] + [float(logp[-1, nxt])]
+        if req.get("echo"):
+            text, lp = bos + req["prompt"] + gen, {"tokens": tokens, "token_logprobs": values, "text_offset": offsets}
+        else:
+            text, lp = gen, {"tokens": tokens[-1:], "token_logprobs": values[-1:], "text_offset": offsets[-1:]}
+        lp["top_logprobs"] = [None] * len(lp["tokens"])
+        self._send({"id": "x", "object": "text_completion", "created": 0, "model": req["model"],
+                    "choices": [{"text": text, "index": 0, "finish_reason": "length",
+                                 "logprobs": lp if req.get("logprobs") is not None else None}],
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}})
+
+
+@pytest.fixture
+def model_server(tmp_path):
+    from conftest import build_model
+
+    model, tok = build_model(tmp_path, "llama", init=0.2)
+    model.eval()
+    _ModelServer.model, _ModelServer.tok, _ModelServer.shifted, _ModelServer.requests = model, tok, False, []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _ModelServer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", model, tok
+    srv.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["multichoice", "regression"])
+def test_suite_loglik_on_a_server_equals_the_local_scores(model_server, kind):
+    """The task suite's loglik mode on a server (prompt + option echoed, the option's tokens picked
+    by their offsets) gives the local model's option log-likelihoods, hence its predictions."""
+    from test_suite import _tiny_task
+
+    from glotkit.eval.suite import run_task
+    from glotkit.generate.server import ServerGenerator
+
+    url, model, tok = model_server
+    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, concurrency=3, retries=0), "m")
+    task, data = _tiny_task(kind)
+    local = run_task(model, tok, task, data, shots=1, seed=3, mode="loglik", limit=6, batch_size=4)
+    served = run_task(None, tok, task, data, shots=1, seed=3, mode="loglik", limit=6, batch_size=4, server=server)
+    assert served["backend"] == f"openai {url} m" and local["backend"] == "local"
+    assert [p["prediction"] for p in served["predictions"]] == [p["prediction"] for p in local["predictions"]]
+    assert served["metrics"] == local["metrics"]
+    assert any(r.get("echo") for r in _ModelServer.requests) and server.logliks_checked
+
+
+def test_suite_loglik_refuses_a_server_whose_prompt_logprobs_are_shifted(model_server):
+    from test_suite import _tiny_task
+
+    from glotkit.eval.suite import run_task
+    from glotkit.generate.server import ServerGenerator
+
+    url, model, tok = model_server
+    _ModelServer.shifted = True
+    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0), "m")
+    task, data = _tiny_task("multichoice")
+    with pytest.raises(GlotkitError, match=r"prompt log-probabilities that disagree with its own generation.*"
+                                           r"llama-cpp-python#1983.*suite.mode: generate"):
+        run_task(None, tok, task, data, shots=0, seed=3, mode="loglik", limit=4, batch_size=4, server=server)
+
+
+def test_suite_generate_on_a_server_equals_the_local_generations(model_server):
+    from test_suite import _tiny_task
+
+    from glotkit.eval.suite import run_task
+    from glotkit.generate.server import ServerGenerator
+
+    url, model, tok = model_server
+    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0), "m")
+    task, data = _tiny_task("multichoice", max_new_tokens=1)
+    local = run_task(model, tok, task, data, shots=1, seed=3, mode="generate", limit=6, batch_size=4)
+    served = run_task(None, tok, task, data, shots=1, seed=3, mode="generate", limit=6, batch_size=4, server=server)
+    assert [p["generation"] for p in served["predictions"]] == [p["generation"] for p in local["predictions"]]
+    assert served["metrics"] == local["metrics"]
+
+
+def test_suite_stage_of_a_recipe_runs_on_the_server(tmp_path, model_server, qa_files, capsys, monkeypatch):
+    """A recipe's suite stage with backend openai: the tokenizer is loaded, not the weights; each
+    suite model is the server's model of that role; a missing role is a one-line error."""
+    url, model, tok = model_server
+    rows = tmp_path / "rows.csv"
+    rows.write_text("propozitie,eticheta\n" + "".join(f"Sibiu e frumos {i},{'da' if i % 2 else 'nu'}\n"
+                                                      for i in range(20)), encoding="utf-8")
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text("tasks:\n  - name: da-nu\n    kind: classification\n    template: 'Text: {propozitie}\\nRăspuns:'\n"
+                    "    answer: eticheta\n    labels: [da, nu]\n    data: {file: rows.csv, shots_pool: 5}\n",
+                    encoding="utf-8")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    raw = {"name": "served-suite", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(model_dir)},
+           "data": {"train": str(qa_files[0]), "test": str(qa_files[1])}, "stages": ["suite"],
+           "suite": {"tasks": ["da-nu"], "task_files": [str(spec)], "shots": [0, 1], "limit": 4, "models": ["base"]},
+           "generate": {"backend": "openai", "base_url": url, "models": {"base": "m"}, "retries": 0}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(raw), encoding="utf-8")
+
+    def no_weights(*a, **k):
+        raise AssertionError("the model's weights were loaded")
+
+    monkeypatch.setattr("glotkit.models.loading.load_model", no_weights)
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    assert "the base model is served by" in capsys.readouterr().err
+    results = json.loads((tmp_path / "runs" / "served-suite" / "suite" / "results.json").read_text())
+    assert [(r["shots"], r["mode"], r["backend"]) for r in results] == [(0, "loglik", f"openai {url} m"),
+                                                                          (1, "loglik", f"openai {url} m")]
+    raw["suite"]["models"] = ["base", "tuned"]
+    recipe.write_text(json.dumps(raw), encoding="utf-8")
+    assert main(["run", "--no-progress", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "glotkit: error: generate.models.tuned: the served name of the tuned model is needed for stage suite "
+        "with backend 'openai'")
+
+
 def test_xllora_synthesis_on_a_server(tmp_path, tiny_llama, fake_server):
     """The generators are trained locally; the server serves them by name and gets the same
     prompts (as text) and sampling settings; its answers land in generations.jsonl."""
@@ -325,3 +462,16 @@ def test_server_killed_mid_evaluation_then_resumed(tmp_path, llama_server):
     for r in before:  # what was answered before the kill is kept as it was
         assert by_id[r["id"]] == r
     assert not partial.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--served-model", "m"], "--served-model: needs --base-url"),
+    (["--base-url", "http://127.0.0.1:9/v1"], "--base-url: needs --served-model NAME"),
+    (["--base-url", "http://127.0.0.1:9/v1", "--served-model", "m", "--adapter", "x"], "--adapter: with --base-url"),
+    (["--base-url", "ftp://x", "--served-model", "m"], "--base-url ftp://x: Value error, 'ftp://x' is not an http(s) URL"),
+    (["--base-url", "http://127.0.0.1:9/v1", "--served-model", "m", "--concurrency", "0"], "--concurrency 0: Input should be greater than 0"),
+])
+def test_eval_on_a_server_argument_errors(args, message, capsys):
+    assert main(["eval", "--tasks", "sentiment", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

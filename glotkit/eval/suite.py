@@ -514,12 +514,14 @@ def test_items(task: Task, data: dict[str, list[dict]], limit: int | None) -> li
 
 def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots: int, seed: int, mode: str,
              limit: int | None, batch_size: int, device: str = "cpu", progress: bool = False,
-             language: str = "ro") -> dict:
+             language: str = "ro", server=None) -> dict:
     """Score one task at one number of shots; returns metrics and per-item predictions.
 
     ``mode="loglik"`` applies to classification and multiple choice (the most likely option) and
     to regression (the expected value of the scores 0..5 under the model's probabilities); QA and
-    summarization always generate.  The result's ``mode`` says which was used."""
+    summarization always generate.  The result's ``mode`` says which was used.  With ``server``
+    (a :class:`~glotkit.generate.server.ServerGenerator`) the served model scores and generates
+    from the same prompt texts; ``model`` is not used and ``tokenizer`` only counts tokens."""
     from glotkit.generate.local import generate_greedy
 
     import time
@@ -531,10 +533,17 @@ def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots
     check_template(task, test[0])
     texts = [build_prompt(task, r, draw_shots(data["train"], shots, seed, i)) for i, r in enumerate(test)]
     prompt_ids = [tokenizer(t)["input_ids"] for t in texts]
+
+    def logliks(continuations: list[str]) -> list[list[float]]:
+        # each option after a space, as it follows "...:" in the demonstrations
+        if server is not None:
+            return server.logliks(texts, [" " + c for c in continuations], progress=progress, desc=task.name)
+        option_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in continuations]
+        return option_logliks(model, tokenizer, prompt_ids, option_ids, batch_size, device)
+
     if mode == "loglik" and task.kind in ("classification", "multichoice"):
         options = task.options()
-        option_ids = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] for o in options]
-        ll = option_logliks(model, tokenizer, prompt_ids, option_ids, batch_size, device)
+        ll = logliks(options)
         best = [options[max(range(len(row)), key=row.__getitem__)] for row in ll]
         preds = [task.parse(b) for b in best]
         gens = [None] * len(test)
@@ -543,8 +552,7 @@ def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots
         import math
 
         values = list(range(6))
-        option_ids = [tokenizer(f" {v}", add_special_tokens=False)["input_ids"] for v in values]
-        ll = option_logliks(model, tokenizer, prompt_ids, option_ids, batch_size, device)
+        ll = logliks([str(v) for v in values])
         preds = []
         for row in ll:
             top = max(row)
@@ -553,9 +561,13 @@ def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots
         gens = [None] * len(test)
     else:
         mode = "generate"
-        gens = generate_greedy(model, tokenizer, prompt_ids, max_new_tokens=task.max_new_tokens,
-                               batch_size=batch_size, device=device, progress=progress, desc=task.name,
-                               stop=task.stop)
+        if server is not None:
+            gens, _ = server.generate(texts, max_new_tokens=task.max_new_tokens, stop=task.stop, progress=progress,
+                                      desc=task.name)
+        else:
+            gens = generate_greedy(model, tokenizer, prompt_ids, max_new_tokens=task.max_new_tokens,
+                                   batch_size=batch_size, device=device, progress=progress, desc=task.name,
+                                   stop=task.stop)
         preds = [task.parse(g) for g in gens]
     golds = [task.gold(r) for r in test]
     metrics = task.score(preds, golds, language)
@@ -564,6 +576,7 @@ def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots
         return sorted(v) if isinstance(v, frozenset) else v
 
     return {"task": task.name, "kind": task.kind, "shots": shots, "mode": mode, "seed": seed,
+            "backend": f"openai {server.url} {server.model}" if server is not None else "local",
             "batch_size": batch_size, "limit": limit, "template": task.template,
             "max_new_tokens": task.max_new_tokens, "main_metric": task.main_metric, "metrics": metrics,
             "prompt_tokens_mean": round(sum(map(len, prompt_ids)) / len(prompt_ids), 1),
@@ -588,7 +601,7 @@ def done_units(results_path: Path) -> set[tuple]:
 def run_suite(model, tokenizer, tasks: Sequence[Task], *, shots: Sequence[int], seed: int, mode: str,
               limit: int | None, batch_size: int, data_root: Path, out_dir: Path, model_label: str,
               task_data: dict[str, Path] | None = None, device: str = "cpu",
-              log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+              log: Callable[[str], None] = print, progress: bool = True, server=None) -> list[dict]:
     """Every task at every number of shots for one model; results are added to ``results.json``
     in ``out_dir`` (a (model, task, shots) already there with the same settings is not redone,
     so an interrupted suite resumes and a second model's results join the first's), and
@@ -611,7 +624,7 @@ def run_suite(model, tokenizer, tasks: Sequence[Task], *, shots: Sequence[int], 
                 continue
             data = data if data is not None else task.load(source)
             r = run_task(model, tokenizer, task, data, shots=k, seed=seed, mode=mode, limit=limit,
-                         batch_size=batch_size, device=device, progress=progress)
+                         batch_size=batch_size, device=device, progress=progress, server=server)
             r["model"], r["mode_asked"] = model_label, mode
             atomic_write_jsonl(out_dir / f"predictions-{slug}-{task.name}-{k}shot.jsonl", r.pop("predictions"))
             results.append(r)

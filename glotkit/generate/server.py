@@ -11,6 +11,16 @@ the model, greedy or sampled, several requests in flight.
 * The texts come back in input order; stop strings are applied here exactly as the local backend
   applies them (a leading newline does not stop an answer), so the same parsers see the same
   kind of text.
+* :meth:`ServerGenerator.logliks` scores continuations (the task suite's ``loglik`` mode) the way
+  lm-evaluation-harness does on a completions server: the prompt and the continuation in one
+  request with ``echo`` and ``logprobs``, summing the log-probabilities of the tokens that start
+  at or after the continuation's first character.  Before the first score the server is checked
+  against itself: the log-probability it gives a token it has just generated must be the one it
+  gives that token when the same text comes back as a prompt.  llama-cpp-python's server (0.3.36)
+  fails this check (its prompt log-probabilities are those of each token *after* it is read:
+  abetlen/llama-cpp-python#1983), and llama.cpp's own server returns none; both are refused with
+  a message, where a silent run would score by chance.  vLLM's prompt log-probabilities are the
+  ones lm-evaluation-harness relies on.
 
 Start a server for the built-in SmolLM2 (the test does this)::
 
@@ -48,6 +58,7 @@ class ServerGenerator:
             raise GlotkitError("generate.backend: 'openai' needs the openai client: pip install 'glotkit[server]'") from None
         self.openai = openai
         self.cfg, self.model, self.url = cfg, model, cfg.base_url
+        self.logliks_checked = False
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if cfg.api_key_env and not key:
             raise GlotkitError(f"generate.api_key_env: the environment variable {cfg.api_key_env} is not set")
@@ -90,6 +101,97 @@ class ServerGenerator:
             raise GlotkitError(f"generate: {self.url} returned no choice for model '{self.model}'")
         used = r.usage.completion_tokens if r.usage else 0
         return r.choices[0].text or "", used
+
+    def _echo(self, text: str) -> tuple[list[int], list[str], list[float | None]]:
+        """(character offsets, tokens, log-probabilities) of ``text``'s tokens as the server reads them."""
+        try:
+            r = self.client.completions.create(model=self.model, prompt=text, max_tokens=1, temperature=0.0,
+                                               echo=True, logprobs=1)
+        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as err:
+            raise self._unreachable(err) from None
+        except self.openai.APIStatusError as err:
+            raise GlotkitError(f"generate: {self.url} answered HTTP {err.status_code} for model '{self.model}' when "
+                               f"asked for prompt log-probabilities (echo + logprobs; llama-cpp-python's server needs "
+                               f"--logits_all true): {str(err).splitlines()[0][:300]}") from None
+        if r.model != self.model:
+            raise GlotkitError(f"generate.models: asked {self.url} for '{self.model}', it answered as '{r.model}'")
+        lp = r.choices[0].logprobs if r.choices else None
+        offsets = list(getattr(lp, "text_offset", None) or [])
+        values = list(getattr(lp, "token_logprobs", None) or [])
+        tokens = list(getattr(lp, "tokens", None) or [])
+        if not offsets or len(offsets) != len(values) or len(tokens) != len(values):
+            raise GlotkitError(f"generate: {self.url} returned no prompt log-probabilities for model '{self.model}' "
+                               "(the loglik mode needs echo with logprobs and text offsets; use suite.mode: generate)")
+        # the offsets count characters of the echoed text, which may start with the BOS token's text
+        shift = (r.choices[0].text or "").find(text)
+        if shift < 0:
+            raise GlotkitError(f"generate: {self.url} echoed another text than the prompt for model '{self.model}'; "
+                               "cannot place the continuation's tokens (use suite.mode: generate)")
+        return [o - shift for o in offsets], tokens, values
+
+    def _loglik(self, context: str, continuation: str) -> float:
+        offsets, _, values = self._echo(context + continuation)
+        start, end = len(context), len(context) + len(continuation)
+        picked = [v for o, v in zip(offsets, values) if start <= o < end]
+        if not picked or any(v is None for v in picked):
+            raise GlotkitError(f"generate: {self.url} gave no log-probability for the continuation "
+                               f"{continuation!r} of model '{self.model}'")
+        return float(sum(picked))
+
+    def check_logliks(self, context: str, tolerance: float = 0.1) -> None:
+        """The server's prompt log-probabilities agree with its generation: the token it generates
+        after ``context`` gets the same log-probability when sent back as part of the prompt."""
+        try:
+            r = self.client.completions.create(model=self.model, prompt=context, max_tokens=1, temperature=0.0,
+                                               logprobs=1)
+        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as err:
+            raise self._unreachable(err) from None
+        except self.openai.APIStatusError as err:
+            raise GlotkitError(f"generate: {self.url} answered HTTP {err.status_code} for model '{self.model}' when "
+                               f"asked for log-probabilities: {str(err).splitlines()[0][:300]}") from None
+        lp = r.choices[0].logprobs if r.choices else None
+        generated = list(getattr(lp, "token_logprobs", None) or [])
+        token = (list(getattr(lp, "tokens", None) or []) or [r.choices[0].text if r.choices else ""])[0]
+        if not token or "\ufffd" in token or not generated or generated[0] is None:
+            return  # nothing (or a piece of a character) to compare with: no evidence, asked again later
+        offsets, tokens, values = self._echo(context + token)
+        at = [k for k, o in enumerate(offsets) if len(context) <= o < len(context) + len(token)]
+        if len(at) != 1 or offsets[at[0]] != len(context) or tokens[at[0]] != token or values[at[0]] is None:
+            return  # read back, the text splits into other tokens: no evidence, asked again later
+        want, got = float(generated[0]), float(values[at[0]])
+        if abs(got - want) > tolerance:
+            raise GlotkitError(
+                f"generate: {self.url} ('{self.model}') gives prompt log-probabilities that disagree with its own "
+                f"generation ({token!r}: {got:.3f} read in the prompt, {want:.3f} when generated), so the loglik "
+                "mode would score wrongly; llama-cpp-python's server has this bug (abetlen/llama-cpp-python#1983). "
+                "Use suite.mode: generate (--mode generate), or a server whose prompt log-probabilities are right "
+                "(vLLM)")
+        self.logliks_checked = True
+
+    def logliks(self, contexts: Sequence[str], continuations: Sequence[str], *, progress: bool = True,
+                desc: str = "loglik") -> list[list[float]]:
+        """Sum of log-probabilities of each continuation after each context (one request each,
+        ``concurrency`` in flight), as ``option_logliks`` gives them for the local model."""
+        from tqdm.auto import tqdm
+
+        for context in contexts[:8]:  # until one gives evidence (a whole token generated and read back)
+            if self.logliks_checked:
+                break
+            self.check_logliks(context)
+        jobs = [(i, j) for i in range(len(contexts)) for j in range(len(continuations))]
+        out = [[0.0] * len(continuations) for _ in contexts]
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool, \
+                tqdm(total=len(contexts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+            futures = [pool.submit(self._loglik, contexts[i], continuations[j]) for i, j in jobs]
+            try:
+                for (i, j), fut in zip(jobs, futures):
+                    out[i][j] = fut.result()
+                    if j == len(continuations) - 1:
+                        bar.update(1)
+            finally:
+                for fut in futures:
+                    fut.cancel()
+        return out
 
     @classmethod
     def connect(cls, cfg: GenerateSection, role: str, log: Callable[[str], None], what: str) -> "ServerGenerator":
