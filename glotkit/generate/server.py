@@ -82,40 +82,37 @@ class ServerGenerator:
             raise GlotkitError(f"generate.models: the server at {self.url} serves {', '.join(served) or 'nothing'}, "
                                f"not '{self.model}'")
 
-    def _one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-             seed: int) -> tuple[str, int]:
-        # top_k is not in OpenAI's API; vLLM, TGI and llama.cpp read it from the request body
-        extra = {"top_k": top_k} if top_k and temperature > 0 else None
+    def _complete(self, asking: str = "", **request):
+        """One ``/v1/completions`` request for this model; every failure is one line (``asking``
+        says what was asked, after the status)."""
         try:
-            r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_new_tokens,
-                                               temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                               seed=seed, extra_body=extra)
+            r = self.client.completions.create(model=self.model, **request)
         except (self.openai.APIConnectionError, self.openai.APITimeoutError) as err:
             raise self._unreachable(err) from None
         except self.openai.APIStatusError as err:
-            raise GlotkitError(f"generate: {self.url} answered HTTP {err.status_code} for model '{self.model}': "
-                               f"{str(err).splitlines()[0][:300]}") from None
+            raise GlotkitError(f"generate: {self.url} answered HTTP {err.status_code} for model '{self.model}'"
+                               f"{asking}: {str(err).splitlines()[0][:300]}") from None
         if r.model != self.model:
             raise GlotkitError(f"generate.models: asked {self.url} for '{self.model}', it answered as '{r.model}'")
         if not r.choices:
             raise GlotkitError(f"generate: {self.url} returned no choice for model '{self.model}'")
+        return r
+
+    def _one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+             seed: int) -> tuple[str, int]:
+        # top_k is not in OpenAI's API; vLLM, TGI and llama.cpp read it from the request body
+        extra = {"top_k": top_k} if top_k and temperature > 0 else None
+        r = self._complete(prompt=prompt, max_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p if temperature > 0 else 1.0, seed=seed, extra_body=extra)
         used = r.usage.completion_tokens if r.usage else 0
         return r.choices[0].text or "", used
 
     def _echo(self, text: str) -> tuple[list[int], list[str], list[float | None]]:
         """(character offsets, tokens, log-probabilities) of ``text``'s tokens as the server reads them."""
-        try:
-            r = self.client.completions.create(model=self.model, prompt=text, max_tokens=1, temperature=0.0,
-                                               echo=True, logprobs=1)
-        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as err:
-            raise self._unreachable(err) from None
-        except self.openai.APIStatusError as err:
-            raise GlotkitError(f"generate: {self.url} answered HTTP {err.status_code} for model '{self.model}' when "
-                               f"asked for prompt log-probabilities (echo + logprobs; llama-cpp-python's server needs "
-                               f"--logits_all true): {str(err).splitlines()[0][:300]}") from None
-        if r.model != self.model:
-            raise GlotkitError(f"generate.models: asked {self.url} for '{self.model}', it answered as '{r.model}'")
-        lp = r.choices[0].logprobs if r.choices else None
+        r = self._complete(" when asked for prompt log-probabilities (echo + logprobs; llama-cpp-python's server "
+                           "needs --logits_all true)", prompt=text, max_tokens=1, temperature=0.0, echo=True,
+                           logprobs=1)
+        lp = r.choices[0].logprobs
         offsets = list(getattr(lp, "text_offset", None) or [])
         values = list(getattr(lp, "token_logprobs", None) or [])
         tokens = list(getattr(lp, "tokens", None) or [])
@@ -141,17 +138,11 @@ class ServerGenerator:
     def check_logliks(self, context: str, tolerance: float = 0.1) -> None:
         """The server's prompt log-probabilities agree with its generation: the token it generates
         after ``context`` gets the same log-probability when sent back as part of the prompt."""
-        try:
-            r = self.client.completions.create(model=self.model, prompt=context, max_tokens=1, temperature=0.0,
-                                               logprobs=1)
-        except (self.openai.APIConnectionError, self.openai.APITimeoutError) as err:
-            raise self._unreachable(err) from None
-        except self.openai.APIStatusError as err:
-            raise GlotkitError(f"generate: {self.url} answered HTTP {err.status_code} for model '{self.model}' when "
-                               f"asked for log-probabilities: {str(err).splitlines()[0][:300]}") from None
-        lp = r.choices[0].logprobs if r.choices else None
+        r = self._complete(" when asked for log-probabilities", prompt=context, max_tokens=1, temperature=0.0,
+                           logprobs=1)
+        lp = r.choices[0].logprobs
         generated = list(getattr(lp, "token_logprobs", None) or [])
-        token = (list(getattr(lp, "tokens", None) or []) or [r.choices[0].text if r.choices else ""])[0]
+        token = (list(getattr(lp, "tokens", None) or []) or [r.choices[0].text])[0]
         if not token or "\ufffd" in token or not generated or generated[0] is None:
             return  # nothing (or a piece of a character) to compare with: no evidence, asked again later
         offsets, tokens, values = self._echo(context + token)
