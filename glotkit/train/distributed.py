@@ -89,16 +89,21 @@ def read_launch_config(config_file: str) -> bool:
         raise GlotkitError(f"--accelerate-config {config_file}: expected a mapping of accelerate settings")
     kind = str(cfg.get("distributed_type", "MULTI_GPU")).upper()
     if kind == "DEEPSPEED":
-        raise GlotkitError(f"{config_file}: distributed_type DEEPSPEED is not supported by glotkit's training engine "
-                           "(DeepSpeed steps the optimizer on every backward; glotkit makes several passes per step); "
-                           "use configs/accelerate/ddp.yaml or configs/accelerate/fsdp.yaml")
+        raise GlotkitError(f"{config_file}: distributed_type DEEPSPEED {_UNSUPPORTED}")
     if kind != "FSDP":
         return False
-    version = (cfg.get("fsdp_config") or {}).get("fsdp_version", 1)
-    if str(version) != "2":
-        raise GlotkitError(f"{config_file}: fsdp_config.fsdp_version {version}; glotkit shards with FSDP2: set "
-                           "fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
+    _check_fsdp_version((cfg.get("fsdp_config") or {}).get("fsdp_version", 1), config_file)
     return True
+
+
+_UNSUPPORTED = ("is not supported by glotkit's training engine (DeepSpeed steps the optimizer on every backward; "
+                "glotkit makes several passes per step); use configs/accelerate/ddp.yaml or configs/accelerate/fsdp.yaml")
+
+
+def _check_fsdp_version(version, where: str) -> None:
+    if str(version) != "2":
+        raise GlotkitError(f"{where}: fsdp_config.fsdp_version {version}; glotkit shards with FSDP2: set "
+                           "fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -163,18 +168,14 @@ class Parallel:
             raise GlotkitError("distributed training needs accelerate: pip install accelerate") from None
         import torch
 
-        # without GPUs accelerate only forms a CPU process group (gloo) when told it is on the CPU
         sharded = fsdp_requested()
-        if sharded and os.environ.get("FSDP_VERSION", "1") != "2":
-            raise GlotkitError(f"accelerate config: fsdp_version {os.environ.get('FSDP_VERSION', '1')}; glotkit shards "
-                               "with FSDP2: set fsdp_config.fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+        if sharded:
+            _check_fsdp_version(os.environ.get("FSDP_VERSION", "1"), "accelerate config")
         # without GPUs accelerate only forms a CPU process group (gloo) when told it is on the CPU
         acc = Accelerator(cpu=not torch.cuda.is_available())
         kind = str(acc.distributed_type).split(".")[-1]
         if kind not in ("MULTI_CPU", "MULTI_GPU", "FSDP"):
-            raise GlotkitError(f"accelerate config: distributed_type {kind} is not supported by glotkit's training "
-                               "engine (DeepSpeed steps the optimizer on every backward; glotkit makes several "
-                               "passes per step); use configs/accelerate/ddp.yaml or configs/accelerate/fsdp.yaml")
+            raise GlotkitError(f"accelerate config: distributed_type {kind} {_UNSUPPORTED}")
         if acc.num_processes != launched_world():
             raise GlotkitError(f"accelerate formed a group of {acc.num_processes} process(es) in a launch of "
                                f"{launched_world()}; check the accelerate config")

@@ -467,6 +467,22 @@ class _DeferredInterrupt:
         return False
 
 
+def make_optimizer(params: list, cfg: TrainSection, device, log: Callable[[str], None]):
+    """AdamW (paged on CUDA when asked) with weight decay on matrices only."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "paged_adamw" and str(device).startswith("cuda"):
+        try:
+            from bitsandbytes.optim import PagedAdamW
+        except ImportError:
+            raise GlotkitError("train.optimizer: paged_adamw needs bitsandbytes (pip install 'glotkit[quant]')") from None
+        return PagedAdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "paged_adamw":
+        log("[glotkit] note: paged AdamW pages optimizer state between GPU and CPU memory; on CPU plain AdamW is used")
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
 def make_scheduler(optimizer, cfg: TrainSection, total_steps: int):
     from transformers import get_scheduler
 
@@ -559,19 +575,7 @@ def train(
         par.shard(wrapped, model)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "paged_adamw" and str(device).startswith("cuda"):
-        try:
-            from bitsandbytes.optim import PagedAdamW
-        except ImportError:
-            raise GlotkitError("train.optimizer: paged_adamw needs bitsandbytes (pip install 'glotkit[quant]')") from None
-        optimizer = PagedAdamW(groups, lr=cfg.lr)
-    else:
-        if cfg.optimizer == "paged_adamw":
-            log("[glotkit] note: paged AdamW pages optimizer state between GPU and CPU memory; on CPU plain AdamW is used")
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = make_optimizer(params, cfg, device, log)
     scheduler = make_scheduler(optimizer, cfg, total)
     if state is not None:
         par.load_optimizer_state(model, optimizer, state["optimizer"])
