@@ -180,18 +180,23 @@ class EvalSection(_Section):
 
 class GenerateSection(_Section):
     """Where generation runs: the local model (default) or an OpenAI-compatible server (vLLM, TGI,
-    llama.cpp's server) that serves the same models.  With a server, the QA evaluation stages,
-    XL-LoRA's synthesis and the distillation traces send their prompts (text, the same prompts as
-    the local backend) to ``base_url`` and parse the answers as usual; ``models`` names what the
-    server calls each model of the run."""
+    llama.cpp's server) that serves the same models.  With a server, the QA evaluation stages and
+    the task suite, XL-LoRA's synthesis, and the distillation's prompt comparison, traces and
+    evaluation send their prompts (text, the same prompts as the local backend) to ``base_url``
+    and parse the answers as usual; ``models`` names what the server calls each model of the run."""
 
     backend: Literal["local", "openai"] = "local"
     base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
     # role -> served model name: base (the model as loaded), tuned (the run's adapter, e.g. a
     # LoRA served by name with `vllm serve MODEL --enable-lora --lora-modules NAME=runs/NAME/adapter`);
-    # XL-LoRA: positive and negative (the two generator adapters); distillation traces: teacher
-    # (the teacher adapter) and base (with distill.explain_with: base)
-    models: dict[Literal["base", "tuned", "positive", "negative", "teacher"], str] = Field(default_factory=dict)
+    # XL-LoRA: positive and negative (the two generator adapters); distillation: base (the
+    # teacher's base model), teacher (its adapter), student.NAME (a student's adapter),
+    # student.NAME.base (that student's base model, untuned), compare.MODEL (a compared model
+    # other than the teacher's base); an evaluation row whose role has no served name runs locally
+    models: dict[str, str] = Field(default_factory=dict)
+    # role -> the URL of the server of that role's model, where it is not base_url (vLLM serves
+    # one base model, with its adapters, per server)
+    base_urls: dict[str, str] = Field(default_factory=dict)
     api_key_env: str | None = None  # environment variable holding the key; none for a local server
     concurrency: StrictInt = Field(4, gt=0)  # requests in flight
     retries: StrictInt = Field(3, ge=0)  # per request, with exponential backoff
@@ -203,6 +208,14 @@ class GenerateSection(_Section):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError(f"'{v}' is not an http(s) URL")
         return v.rstrip("/") if v else v
+
+    @field_validator("base_urls")
+    @classmethod
+    def _urls(cls, v):
+        return {role: cls._url(url) for role, url in v.items()}
+
+    def url_of(self, role: str) -> str | None:
+        return self.base_urls.get(role, self.base_url)
 
 
 class SuiteSection(_Section):
@@ -388,21 +401,49 @@ class Recipe(_Section):
         if bad:
             raise GlotkitError(f"stages: '{bad[0]}' is not a stage of task '{self.task}' (stages: {', '.join(allowed)})")
         g = self.generate
+        roles = self.served_roles()
+        for field, mapping in (("models", g.models), ("base_urls", g.base_urls)):
+            for role in mapping:
+                if role not in roles:
+                    raise GlotkitError(f"generate.{field}.{role}: not a model role of task '{self.task}' "
+                                       f"(roles: {', '.join(roles)})")
         if g.backend == "openai":
             if self.task not in ("qa", "xllora", "distill"):
                 raise GlotkitError(f"generate.backend: 'openai' serves QA evaluation and the task suite, XL-LoRA's "
-                                   f"synthesis and the distillation traces; task '{self.task}' generates with the "
+                                   f"synthesis and the distillation stages; task '{self.task}' generates with the "
                                    "local model")
-            if not g.base_url:
-                raise GlotkitError("generate.base_url: needed with backend 'openai' (e.g. http://127.0.0.1:8000/v1)")
-            needs = [("eval_base", "base"), ("eval_tuned", "tuned"), ("synth", "positive"), ("synth", "negative")]
-            needs += [("suite", m) for m in self.suite.models]
-            if self.task == "distill":
-                needs = [("traces", "teacher"), ("traces", self.distill.explain_with)]
-            for stage, role in needs:
-                if stage in self.stages and role not in g.models:
+            for stage, role in self.served_needs():
+                if role not in g.models:
                     raise GlotkitError(f"generate.models.{role}: the served name of the {role} model is needed "
                                        f"for stage {stage} with backend 'openai'")
+            for role in [r for _, r in self.served_needs()] + list(g.models):
+                if not g.url_of(role):
+                    raise GlotkitError("generate.base_url: needed with backend 'openai' (e.g. http://127.0.0.1:8000/v1)")
+
+    def served_roles(self) -> list[str]:
+        """The roles ``generate.models`` may name for this task (see :class:`GenerateSection`)."""
+        if self.task != "distill":
+            return ["base", "tuned", "positive", "negative"]
+        d = self.distill
+        return (["base", "teacher"] + [r for st in d.students for r in (f"student.{st.name}", f"student.{st.name}.base")]
+                + [self.compare_role(m) for m in d.compare_models if m != self.model.name])
+
+    def compare_role(self, model: str) -> str:
+        """The served role of a compared model: the teacher's base model is ``base``."""
+        return "base" if model == self.model.name else f"compare.{model}"
+
+    def served_needs(self) -> list[tuple[str, str]]:
+        """(stage, role) of each model a stage of this recipe generates with on a server."""
+        if self.task != "distill":
+            needs = [("eval_base", "base"), ("eval_tuned", "tuned"), ("synth", "positive"), ("synth", "negative")]
+            needs += [("suite", m) for m in self.suite.models]
+        else:
+            d = self.distill
+            needs = [("compare", self.compare_role(m)) for m in d.compare_models]
+            # the evaluation's rows are served where their role has a served name, else labelled
+            # locally (with their own memory measured): serve the teacher, measure the students
+            needs += [("traces", "teacher"), ("traces", d.explain_with)]
+        return list(dict.fromkeys((st, r) for st, r in needs if st in self.stages))
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, every default filled in."""

@@ -278,7 +278,9 @@ def write_distill_report(run_dir: Path, recipe: Recipe) -> Path:
     if eff:
         lines += ["", "## Efficiency and accuracy (held-out test split)", "", eff["markdown"].rstrip(), "",
                   "Params: the model's plus the adapter's. Disk: the weight files shipped (model safetensors + "
-                  "adapter). Peak RSS: a process that loads only this model and labels the test pairs. Ranks as in "
+                  "adapter). Peak RSS: a process that loads only this model and labels the test pairs (`served`: the "
+                  "model answered from a server (`generate.backend: openai`), whose memory is not measured here; its "
+                  "pairs/s is the server's, with `generate.concurrency` requests in flight). Ranks as in "
                   "HIPE-2026: by accuracy, by parameters, by size, and by the mean of the three (1 = best).", "",
                   f"**Does the student stay within {eff['within_points']:g} points of the teacher in every language?**", ""]
         lines += [f"- {a}" for a in eff["answer"]] or ["- no student was evaluated"]

@@ -36,12 +36,14 @@ from glotkit.train.distributed import free_port as _free_port  # noqa: E402
 
 
 class _Fake(BaseHTTPRequestHandler):
-    """/v1/models lists 'm'; /v1/completions answers ' <prompt>!\\nrest' after a random delay, as
-    model 'other' when the prompt is 'wrong'."""
+    """/v1/models lists 'm'; /v1/completions answers '\\n <prompt>!\\nrest' after a random delay
+    (streamed in pieces, then a long tail, when asked to stream), as model 'other' when the prompt
+    is 'wrong'."""
 
     in_flight = 0
     most = 0
     requests: list = []
+    sent: list = []  # per streamed answer: the pieces written before the client hung up
     lock = threading.Lock()
 
     def log_message(self, *args):
@@ -54,6 +56,29 @@ class _Fake(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _stream(self, model: str, pieces, delay: float = 0.0, finish: bool = True) -> None:
+        """Server-sent events, one piece each, as vLLM streams a completion (the last one with
+        its finish reason, unless ``finish`` is false: a stream broken off); stops writing when
+        the client hangs up."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        sent = 0
+        try:
+            for k, piece in enumerate(pieces):
+                chunk = {"id": "x", "object": "text_completion", "created": 0, "model": model,
+                         "choices": [{"text": piece, "index": 0,
+                                      "finish_reason": "length" if k == len(pieces) - 1 and finish else None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                sent += 1
+                time.sleep(delay)
+            self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        with type(self).lock:
+            type(self).sent.append(sent)
 
     def do_GET(self):
         self._send({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "me"}]})
@@ -69,6 +94,12 @@ class _Fake(BaseHTTPRequestHandler):
         with cls.lock:
             cls.in_flight -= 1
         model = "other" if req["prompt"] == "wrong" else req["model"]
+        if req.get("stream") and req["prompt"].startswith("flaky"):  # the first answer breaks off
+            with cls.lock:
+                first = sum(r["prompt"] == req["prompt"] for r in cls.requests) == 1
+            return self._stream(model, ["\n", " flaky"] if first else ["\n", " flaky", "!", "\n"], finish=not first)
+        if req.get("stream"):
+            return self._stream(model, ["\n", " ", req["prompt"], "!", "\n"] + ["rest"] * 200, delay=0.002)
         self._send({"id": "x", "object": "text_completion", "created": 0, "model": model,
                     "choices": [{"text": f"\n {req['prompt']}!\nrest", "index": 0, "finish_reason": "length"}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}})
@@ -90,13 +121,37 @@ def test_server_answers_in_input_order_with_requests_in_flight(fake_server):
     gen.check()
     prompts = [f"p{i}" for i in range(24)]
     seen: list[int] = []
-    _Fake.most = 0
+    _Fake.most, _Fake.sent = 0, []
     texts, produced = gen.generate(prompts, max_new_tokens=8, progress=False,
                                    on_batch=lambda idx, t: seen.extend(idx))
-    # a leading newline does not stop the answer (as locally); the next one does
+    # a leading newline does not stop the answer (as locally); the next one does, and the client
+    # hangs up there: the server stops writing the 200-piece tail
     assert texts == [f"\n p{i}!" for i in range(24)]
-    assert sorted(seen) == list(range(24)) and produced == 3 * 24
+    assert sorted(seen) == list(range(24)) and produced == 5 * 24
     assert 1 < _Fake.most <= 4
+    for _ in range(100):  # the handlers notice the hang-up on their next writes
+        if len(_Fake.sent) == 24:
+            break
+        time.sleep(0.05)
+    assert len(_Fake.sent) == 24 and max(_Fake.sent) < 100, _Fake.sent
+    # kept stop strings; without stop strings the whole answer comes in one response
+    texts, _ = gen.generate(["a"], max_new_tokens=8, stop=["!"], keep_stop=True, progress=False)
+    assert texts == ["\n a!"]
+    texts, produced = gen.generate(["a"], max_new_tokens=8, stop=None, progress=False)
+    assert texts == ["\n a!\nrest"] and produced == 3
+
+
+def test_a_stream_broken_off_is_asked_again(fake_server):
+    from glotkit.generate.server import ServerGenerator
+
+    cfg = GenerateSection(backend="openai", base_url=fake_server, retries=1)
+    _Fake.requests = []
+    assert ServerGenerator(cfg, "m").generate(["flaky1"], max_new_tokens=8, progress=False) == (["\n flaky!"], 4)
+    assert [r["prompt"] for r in _Fake.requests] == ["flaky1", "flaky1"]
+    cfg = GenerateSection(backend="openai", base_url=fake_server, retries=0)
+    with pytest.raises(GlotkitError, match=r"ended the stream of an answer before the answer ended \(1 tries.*"
+                                           r"--interrupt_requests false"):
+        ServerGenerator(cfg, "m").generate(["flaky2"], max_new_tokens=8, progress=False)
 
 
 def test_server_with_another_model_is_an_error(fake_server):
@@ -118,12 +173,35 @@ class _ModelServer(_Fake):
     model = tok = None
     shifted = False
 
+    def _greedy(self, prompt: str, max_tokens: int) -> list[str]:
+        """The pieces of text of a greedy answer (up to EOS), token by token."""
+        import torch
+
+        cls = type(self)
+        ids = cls.tok(prompt)["input_ids"]
+        out: list[int] = []
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                nxt = int(cls.model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+                if nxt == cls.tok.eos_token_id:
+                    break
+                out.append(nxt)
+        texts = [cls.tok.decode(out[:k], skip_special_tokens=True) for k in range(len(out) + 1)]
+        return [b[len(a):] for a, b in zip(texts, texts[1:])]
+
     def do_POST(self):
         import torch
 
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         cls = type(self)
         cls.requests.append(req)
+        if not req.get("echo") and req.get("logprobs") is None:  # a greedy answer
+            pieces = self._greedy(req["prompt"], req["max_tokens"])
+            if req.get("stream"):
+                return self._stream(req["model"], pieces)
+            return self._send({"id": "x", "object": "text_completion", "created": 0, "model": req["model"],
+                               "choices": [{"text": "".join(pieces), "index": 0, "finish_reason": "length"}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": len(pieces), "total_tokens": 1}})
         enc = cls.tok(req["prompt"], return_offsets_mapping=True)
         ids = enc["input_ids"]
         with torch.no_grad():
@@ -200,11 +278,16 @@ def test_suite_generate_on_a_server_equals_the_local_generations(model_server):
     from glotkit.generate.server import ServerGenerator
 
     url, model, tok = model_server
-    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0), "m")
-    task, data = _tiny_task("multichoice", max_new_tokens=1)
+    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0, concurrency=1), "m")
+    task, data = _tiny_task("multichoice", max_new_tokens=12, stop=("ț", "j"))  # stops this random model writes
     local = run_task(model, tok, task, data, shots=1, seed=3, mode="generate", limit=6, batch_size=4)
     served = run_task(None, tok, task, data, shots=1, seed=3, mode="generate", limit=6, batch_size=4, server=server)
-    assert [p["generation"] for p in served["predictions"]] == [p["generation"] for p in local["predictions"]]
+    gens = [p["generation"] for p in local["predictions"]]
+    assert [p["generation"] for p in served["predictions"]] == gens
+    assert all(r["stream"] for r in _ModelServer.requests)
+    prompts = {r["prompt"]: None for r in _ModelServer.requests}  # in input order (one in flight at a time)
+    full, _ = server.generate(list(prompts), max_new_tokens=12, stop=None, progress=False)
+    assert sum(len(g) < len(f) for g, f in zip(gens, full)) >= 2  # the stops cut answers short
     assert served["metrics"] == local["metrics"]
 
 
@@ -291,7 +374,7 @@ def test_distillation_traces_on_a_server(tmp_path, tiny_llama, fake_server, monk
     files = _write_gold(tmp_path, docs=6, pairs=3)
     recipe = validate_recipe({"task": "distill", "seed": 1, "model": {"name": str(tiny_llama)}, "distill": {
         "data": files, "train_pairs": None, "test_ratio": 0.2, "dev_ratio": 0.0, "batch_size": 3,
-        "explain_tokens": 6, "label_tokens": 6, "max_chars": 200},
+        "explain_tokens": 6, "label_tokens": 6, "max_chars": 200}, "stages": ["traces"],
         "generate": {"backend": "openai", "base_url": fake_server, "models": {"teacher": "m", "base": "m"},
                      "retries": 0}})
     splits = distill.make_splits(recipe)
@@ -307,8 +390,88 @@ def test_distillation_traces_on_a_server(tmp_path, tiny_llama, fake_server, monk
     assert summary["kept"] == 0 and summary["written"] == n
     assert sum(c["dropped"].get("answer not parsed", 0) for c in summary["counts"].values()) == n
     with pytest.raises(GlotkitError, match="generate.models.teacher: the served name of the teacher model"):
+        validate_recipe({"task": "distill", "stages": ["traces"], "generate": {
+            "backend": "openai", "base_url": fake_server, "models": {"base": "m"}}})
+    with pytest.raises(GlotkitError, match="generate.models.compare.smollm2-135m-instruct: the served name"):
         validate_recipe({"task": "distill", "generate": {"backend": "openai", "base_url": fake_server,
-                                                         "models": {"base": "m"}}})
+                                                         "models": {"base": "m", "teacher": "m"}}})
+
+
+def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server):
+    """The prompt comparison on the served model gives the local answers (the same prompts as
+    text, greedy, the same kept stop strings); answers already written are kept and not asked
+    again; the evaluation sends each row to the server of its role."""
+    import glotkit.hipe.distill as distill
+    from glotkit.config import validate_recipe
+
+    from test_distill import _write_gold
+
+    url, model, tok = model_server
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    files = _write_gold(tmp_path, docs=6, pairs=3)
+
+    def recipe(backend: str, **more) -> Path:
+        raw = {"name": backend, "task": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(model_dir)},
+               "distill": {"data": files, "train_pairs": None, "dev_pairs": 6, "max_chars": 200, "label_tokens": 8,
+                           "explain_tokens": 12, "batch_size": 4, "compare_models": [str(model_dir)],
+                           "compare_formats": ["json", "explain-plain"]},
+               "stages": ["compare"], "generate": {"backend": backend, "base_url": url, "models": {"base": "m"},
+                                                   "retries": 0}, **more}
+        path = tmp_path / f"{backend}.yaml"
+        path.write_text(json.dumps(raw), encoding="utf-8")
+        return path
+
+    assert main(["distill", "compare", "--no-progress", str(recipe("local"))]) == 0
+    slug = distill.model_slug(str(model_dir))
+    answers = {fmt: [json.loads(x) for x in (tmp_path / "runs" / "local" / "compare" / f"{slug}--{fmt}" /
+                                             "answers.jsonl").read_text().splitlines()] for fmt in ("json", "explain-plain")}
+    assert all(len(r["raw"]) > 3 for rows in answers.values() for r in rows)
+    # two answers of the first format were written before an interruption (marked, to see them kept)
+    served = tmp_path / "runs" / "openai" / "compare" / f"{slug}--json"
+    served.mkdir(parents=True)
+    kept = [dict(r, raw=r["raw"] + " (kept)") for r in answers["json"][:2]]
+    (served / "answers.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    _ModelServer.requests = []
+    assert main(["distill", "compare", "--no-progress", str(recipe("openai"))]) == 0
+    n = len(answers["json"])
+    assert len(_ModelServer.requests) == 2 * n - 2 and all(r["stream"] for r in _ModelServer.requests)
+    for fmt, local in answers.items():
+        folder = tmp_path / "runs" / "openai" / "compare" / f"{slug}--{fmt}"
+        got = [json.loads(x) for x in (folder / "answers.jsonl").read_text().splitlines()]
+        want = kept + local[2:] if fmt == "json" else local
+        assert got == want, fmt
+        result = json.loads((folder / "result.json").read_text())
+        assert result["backend"] == f"openai {url} m" and result["memory"]["peak_rss_mb"] is None
+        assert result["timing"]["resumed_pairs"] == (2 if fmt == "json" else 0)
+        assert not (folder / "answers.partial.jsonl").exists()
+    _ModelServer.requests = []  # done: kept
+    assert main(["distill", "compare", "--no-progress", str(recipe("openai"))]) == 0
+    assert _ModelServer.requests == []
+
+    from test_distill import _rows
+
+    row = _rows("teacher", "teacher", 0.5, 1, 1, {"de": 0.5}) | {"memory": {"peak_rss_mb": None, "served": True}}
+    assert "| teacher | json | 0.0M | 1 | served |" in distill.efficiency_table([row], 3.0)["markdown"]
+
+    # the evaluation: each row on the server of its role where that role has a served name (here
+    # the teacher's two), the others locally
+    r = validate_recipe(json.loads(recipe("openai").read_text()) | {"stages": ["evaluate"], "generate": {
+        "backend": "openai", "base_url": url, "models": {"base": "m", "teacher": "m"}, "retries": 0}})
+    entries = distill._entries(r, tmp_path / "runs" / "openai")
+    roles = {e["label"]: e["served_as"] for e in entries}
+    assert roles == {"teacher (untuned)": "base", "teacher": "teacher", "smollm2 (untuned)": "student.smollm2.base",
+                     "smollm2": "student.smollm2", "gemma-trimmed (untuned)": "student.gemma-trimmed.base",
+                     "gemma-trimmed": "student.gemma-trimmed"}
+    logged: list[str] = []
+    servers = {e["label"]: distill._server(r, e["served_as"], logged.append, "evaluate", optional=True)
+               for e in entries}
+    assert {k for k, v in servers.items() if v is not None} == {"teacher (untuned)", "teacher"}
+    assert "[glotkit] evaluate: no generate.models.student.smollm2: that model answers locally" in logged
+    with pytest.raises(GlotkitError, match=r"generate.models.student.nobody: not a model role of task 'distill'"):
+        validate_recipe(json.loads(recipe("openai").read_text()) | {"generate": {
+            "backend": "openai", "base_url": url, "models": {"base": "b", "student.nobody": "x"}}})
 
 
 def test_unreachable_server_names_the_url_after_the_retries(tmp_path, qa_files, tiny_llama, capsys):
@@ -362,7 +525,7 @@ class LlamaServer:
         # protection fault in libggml-cpu when it evaluates several prompt tokens at once
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias", "smollm2",
                "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--n_batch", "1",
-               "--n_threads", "2"]
+               "--n_threads", "2", "--interrupt_requests", "false"]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         import urllib.request
 

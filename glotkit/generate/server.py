@@ -8,9 +8,12 @@ the model, greedy or sampled, several requests in flight.
   an unreachable server ends the stage with one line naming the URL.  What was answered before
   has already been handed to ``on_batch`` (the stages append it to their files), so the rerun
   continues where it stopped.
-* The texts come back in input order; stop strings are applied here exactly as the local backend
-  applies them (a leading newline does not stop an answer), so the same parsers see the same
-  kind of text.
+* The texts come back in input order.  With stop strings the answer is streamed and checked
+  piece by piece exactly as the local backend checks it (a stop string in the leading blanks
+  does not stop an answer, which the API's own ``stop`` would), and the connection is closed at
+  the first stop string, which ends the generation on vLLM's and llama.cpp's servers: the same
+  parsers see the same text, and the server does not spend ``max_tokens`` on every answer.
+  A stream broken off mid-answer is asked again (``retries`` times, with backoff).
 * :meth:`ServerGenerator.logliks` scores continuations (the task suite's ``loglik`` mode) the way
   lm-evaluation-harness does on a completions server: the prompt and the continuation in one
   request with ``echo`` and ``logprobs``, summing the log-probabilities of the tokens that start
@@ -25,12 +28,13 @@ the model, greedy or sampled, several requests in flight.
 Start a server for the built-in SmolLM2 (the test does this)::
 
     python -m llama_cpp.server --model .../SmolLM2-135M-Instruct.Q4_1.gguf --model_alias smollm2 \\
-        --host 127.0.0.1 --port 8000
+        --host 127.0.0.1 --port 8000 --interrupt_requests false
 """
 
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
@@ -48,21 +52,39 @@ def prompt_text(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
+class _BrokenStream(Exception):
+    pass
+
+
+def _stream_errors(openai) -> tuple[type[Exception], ...]:
+    """What a stream broken off mid-answer raises: openai 3 wraps its transport's errors in
+    ``APIError``s, openai 1 lets httpx's through."""
+    import importlib
+
+    errors: list[type[Exception]] = [openai.APIError, _BrokenStream]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 class ServerGenerator:
     """One served model (``model``) on the server of ``cfg``."""
 
-    def __init__(self, cfg: GenerateSection, model: str):
+    def __init__(self, cfg: GenerateSection, model: str, url: str | None = None):
         try:
             import openai
         except ImportError:
             raise GlotkitError("generate.backend: 'openai' needs the openai client: pip install 'glotkit[server]'") from None
         self.openai = openai
-        self.cfg, self.model, self.url = cfg, model, cfg.base_url
+        self.cfg, self.model, self.url = cfg, model, url or cfg.base_url
         self.logliks_checked = False
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if cfg.api_key_env and not key:
             raise GlotkitError(f"generate.api_key_env: the environment variable {cfg.api_key_env} is not set")
-        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key or "none", max_retries=cfg.retries,
+        self.client = openai.OpenAI(base_url=self.url, api_key=key or "none", max_retries=cfg.retries,
                                     timeout=cfg.timeout)
 
     def _unreachable(self, err) -> GlotkitError:
@@ -92,6 +114,8 @@ class ServerGenerator:
         except self.openai.APIStatusError as err:
             raise GlotkitError(f"generate: {self.url} answered HTTP {err.status_code} for model '{self.model}'"
                                f"{asking}: {str(err).splitlines()[0][:300]}") from None
+        if request.get("stream"):
+            return r  # checked piece by piece
         if r.model != self.model:
             raise GlotkitError(f"generate.models: asked {self.url} for '{self.model}', it answered as '{r.model}'")
         if not r.choices:
@@ -99,13 +123,57 @@ class ServerGenerator:
         return r
 
     def _one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-             seed: int) -> tuple[str, int]:
+             seed: int, stop: Sequence[str] | None, keep_stop: bool) -> tuple[str, int]:
         # top_k is not in OpenAI's API; vLLM, TGI and llama.cpp read it from the request body
         extra = {"top_k": top_k} if top_k and temperature > 0 else None
-        r = self._complete(prompt=prompt, max_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p if temperature > 0 else 1.0, seed=seed, extra_body=extra)
+        request = dict(prompt=prompt, max_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p if temperature > 0 else 1.0, seed=seed, extra_body=extra)
+        if stop:
+            return self._streamed(stop, keep_stop, **request)
+        r = self._complete(**request)
         used = r.usage.completion_tokens if r.usage else 0
         return r.choices[0].text or "", used
+
+    def _streamed(self, stop: Sequence[str], keep_stop: bool, **request) -> tuple[str, int]:
+        """The answer streamed up to its first stop string (found as the local backend finds it),
+        and the pieces of text received (one per token on vLLM's and llama.cpp's servers).  The
+        stream is closed there, which ends the generation on the server."""
+        broken = _stream_errors(self.openai)
+        for attempt in range(self.cfg.retries + 1):
+            stream = self._complete(stream=True, **request)
+            text, pieces, finished = "", 0, False
+            try:
+                for chunk in stream:
+                    if chunk.model != self.model:
+                        raise GlotkitError(f"generate.models: asked {self.url} for '{self.model}', "
+                                           f"it answered as '{chunk.model}'")
+                    if not chunk.choices:
+                        continue
+                    finished = chunk.choices[0].finish_reason is not None
+                    piece = chunk.choices[0].text or ""
+                    if not piece:
+                        continue
+                    text += piece
+                    pieces += 1
+                    cut = cut_at_stop(text, stop, keep_stop)
+                    if cut is not None:
+                        return cut, pieces
+                if not finished:  # the last piece of an answer says why it ends
+                    raise _BrokenStream("the stream ended before the answer did")
+                return text, pieces
+            except broken as err:  # broken off mid-answer
+                if attempt == self.cfg.retries and isinstance(err, _BrokenStream):
+                    raise GlotkitError(
+                        f"generate: {self.url} ended the stream of an answer before the answer ended "
+                        f"({self.cfg.retries + 1} tries, model '{self.model}'); llama-cpp-python's server cuts a "
+                        "stream off when another request comes in: start it with --interrupt_requests false, or "
+                        "set generate.concurrency: 1") from None
+                if attempt == self.cfg.retries:
+                    raise self._unreachable(err) from None
+                time.sleep(min(8.0, 0.5 * 2**attempt))
+            finally:
+                stream.close()
+        raise AssertionError("unreachable")
 
     def _echo(self, text: str) -> tuple[list[int], list[str], list[float | None]]:
         """(character offsets, tokens, log-probabilities) of ``text``'s tokens as the server reads them."""
@@ -186,8 +254,9 @@ class ServerGenerator:
 
     @classmethod
     def connect(cls, cfg: GenerateSection, role: str, log: Callable[[str], None], what: str) -> "ServerGenerator":
-        """The server's model for ``role`` (``cfg.models[role]``), checked to be served."""
-        server = cls(cfg, cfg.models[role])
+        """The server's model for ``role`` (``cfg.models[role]``, at ``cfg.url_of(role)``), checked
+        to be served."""
+        server = cls(cfg, cfg.models[role], cfg.url_of(role))
         server.check()
         log(f"[glotkit] {what}: the {role} model is served by {server.url} as '{server.model}'")
         return server
@@ -196,9 +265,9 @@ class ServerGenerator:
                  top_k: int = 0, seed: int = 0, stop: Sequence[str] | None = ("\n",), keep_stop: bool = False,
                  progress: bool = True, desc: str = "generate",
                  on_batch: Callable[[list[int], list[str]], None] | None = None) -> tuple[list[str], int]:
-        """Texts for ``prompts`` in input order and the number of tokens generated; ``on_batch``
-        gets each answer as it arrives (in the calling thread).  Prompt ``i`` is sampled with
-        seed ``seed * 1_000_003 + i``."""
+        """Texts for ``prompts`` in input order and the number of tokens generated (with stop
+        strings: the pieces streamed up to the stop); ``on_batch`` gets each answer as it arrives
+        (in the calling thread).  Prompt ``i`` is sampled with seed ``seed * 1_000_003 + i``."""
         from tqdm.auto import tqdm
 
         out: list[str] = [""] * len(prompts)
@@ -211,15 +280,12 @@ class ServerGenerator:
             while nxt < len(prompts) or pending:
                 while nxt < len(prompts) and len(pending) < self.cfg.concurrency:
                     pending[pool.submit(self._one, prompts[nxt], max_new_tokens, temperature, top_p, top_k,
-                                        seed * 1_000_003 + nxt)] = nxt
+                                        seed * 1_000_003 + nxt, stop, keep_stop)] = nxt
                     nxt += 1
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     i = pending.pop(fut)
                     text, used = fut.result()  # a GlotkitError stops the stage; answers so far are kept
-                    if stop:
-                        cut = cut_at_stop(text, stop, keep_stop)
-                        text = cut if cut is not None else text
                     out[i] = text
                     produced += used
                     if on_batch:

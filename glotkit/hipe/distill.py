@@ -239,9 +239,11 @@ def run_compare(recipe: Recipe, run_dir: Path, log, progress) -> list[dict]:
         raise GlotkitError("distill.dev_ratio: the prompt comparison needs a dev split (dev_ratio > 0)")
     rows = []
     for model in d.compare_models:
+        server = _server(recipe, recipe.compare_role(model), log, "compare")
         for fmt in d.compare_formats:
             r = evaluate_model(f"{model} / {fmt}", {"name": model}, None, dev, _settings(recipe, fmt),
-                               run_dir / "compare" / f"{model_slug(model)}--{fmt}", progress=progress, log=log)
+                               run_dir / "compare" / f"{model_slug(model)}--{fmt}", progress=progress, log=log,
+                               server=server)
             rows.append(r | {"format": fmt})
     atomic_write_text(run_dir / "compare" / "table.md", compare_table(rows))
     return rows
@@ -424,14 +426,24 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     return summary
 
 
+def _server(recipe: Recipe, role: str, log, what: str, optional: bool = False):
+    """The ServerGenerator of ``role`` with ``generate.backend: openai`` (checked to be served),
+    else None; None too for an ``optional`` role without a served name."""
+    if recipe.generate.backend != "openai":
+        return None
+    if optional and role not in recipe.generate.models:
+        log(f"[glotkit] {what}: no generate.models.{role}: that model answers locally")
+        return None
+    from glotkit.generate.server import ServerGenerator
+
+    return ServerGenerator.connect(recipe.generate, role, log, what)
+
+
 def _trace_servers(recipe: Recipe, log) -> dict:
     """role -> ServerGenerator for the trace steps with ``generate.backend: openai`` (else empty)."""
     if recipe.generate.backend != "openai":
         return {}
-    from glotkit.generate.server import ServerGenerator
-
-    roles = sorted({"teacher", recipe.distill.explain_with})
-    return {r: ServerGenerator.connect(recipe.generate, r, log, "traces") for r in roles}
+    return {r: _server(recipe, r, log, "traces") for r in sorted({"teacher", recipe.distill.explain_with})}
 
 
 def _generate_appending(model, tok, path: Path, prompts, row: Callable[[int, str], dict], server=None,
@@ -528,21 +540,25 @@ def _entries(recipe: Recipe, run_dir: Path) -> list[dict]:
     out = []
     if d.untuned:
         out.append({"label": "teacher (untuned)", "role": "untuned teacher", "model": teacher, "adapter": None,
-                    "format": best_format(run_dir, recipe.model.name, d.teacher_format)})
+                    "format": best_format(run_dir, recipe.model.name, d.teacher_format), "served_as": "base"})
     out.append({"label": "teacher", "role": "teacher", "model": teacher,
-                "adapter": str(run_dir / "teacher" / "adapter"), "format": d.teacher_format})
+                "adapter": str(run_dir / "teacher" / "adapter"), "format": d.teacher_format, "served_as": "teacher"})
     for st in d.students:
         base = str(run_dir / "students" / st.name / "model") if st.trim_vocab else st.model
         if d.untuned:  # a trimmed base answers as its full base does: its row shows what trimming saves
             out.append({"label": f"{st.name} (untuned)", "role": "untuned student", "model": {"name": base},
-                        "adapter": None, "format": best_format(run_dir, st.model, d.student_format)})
+                        "adapter": None, "format": best_format(run_dir, st.model, d.student_format),
+                        "served_as": f"student.{st.name}.base"})
         out.append({"label": st.name, "role": "student", "model": {"name": base},
-                    "adapter": str(run_dir / "students" / st.name / "adapter"), "format": d.student_format})
+                    "adapter": str(run_dir / "students" / st.name / "adapter"), "format": d.student_format,
+                    "served_as": f"student.{st.name}"})
     return out
 
 
 def run_evaluate(recipe: Recipe, run_dir: Path, log, progress) -> dict:
-    """Every model on the test split, each in its own process; then the efficiency–accuracy table."""
+    """Every model on the test split, each in its own process (or, with ``generate.backend:
+    openai``, on the server of its role where the role has a served name); then the
+    efficiency–accuracy table."""
     from glotkit.hipe.predict import evaluate_model
 
     entries = _entries(recipe, run_dir)
@@ -556,7 +572,8 @@ def run_evaluate(recipe: Recipe, run_dir: Path, log, progress) -> dict:
     for e in entries:
         r = evaluate_model(e["label"], e["model"], e["adapter"], run_dir / "split" / "test.jsonl",
                            _settings(recipe, e["format"]), run_dir / "evaluate" / model_slug(e["label"]),
-                           progress=progress, log=log)
+                           progress=progress, log=log,
+                           server=_server(recipe, e["served_as"], log, "evaluate", optional=True))
         results.append(r | {"label": e["label"], "role": e["role"], "format": e["format"]})
     table = efficiency_table(results, recipe.distill.within_points)
     atomic_write_json(run_dir / "evaluate" / "table.json", table)
@@ -585,7 +602,7 @@ def efficiency_table(results: Sequence[dict], within: float) -> dict:
     for i, r in enumerate(results):
         rows.append({"label": r["label"], "role": r["role"], "format": r["format"], "params": r["size"]["params"],
                      "disk_mb": r["size"]["disk_mb"], "peak_rss_mb": r["memory"]["peak_rss_mb"],
-                     "pairs_per_s": r["timing"]["pairs_per_s"],
+                     "pairs_per_s": r["timing"]["pairs_per_s"], "backend": r.get("backend", "local"),
                      "languages": {x: r["languages"][x]["score"] for x in langs if x in r["languages"]},
                      "score": r["profile"]["score"], "binary": r["profile"]["binary_score"],
                      "parse_failure_rate": r["parse_failure_rate"],
@@ -595,8 +612,9 @@ def efficiency_table(results: Sequence[dict], within: float) -> dict:
             "parse fail", "rank acc", "rank params", "rank size", "rank"]
     md = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
+        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "served"
         md.append(f"| {r['label']} | {r['format']} | {r['params'] / 1e6:.1f}M | {r['disk_mb']:.0f} | "
-                  f"{r['peak_rss_mb']:.0f} | {r['pairs_per_s']} | "
+                  f"{rss} | {r['pairs_per_s']} | "
                   + " | ".join(f"{r['languages'][x] * 100:.2f}" if x in r["languages"] else "–" for x in langs)
                   + f" | **{r['score'] * 100:.2f}** | {r['binary'] * 100:.2f} | {r['parse_failure_rate'] * 100:.1f} % | "
                   f"{r['rank']['accuracy']} | {r['rank']['params']} | {r['rank']['size']} | {r['rank']['overall']} |")

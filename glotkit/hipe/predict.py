@@ -4,7 +4,10 @@
 decoding (our own loop: finished rows leave the batch) and parses every answer.
 :func:`evaluate_model` does that in a fresh process for one model (+ adapter) so that its peak
 resident memory is that model's alone, writes the official predictions files (one per
-language, the gold documents with our labels) and scores them against gold.
+language, the gold documents with our labels) and scores them against gold.  Given a
+``server`` (``generate.backend: openai``), the same prompts go to the served model instead, the
+answers are appended as they come (a rerun continues), and memory is the server's, not
+measured here.
 """
 
 from __future__ import annotations
@@ -47,14 +50,50 @@ def predict_pairs(model, tokenizer, items: Sequence[Item], s: Settings, *, devic
                                        batch_size=s.batch_size, temperature=0.0, stop=dec.stop, keep_stop=True,
                                        device=device, progress=progress, desc=desc)
     seconds = time.perf_counter() - t0
-    rows = []
-    for (d, p), text in zip(items, texts):
-        r = parse(s.fmt, text)
-        rows.append({"key": list(pair_key(d, p)), "language": d.get("language"), "raw": text, "at": r.at,
-                     "isAt": r.isAt, "parsed": r.ok, "corrected": r.corrected, "error": r.error})
+    rows = [answer_row(d, p, s.fmt, text) for (d, p), text in zip(items, texts)]
     return rows, {"pairs": len(items), "seconds": round(seconds, 2), "new_tokens": produced,
                   "prompt_tokens": sum(map(len, prompts)),
                   "pairs_per_s": round(len(items) / seconds, 3) if seconds else None}
+
+
+def answer_row(doc: dict, pair: dict, fmt: str, text: str) -> dict:
+    """A model's answer for one pair, parsed."""
+    r = parse(fmt, text)
+    return {"key": list(pair_key(doc, pair)), "language": doc.get("language"), "raw": text, "at": r.at,
+            "isAt": r.isAt, "parsed": r.ok, "corrected": r.corrected, "error": r.error}
+
+
+def predict_served(server, tokenizer, items: Sequence[Item], s: Settings, partial: Path, *, progress: bool = True,
+                   desc: str = "predict", log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """:func:`predict_pairs` on a served model: the same prompts as text, greedy, the same stop
+    strings; each answer is appended to ``partial`` as it comes, and answers already there are
+    kept (the timing then covers this run's pairs alone)."""
+    from glotkit.generate.server import prompt_text
+    from glotkit.io import append_rows, read_appended
+
+    builder = PromptBuilder(tokenizer)
+    dec = decoding(s.fmt, s.label_tokens, s.explain_tokens)
+    done = read_appended(partial, lambda r: tuple(r["key"]))
+    todo = [(d, p) for d, p in items if pair_key(d, p) not in done]
+    if done and todo:
+        log(f"[glotkit] {desc}: {len(items) - len(todo)} of {len(items)} answers already written, continuing")
+    prompts = [builder.prompt_ids(question(d, p, s.fmt, s.max_chars), s.fmt) for d, p in todo]
+    t0 = time.perf_counter()
+    produced = 0
+    if todo:
+        with partial.open("a", encoding="utf-8") as fh:
+            def write(idx, texts):
+                append_rows(fh, [answer_row(*todo[i], s.fmt, t) for i, t in zip(idx, texts)])
+
+            _, produced = server.generate([prompt_text(tokenizer, ids) for ids in prompts],
+                                          max_new_tokens=dec.max_new_tokens, temperature=0.0, stop=dec.stop,
+                                          keep_stop=True, progress=progress, desc=desc, on_batch=write)
+    seconds = time.perf_counter() - t0
+    done = read_appended(partial, lambda r: tuple(r["key"]))
+    rows = [done[pair_key(d, p)] for d, p in items]
+    return rows, {"pairs": len(todo), "seconds": round(seconds, 2), "new_tokens": produced,
+                  "prompt_tokens": sum(map(len, prompts)), "resumed_pairs": len(items) - len(todo),
+                  "pairs_per_s": round(len(todo) / seconds, 3) if seconds and todo else None}
 
 
 def score_rows(gold_by_language: dict[str, list[dict]], rows: Sequence[dict]) -> dict:
@@ -66,7 +105,7 @@ def score_rows(gold_by_language: dict[str, list[dict]], rows: Sequence[dict]) ->
     per = {lang: score_file(docs, predictions_docs(docs, labels), where=f"predictions ({lang})")
            for lang, docs in sorted(gold_by_language.items())}
     fails = sum(not r["parsed"] for r in rows)
-    return {"languages": per, "profile": profile(per), "parse_failures": fails,
+    return {"languages": per, "profile": profile(per), "pairs": len(rows), "parse_failures": fails,
             "parse_failure_rate": round(fails / len(rows), 4) if rows else 0.0,
             "corrected": sum(bool(r["corrected"]) for r in rows)}
 
@@ -109,8 +148,7 @@ def _worker(job: dict) -> dict:
     import torch
 
     from glotkit.config import ModelSection
-    from glotkit.hipe.data import read_hipe, write_predictions
-    from glotkit.io import atomic_write_jsonl
+    from glotkit.hipe.data import read_hipe
     from glotkit.models.loading import load_model
     from glotkit.train.memory import current_rss_mb, peak_rss_mb, reset_peak
 
@@ -130,6 +168,18 @@ def _worker(job: dict) -> dict:
     rows, timing = predict_pairs(model, tok, items, Settings(**job["settings"]), device=device,
                                  progress=job.get("progress", True), desc=job.get("label", "predict"))
     peak = peak_rss_mb()
+    return _write_and_score(job, docs, rows) | {
+        "timing": timing | {"load_s": round(load_s, 2)},
+        "memory": {"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
+                   "above_baseline_mb": round(peak - baseline, 1)}}
+
+
+def _write_and_score(job: dict, docs: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """``answers.jsonl`` and the official predictions files (one per language) in ``job['out']``;
+    the scores against gold."""
+    from glotkit.hipe.data import write_predictions
+    from glotkit.io import atomic_write_jsonl
+
     out = Path(job["out"])
     atomic_write_jsonl(out / "answers.jsonl", rows)
     labels = {tuple(r["key"]): (r["at"], r["isAt"]) for r in rows}
@@ -138,11 +188,26 @@ def _worker(job: dict) -> dict:
         by_lang.setdefault(d.get("language") or "xx", []).append(d)
     for lang, ds in by_lang.items():
         write_predictions(out / f"predictions-{lang}.jsonl", ds, labels)
-    result = score_rows(by_lang, rows) | {
-        "label": job.get("label"), "model": job["model"]["name"], "adapter": job.get("adapter"),
-        "settings": job["settings"], "timing": timing | {"load_s": round(load_s, 2)},
-        "memory": {"peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1),
-                   "above_baseline_mb": round(peak - baseline, 1)}}
+    return score_rows(by_lang, rows) | {"label": job.get("label"), "model": job["model"]["name"],
+                                        "adapter": job.get("adapter"), "settings": job["settings"]}
+
+
+def _served(job: dict, server, log: Callable[[str], None]) -> dict:
+    """The job's pairs labelled by ``server``'s model; the tokenizer of ``job['model']`` builds
+    the prompts."""
+    from glotkit.config import ModelSection
+    from glotkit.hipe.data import read_hipe
+    from glotkit.models.loading import tokenizer_for
+
+    tok = tokenizer_for(ModelSection(**job["model"]), log=log)
+    docs = read_hipe(job["items"], schema=None)
+    items = [(d, p) for d in docs for p in d["sampled_pairs"]]
+    partial = Path(job["out"]) / "answers.partial.jsonl"
+    rows, timing = predict_served(server, tok, items, Settings(**job["settings"]), partial,
+                                  progress=job.get("progress", True), desc=job.get("label", "predict"), log=log)
+    result = _write_and_score(job, docs, rows) | {
+        "timing": timing, "memory": {"peak_rss_mb": None, "served": True}}
+    partial.unlink()
     return result
 
 
@@ -154,9 +219,11 @@ def _stderr(msg: str) -> None:
 
 def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Path, settings: Settings,
                    out_dir: Path, *, progress: bool = True, log: Callable[[str], None] = print,
-                   in_process: bool = False) -> dict:
-    """Label ``items_file``'s pairs with one model in a fresh process; ``out_dir/result.json``
-    holds the scores, timing, peak memory and size (an existing one is returned as it is)."""
+                   in_process: bool = False, server=None) -> dict:
+    """Label ``items_file``'s pairs with one model in a fresh process (or on ``server``, a
+    :class:`~glotkit.generate.server.ServerGenerator` serving this model and adapter);
+    ``out_dir/result.json`` holds the scores, timing, peak memory and size (an existing one made
+    on the same backend is returned as it is)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
@@ -164,13 +231,20 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
     from glotkit.models.loading import resolve_model_path
 
     done = out_dir / "result.json"
+    backend = f"openai {server.url} {server.model}" if server is not None else "local"
     if done.is_file():
-        return json.loads(done.read_text(encoding="utf-8"))
+        before = json.loads(done.read_text(encoding="utf-8"))
+        if before.get("backend", "local").split()[0] == backend.split()[0]:  # the server may have moved
+            return before
+        log(f"[glotkit] {label}: labelled before on {before.get('backend', 'local')}, now asked on {backend}: "
+            "labelling again")
     path = resolve_model_path(model["name"], log=log)
     job = {"label": label, "model": dict(model, name=path), "adapter": adapter, "items": str(items_file),
            "settings": asdict(settings), "out": str(out_dir), "progress": progress}
     out_dir.mkdir(parents=True, exist_ok=True)
-    if in_process:
+    if server is not None:
+        result = _served(job, server, log)
+    elif in_process:
         result = _worker(job)
     else:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
@@ -182,11 +256,14 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
                 raise GlotkitError(f"evaluation of '{label}' failed in its worker process: "
                                    f"{type(err).__name__}: {err}") from None
     result["model"] = model["name"]
+    result["backend"] = backend
     result["size"] = model_size(path, adapter)
     atomic_write_json(done, result)
     p = result["profile"]
+    memory = (f"peak RSS {result['memory']['peak_rss_mb']:.0f} MB" if result["memory"]["peak_rss_mb"] is not None
+              else f"served by {server.url}")
     log(f"[glotkit] {label}: score {p['score']:.4f} (binary {p['binary_score']:.4f}), "
         + ", ".join(f"{k} {v['score']:.4f}" for k, v in result["languages"].items())
-        + f"; parse failures {result['parse_failures']}/{result['timing']['pairs']}; "
-        f"{result['timing']['pairs_per_s']} pairs/s; peak RSS {result['memory']['peak_rss_mb']:.0f} MB")
+        + f"; parse failures {result['parse_failures']}/{result['pairs']}; "
+        f"{result['timing']['pairs_per_s']} pairs/s; {memory}")
     return result
