@@ -418,7 +418,8 @@ class Recipe(_Section):
                                        f"for stage {stage} with backend 'openai'")
             for role in [r for _, r in self.served_needs()] + list(g.models):
                 if not g.url_of(role):
-                    raise GlotkitError("generate.base_url: needed with backend 'openai' (e.g. http://127.0.0.1:8000/v1)")
+                    raise GlotkitError(f"generate.base_url: needed with backend 'openai' for the {role} model "
+                                       f"(or generate.base_urls.{role}), e.g. http://127.0.0.1:8000/v1")
 
     def served_roles(self) -> list[str]:
         """The roles ``generate.models`` may name for this task (see :class:`GenerateSection`)."""
@@ -500,6 +501,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise GlotkitError(f"--set {item!r}: empty key")
+    if path[:2] in (["generate", "models"], ["generate", "base_urls"]) and len(path) > 3:
+        path = path[:2] + [".".join(path[2:])]  # a role name holds dots: student.NAME.base
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:

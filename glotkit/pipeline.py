@@ -48,7 +48,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         path = f"{prefix}{key}"
-        if path == "sweep":  # a sweep block describes other runs, not this one
+        if path in ("sweep", "generate.base_urls"):  # other runs; where a role's server is (as base_url)
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff(a, b, path + ".")

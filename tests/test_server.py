@@ -397,7 +397,7 @@ def test_distillation_traces_on_a_server(tmp_path, tiny_llama, fake_server, monk
                                                          "models": {"base": "m", "teacher": "m"}}})
 
 
-def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server):
+def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server, capsys):
     """The prompt comparison on the served model gives the local answers (the same prompts as
     text, greedy, the same kept stop strings); answers already written are kept and not asked
     again; the evaluation sends each row to the server of its role."""
@@ -446,8 +446,13 @@ def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server):
         assert result["backend"] == f"openai {url} m" and result["memory"]["peak_rss_mb"] is None
         assert result["timing"]["resumed_pairs"] == (2 if fmt == "json" else 0)
         assert not (folder / "answers.partial.jsonl").exists()
-    _ModelServer.requests = []  # done: kept
-    assert main(["distill", "compare", "--no-progress", str(recipe("openai"))]) == 0
+    _ModelServer.requests = []  # done: kept, without connecting (the server may be gone), from anywhere
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    assert main(["distill", "compare", "--no-progress", str(recipe("openai")),
+                 "--set", f"generate.base_urls.compare.other={dead}"]) == 2  # not a role of this recipe
+    assert "generate.base_urls.compare.other: not a model role of task 'distill'" in capsys.readouterr().err
+    assert main(["distill", "compare", "--no-progress", str(recipe("openai")), "--set", f"generate.base_url={dead}",
+                 "--set", f"generate.base_urls.base={dead}"]) == 0
     assert _ModelServer.requests == []
 
     from test_distill import _rows

@@ -239,7 +239,7 @@ def run_compare(recipe: Recipe, run_dir: Path, log, progress) -> list[dict]:
         raise GlotkitError("distill.dev_ratio: the prompt comparison needs a dev split (dev_ratio > 0)")
     rows = []
     for model in d.compare_models:
-        server = _server(recipe, recipe.compare_role(model), log, "compare")
+        server = _connector(recipe, recipe.compare_role(model), log, "compare")
         for fmt in d.compare_formats:
             r = evaluate_model(f"{model} / {fmt}", {"name": model}, None, dev, _settings(recipe, fmt),
                                run_dir / "compare" / f"{model_slug(model)}--{fmt}", progress=progress, log=log,
@@ -429,14 +429,23 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
 def _server(recipe: Recipe, role: str, log, what: str, optional: bool = False):
     """The ServerGenerator of ``role`` with ``generate.backend: openai`` (checked to be served),
     else None; None too for an ``optional`` role without a served name."""
+    connect = _connector(recipe, role, log, what, optional)
+    return connect() if connect else None
+
+
+def _connector(recipe: Recipe, role: str, log, what: str, optional: bool = False):
+    """A function that connects (once) to the server of ``role``, for stages that connect only
+    when something is left to ask; None where ``role`` answers locally."""
     if recipe.generate.backend != "openai":
         return None
     if optional and role not in recipe.generate.models:
         log(f"[glotkit] {what}: no generate.models.{role}: that model answers locally")
         return None
+    from functools import cache
+
     from glotkit.generate.server import ServerGenerator
 
-    return ServerGenerator.connect(recipe.generate, role, log, what)
+    return cache(lambda: ServerGenerator.connect(recipe.generate, role, log, what))
 
 
 def _trace_servers(recipe: Recipe, log) -> dict:
@@ -573,7 +582,7 @@ def run_evaluate(recipe: Recipe, run_dir: Path, log, progress) -> dict:
         r = evaluate_model(e["label"], e["model"], e["adapter"], run_dir / "split" / "test.jsonl",
                            _settings(recipe, e["format"]), run_dir / "evaluate" / model_slug(e["label"]),
                            progress=progress, log=log,
-                           server=_server(recipe, e["served_as"], log, "evaluate", optional=True))
+                           server=_connector(recipe, e["served_as"], log, "evaluate", optional=True))
         results.append(r | {"label": e["label"], "role": e["role"], "format": e["format"]})
     table = efficiency_table(results, recipe.distill.within_points)
     atomic_write_json(run_dir / "evaluate" / "table.json", table)

@@ -205,10 +205,7 @@ def _served(job: dict, server, log: Callable[[str], None]) -> dict:
     partial = Path(job["out"]) / "answers.partial.jsonl"
     rows, timing = predict_served(server, tok, items, Settings(**job["settings"]), partial,
                                   progress=job.get("progress", True), desc=job.get("label", "predict"), log=log)
-    result = _write_and_score(job, docs, rows) | {
-        "timing": timing, "memory": {"peak_rss_mb": None, "served": True}}
-    partial.unlink()
-    return result
+    return _write_and_score(job, docs, rows) | {"timing": timing, "memory": {"peak_rss_mb": None, "served": True}}
 
 
 def _stderr(msg: str) -> None:
@@ -221,7 +218,8 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
                    out_dir: Path, *, progress: bool = True, log: Callable[[str], None] = print,
                    in_process: bool = False, server=None) -> dict:
     """Label ``items_file``'s pairs with one model in a fresh process (or on ``server``, a
-    :class:`~glotkit.generate.server.ServerGenerator` serving this model and adapter);
+    :class:`~glotkit.generate.server.ServerGenerator` serving this model and adapter, or a
+    function that connects one when the result is not there yet);
     ``out_dir/result.json`` holds the scores, timing, peak memory and size (an existing one made
     on the same backend is returned as it is)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -231,13 +229,16 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
     from glotkit.models.loading import resolve_model_path
 
     done = out_dir / "result.json"
-    backend = f"openai {server.url} {server.model}" if server is not None else "local"
+    kind = "openai" if server is not None else "local"
     if done.is_file():
         before = json.loads(done.read_text(encoding="utf-8"))
-        if before.get("backend", "local").split()[0] == backend.split()[0]:  # the server may have moved
+        if before.get("backend", "local").split()[0] == kind:  # the server may have moved
             return before
-        log(f"[glotkit] {label}: labelled before on {before.get('backend', 'local')}, now asked on {backend}: "
+        log(f"[glotkit] {label}: labelled before on {before.get('backend', 'local')}, now asked on {kind}: "
             "labelling again")
+    if callable(server):  # connected only when something is left to ask
+        server = server()
+    backend = f"openai {server.url} {server.model}" if server is not None else "local"
     path = resolve_model_path(model["name"], log=log)
     job = {"label": label, "model": dict(model, name=path), "adapter": adapter, "items": str(items_file),
            "settings": asdict(settings), "out": str(out_dir), "progress": progress}
@@ -259,6 +260,7 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
     result["backend"] = backend
     result["size"] = model_size(path, adapter)
     atomic_write_json(done, result)
+    (out_dir / "answers.partial.jsonl").unlink(missing_ok=True)  # served answers, now in answers.jsonl
     p = result["profile"]
     memory = (f"peak RSS {result['memory']['peak_rss_mb']:.0f} MB" if result["memory"]["peak_rss_mb"] is not None
               else f"served by {server.url}")
