@@ -81,6 +81,7 @@ class ServerGenerator:
         self.openai = openai
         self.cfg, self.model, self.url = cfg, model, url or cfg.base_url
         self.logliks_checked = False
+        self.broken = _stream_errors(openai)  # what a stream broken off mid-answer raises
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if cfg.api_key_env and not key:
             raise GlotkitError(f"generate.api_key_env: the environment variable {cfg.api_key_env} is not set")
@@ -138,7 +139,6 @@ class ServerGenerator:
         """The answer streamed up to its first stop string (found as the local backend finds it),
         and the pieces of text received (one per token on vLLM's and llama.cpp's servers).  The
         stream is closed there, which ends the generation on the server."""
-        broken = _stream_errors(self.openai)
         for attempt in range(self.cfg.retries + 1):
             stream = self._complete(stream=True, **request)
             text, pieces, finished = "", 0, False
@@ -161,7 +161,7 @@ class ServerGenerator:
                 if not finished:  # the last piece of an answer says why it ends
                     raise _BrokenStream("the stream ended before the answer did")
                 return text, pieces
-            except broken as err:  # broken off mid-answer
+            except self.broken as err:  # broken off mid-answer
                 if attempt == self.cfg.retries and isinstance(err, _BrokenStream):
                     raise GlotkitError(
                         f"generate: {self.url} ended the stream of an answer before the answer ended "
