@@ -1,6 +1,7 @@
 # Two commands do all set-up:
 #   make demo   - virtual environment, install, run the demo recipe on the built-in default model
-#   make test   - install the test extras and run the tests (.ci/run runs exactly this)
+#   make test   - install the test extras, lint (ruff, import-linter contracts in pyproject.toml)
+#                 and run the tests (.ci/run runs exactly this)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -30,6 +31,8 @@ demo: $(VENV)/.installed
 	$(BIN)/glotkit run $(RECIPE)
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check glotkit tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 tests
 
 bench: $(VENV)/.installed-test

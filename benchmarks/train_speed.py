@@ -37,7 +37,7 @@ def _examples(args):
 
 
 def _peak(device: str) -> float:
-    from glotkit.train.memory import peak_memory
+    from glotkit.models.memory import peak_memory
 
     m = peak_memory(device)
     return m.get("peak_cuda_mb", m["peak_rss_mb"])
@@ -73,7 +73,8 @@ def worker_ours(args) -> dict:
     return {"engine": "glotkit", "device": device, "tokens_per_s": n / t, "timed_steps": len(log) - w,
             "timed_tokens": n, "seconds": t, "mean_loss": sum(h["loss"] for h in log) / len(log),
             "peak_mb": _peak(device), "fast_loss": res.fast_loss, "shared_prefix": res.shared_prefix,
-            "computed_tokens": res.computed_tokens, "example_tokens": res.tokens, "gradient_checkpointing": args.ours_checkpointing,
+            "computed_tokens": res.computed_tokens, "example_tokens": res.tokens,
+            "gradient_checkpointing": args.ours_checkpointing,
             "max_tokens_per_forward": args.max_tokens_per_forward}
 
 
@@ -84,7 +85,7 @@ def worker_trl(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from glotkit.models.loading import pick_device, pick_dtype, resolve_model_path
-    from glotkit.train.memory import reset_peak
+    from glotkit.models.memory import reset_peak
 
     path = resolve_model_path(args.model)
     device = pick_device("auto")
@@ -186,7 +187,7 @@ def main() -> None:
         cmd += ["--max-tokens-per-forward", str(args.max_tokens_per_forward)]
         print(f"[bench] running {engine} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((s for s in proc.stdout.splitlines() if s.startswith("RESULT ")), None)
         if proc.returncode or not line:
             sys.exit(f"benchmark: {engine} worker failed:\n{proc.stderr[-3000:]}")
         results[engine] = json.loads(line[7:])

@@ -1,9 +1,10 @@
 """The command line: a thin layer over the library.
 
-    glotkit run RECIPE [--set key=value ...]
-    glotkit pretrain RECIPE            (a recipe with task: pretrain)
-    glotkit train | synth triplets | embed RECIPE    (one stage of a recipe; XL-LoRA: task: xllora)
-    glotkit distill compare | teach | student RECIPE  (HIPE-2026 distillation: task: distill)
+    glotkit run RECIPE [--set key=value ...]   (any system: its recipe says system: qa|pretrain|xllora|distill)
+    glotkit train RECIPE                       (only the training stage)
+    glotkit pretrain RECIPE                    (system: pretrain)
+    glotkit synth triplets | embed RECIPE      (system: xllora; one or two of its stages)
+    glotkit distill compare | teach | student RECIPE  (system: distill)
     glotkit eval --suite ro [--adapter DIR --compare-base] [--tasks ...] [--shots 0,1,3,5] [--limit N]
                  [--base-url URL --served-model NAME]   (a model on an OpenAI-compatible server)
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
@@ -25,7 +26,7 @@ import sys
 
 from glotkit.errors import GlotkitError
 from glotkit.runtime import quiet_libraries
-
+from glotkit.systems import load_recipe, system_of, systems
 
 DEFAULT_SUITE = ("sentiment", "nli", "emotion", "sts", "legal-mcq", "qa")
 
@@ -57,22 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run a recipe's stages (resumes an interrupted run)")
     recipe_args(sp)
     launcher_args(sp)
-    sp = sub.add_parser("pretrain", help="continued pretraining: run a recipe whose task is 'pretrain'")
+    sp = sub.add_parser("train", help="only the training stage of a recipe (XL-LoRA: the two generator adapters; "
+                                      "distillation: the teacher)")
     recipe_args(sp)
     launcher_args(sp)
-    sp = sub.add_parser("train", help="only the training stage of a recipe (XL-LoRA: the two generator adapters)")
-    recipe_args(sp)
-    launcher_args(sp)
-    sp = sub.add_parser("synth", help="synthetic data: 'glotkit synth triplets RECIPE' (XL-LoRA)")
-    sp.add_argument("what", choices=["triplets"])
-    recipe_args(sp)
-    sp = sub.add_parser("embed", help="train and evaluate the sentence-embedding model on a recipe's triplets")
-    recipe_args(sp)
-    sp = sub.add_parser("distill", help="HIPE-2026 distillation stages (task: distill): 'compare' prompt formats "
-                                        "× models on the dev split, 'teach' (teacher adapter + explanation traces), "
-                                        "'student' (students + the efficiency–accuracy table + report)")
-    sp.add_argument("what", choices=["compare", "teach", "student"])
-    recipe_args(sp)
+    seen = {"run", "train"}
+    for system in systems().values():  # each system's own verbs
+        for verb in system.verbs:
+            if verb.name in seen:
+                continue
+            seen.add(verb.name)
+            sp = sub.add_parser(verb.name, help=verb.help)
+            if verb.choices:
+                sp.add_argument("what", choices=list(verb.choices))
+            recipe_args(sp)
+            if verb.launchable:
+                launcher_args(sp)
     sp = sub.add_parser("trim-vocab", help="keep only the token ids a corpus uses (smaller embedding, same outputs)")
     sp.add_argument("--model", default="gemma-3-270m", help="built-in name or Hugging Face folder")
     sp.add_argument("--corpus", action="append", required=True, metavar="PATH",
@@ -172,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
 
                 atomic_write_json(args.json_out, rows)
             return 0
-        from glotkit.config import load_recipe
-
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             import yaml
@@ -181,24 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), end="")
             return 0
         quiet_libraries()
-        if args.command == "pretrain" and recipe.task != "pretrain":
-            raise GlotkitError(f"{args.recipe}: task is '{recipe.task}', not 'pretrain' (use glotkit run)")
-        only = {"train": {"xllora": ["generators"], "distill": ["teacher"]}.get(recipe.task, ["train"]),
-                "synth": ["synth"], "embed": ["embed", "report"]}.get(args.command)
-        if args.command == "distill":
-            only = {"compare": ["compare"], "teach": ["teacher", "traces"],
-                    "student": ["student", "evaluate", "report"]}[args.what]
-        if only:
-            if args.command in ("synth", "embed") and recipe.task != "xllora":
-                raise GlotkitError(f"{args.recipe}: task is '{recipe.task}'; 'glotkit {args.command}' needs task: xllora")
-            if args.command == "distill" and recipe.task != "distill":
-                raise GlotkitError(f"{args.recipe}: task is '{recipe.task}'; 'glotkit distill' needs task: distill")
-            recipe.stages = only
+        if args.command not in ("run", "sweep"):
+            _choose_stages(args, recipe)
             args.command = "run"
         if getattr(args, "launcher", "none") == "accelerate":
             return _launch(args, argv if argv is not None else sys.argv[1:], recipe)
-        if args.command in ("run", "pretrain"):
-            from glotkit.pipeline import run_recipe
+        if args.command == "run":
+            from glotkit.systems.runner import run_recipe
 
             run_recipe(recipe, log=_log, progress=not args.no_progress)
             return 0
@@ -218,6 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _choose_stages(args, recipe) -> None:
+    """A system's verb (``glotkit train``, ``glotkit distill compare``, ...) runs some of its stages."""
+    system = system_of(recipe)
+    verb = next((v for v in system.verbs if v.name == args.command), None)
+    if verb is None:
+        owners = [n for n, s in systems().items() if any(v.name == args.command for v in s.verbs)]
+        raise GlotkitError(f"{args.recipe}: system is '{recipe.system}'; 'glotkit {args.command}' needs system: "
+                           f"{' or '.join(owners)}" + (" (use glotkit run)" if args.command == "pretrain" else ""))
+    stages = verb.choices[args.what] if verb.choices else verb.stages
+    if stages:
+        recipe.stages = list(stages)
+
+
 def _launch(args, argv: list[str], recipe) -> int:
     """Run this same command under ``accelerate launch`` (see glotkit/train/distributed.py)."""
     import subprocess
@@ -232,6 +233,9 @@ def _launch(args, argv: list[str], recipe) -> int:
     if args.accelerate_config and not os.path.isfile(args.accelerate_config):
         raise GlotkitError(f"--accelerate-config {args.accelerate_config}: no such file")
     sharded = read_launch_config(args.accelerate_config) if args.accelerate_config else False
+    if not system_of(recipe).multi_process:
+        raise GlotkitError(f"system: '{recipe.system}' trains in one process; multi-process training (accelerate) "
+                           "runs recipes of systems " + ", ".join(n for n, s in systems().items() if s.multi_process))
     check_recipe(recipe, args.num_processes, sharded=sharded)
     resolve_model_path(recipe.model.name, log=_log)  # convert a built-in model once, before the processes start
     inner, skip = [], 0

@@ -11,19 +11,12 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from glotkit.errors import GlotkitError
-
-STAGES = ("eval_base", "train", "eval_tuned", "report")
-ALL_STAGES = ("eval_base", "train", "eval_tuned", "suite", "memory", "report")
-XLLORA_STAGES = ("generators", "synth", "embed", "report")
-DISTILL_STAGES = ("compare", "teacher", "traces", "student", "evaluate", "report")
-TASK_STAGES = {"qa": STAGES, "pretrain": STAGES, "xllora": XLLORA_STAGES, "distill": DISTILL_STAGES}
-_ALLOWED_STAGES = {"qa": ALL_STAGES, "pretrain": ALL_STAGES, "xllora": XLLORA_STAGES, "distill": DISTILL_STAGES}
 
 
 def _folder_name(v: str) -> str:
@@ -87,25 +80,6 @@ class PromptSection(_Section):
         if "{answer}" not in v:
             raise ValueError("must contain {answer}")
         return v
-
-
-class PretrainSection(_Section):
-    """Continued pretraining: which corpus, how it is cut, and how much is held out."""
-
-    corpus: list[str] = Field(default_factory=list)  # .txt / .jsonl / TEI .xml files or folders
-    text_field: str = "text"
-    language: str = "ro"
-    fix_diacritics: bool = True  # Romanian: legacy ş/ţ -> ș/ț
-    block_size: StrictInt = Field(512, gt=8)
-    heldout_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    max_docs: StrictInt | None = Field(None, gt=0)
-    max_train_tokens: StrictInt | None = Field(None, gt=0)
-    max_heldout_tokens: StrictInt | None = Field(20000, gt=0)
-
-    @field_validator("corpus", mode="before")
-    @classmethod
-    def _one_or_many(cls, v):
-        return [v] if isinstance(v, str) else v
 
 
 class LoraSection(_Section):
@@ -248,169 +222,49 @@ class MemorySection(_Section):
     new_tokens: StrictInt = Field(16, gt=0)
 
 
-class PairsSection(_Section):
-    """XL-LoRA generator adapters: the pair files they learn from (anchor -> positive / negative)."""
-
-    positive: str | None = None  # CSV/TSV/JSONL with anchor and positive columns
-    negative: str | None = None  # ... with anchor and hard-negative columns
-    anchor_field: str = "sent0"
-    positive_field: str = "sent1"
-    negative_field: str = "hard_neg"
-    max_pairs: StrictInt | None = Field(None, gt=0)  # a seeded sample of each file
-    language: str = "English"  # the language of the outputs in the pair files (named in the prompt)
-
-
-class SynthSection(_Section):
-    """Triplet synthesis with the two generator adapters."""
-
-    anchors: str | None = None  # text file (one sentence per line), JSONL or CSV
-    anchor_field: str = "text"
-    max_anchors: StrictInt | None = Field(None, gt=0)
-    language: str = "English"  # the language the prompt asks the outputs to be in
-    max_new_tokens: StrictInt = Field(128, gt=0)
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(50, ge=0)  # 0: no top-k cut
-    batch_size: StrictInt = Field(32, gt=0)
-    min_chars: StrictInt = Field(10, ge=0)
-    max_chars: StrictInt = Field(400, gt=0)
-    copy_ratio: float = 0.9  # similarity to the anchor (difflib) at or above which an output is a copy
-    language_check: str | None = "en"  # language code the outputs must be in; null: no check
-    reference_margin: float | None = 0.0  # cos(anchor, positive) - cos(anchor, negative) must exceed it; null: off
-    baseline_anchors: StrictInt = Field(8, ge=0)  # one-at-a-time generate() for the speed ratio
-
-
-class ParallelEval(_Section):
-    """Retrieval pairs: two line-aligned files (source, target) or one pair file (CSV/TSV/JSONL)
-    with two columns; query i's one relevant document is document i, scored both ways."""
-
-    name: str  # "ro-en": queries in the first language, documents in the second
-    source: str | None = None
-    target: str | None = None
-    file: str | None = None
-    source_field: str = "sent0"
-    target_field: str = "sent1"
-
-    def model_post_init(self, __context) -> None:
-        if not (self.file or (self.source and self.target)) or (self.file and (self.source or self.target)):
-            raise GlotkitError(f"embed.parallel '{self.name}': give either 'file' (a pair file) or 'source' and 'target' "
-                               "(line-aligned files)")
-
-
-class EmbedSection(_Section):
-    """Sentence-embedding training on the triplets, and its evaluation before and after."""
-
-    model: str = "multilingual-e5-small"
-    pooling: Literal["mean", "cls", "avg_first_last"] = "mean"
-    prompt: str | None = "query: "  # prepended to every text (e5 expects "query: " for symmetric tasks)
-    max_seq_length: StrictInt = Field(128, gt=0)
-    batch_size: StrictInt = Field(32, ge=2)
-    epochs: StrictInt = Field(1, gt=0)
-    max_steps: StrictInt | None = Field(None, gt=0)
-    lr: float = Field(2e-5, gt=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    scale: float = Field(20.0, gt=0.0)  # MNRL scale = 1 / temperature
-    cached: bool = False  # CachedMultipleNegativesRankingLoss (GradCache) for large batches
-    mini_batch_size: StrictInt = Field(16, gt=0)
-    sts: str | None = None  # score<TAB>s1<TAB>s2 file (RO-STS dev)
-    parallel: list[ParallelEval] = Field(default_factory=list)
-    eval_limit: StrictInt | None = Field(None, gt=0)
-
-
-class DistillStudent(_Section):
-    """A student: a model (built-in name, folder or hub id), optionally with its vocabulary cut
-    to the tokens the training texts use (``trim_vocab``: the teacher's own base, made smaller)."""
-
-    name: str  # a label for tables and folders
-    model: str
-    trim_vocab: bool = False
-
-    _plain = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
-
-
-class DistillSection(_Section):
-    """HIPE-2026 person–place relations by distillation (``task: distill``): prompt comparison,
-    a LoRA teacher and its explanations of the gold labels, students trained on them."""
-
-    data: list[str] = Field(default_factory=list)  # gold HIPE-2026 JSONL files (one per language)
-    schema_file: str | None = None  # the release's JSON schema; null: the one in ../shared/data/hipe-2026
-    silver: list[str] = Field(default_factory=list)  # more training documents (e.g. the sandbox/ files)
-    silver_pairs: StrictInt = Field(0, ge=0)  # silver pairs per language added to the teacher's training
-    test_ratio: float = Field(0.3, gt=0.0, lt=1.0)  # documents held out for the final table
-    dev_ratio: float = Field(0.15, ge=0.0, lt=1.0)  # documents for the prompt comparison
-    train_pairs: StrictInt | None = Field(64, gt=0)  # seeded sample of pairs per language; null: all
-    dev_pairs: StrictInt | None = Field(8, gt=0)
-    test_pairs: StrictInt | None = Field(48, gt=0)
-    max_chars: StrictInt = Field(1200, ge=200)  # article excerpt around the mentions
-    label_tokens: StrictInt = Field(32, gt=0)  # new tokens for a label-only answer
-    explain_tokens: StrictInt = Field(128, gt=0)  # ... for explanation + answer
-    batch_size: StrictInt = Field(16, gt=0)  # generation batch
-    compare_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
-    compare_formats: list[Literal["json", "explain-json", "plain", "explain-plain"]] = Field(
-        default_factory=lambda: ["json", "explain-json", "plain", "explain-plain"])
-    teacher_format: Literal["json", "plain"] = "json"  # what the teacher learns from gold (no explanations there)
-    student_format: Literal["explain-json", "explain-plain"] = "explain-json"
-    # who writes the explanations of the gold labels: the teacher's base model with its adapter
-    # switched off (a small teacher tuned on label-only answers answers with labels when asked
-    # to explain), or the tuned teacher itself; the tuned teacher checks them in both cases
-    explain_with: Literal["base", "teacher"] = "base"
-    students: list[DistillStudent] = Field(default_factory=lambda: [
-        DistillStudent(name="smollm2", model="smollm2-135m-instruct"),
-        DistillStudent(name="gemma-trimmed", model="gemma-3-270m", trim_vocab=True)])
-    level: Literal["response", "logits"] = "response"  # logits: needs one vocabulary for teacher and student
-    student_epochs: float | None = Field(None, gt=0.0)  # null: train.epochs
-    student_lr: float | None = Field(None, gt=0.0)  # null: train.lr
-    untuned: bool = True  # also evaluate the untuned teacher and students (their best compared format)
-    within_points: float = Field(3.0, gt=0.0)  # the seed's question: student within this many points
-
-
-class Recipe(_Section):
-    """A whole run: model, data, prompt, adapter, training, evaluation, and which stages to run."""
+class RecipeBase(_Section):
+    """What every system's recipe has: a name (its run folder), the system, a seed, the model and
+    its adapter, the training loop, where generation runs, the stages to run, and a sweep grid.
+    Each system extends it with its own sections (see ``glotkit/systems/``)."""
 
     name: str = "run"
-    task: Literal["qa", "pretrain", "xllora", "distill"] = "qa"
+    system: str = "qa"
     seed: StrictInt = 42
     runs_dir: str = "runs"
     model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection = Field(default_factory=DataSection)
-    pretrain: PretrainSection = Field(default_factory=PretrainSection)
-    prompt: PromptSection = Field(default_factory=PromptSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
     generate: GenerateSection = Field(default_factory=GenerateSection)
-    suite: SuiteSection = Field(default_factory=SuiteSection)
-    memory: MemorySection = Field(default_factory=MemorySection)
-    pairs: PairsSection = Field(default_factory=PairsSection)
-    synth: SynthSection = Field(default_factory=SynthSection)
-    embed: EmbedSection = Field(default_factory=EmbedSection)
-    distill: DistillSection = Field(default_factory=DistillSection)
-    stages: list[Literal["eval_base", "train", "eval_tuned", "suite", "memory", "report", "generators", "synth",
-                         "embed", "compare", "teacher", "traces", "student", "evaluate"]] = Field(
-        default_factory=list)  # empty: the task's default stages
+    stages: list[str] = Field(default_factory=list)  # empty: the system's default stages
     # for `glotkit sweep`: dotted key -> list of values, e.g. {"lora.r": [1, 2, 4, 8]}
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
+
+    # filled in by each system's schema
+    default_stages: ClassVar[tuple[str, ...]] = ()
+    all_stages: ClassVar[tuple[str, ...]] = ()
+    path_keys: ClassVar[tuple[tuple[str, str], ...]] = ()  # (section, key) of file paths: relative to the recipe
+    served: ClassVar[bool] = False  # whether generate.backend 'openai' serves some of its stages
 
     _safe_name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
 
     def model_post_init(self, __context) -> None:
         if not self.stages:
-            self.stages = list(TASK_STAGES[self.task])
-        allowed = _ALLOWED_STAGES[self.task]
-        bad = [st for st in self.stages if st not in allowed]
+            self.stages = list(self.default_stages)
+        bad = [st for st in self.stages if st not in self.all_stages]
         if bad:
-            raise GlotkitError(f"stages: '{bad[0]}' is not a stage of task '{self.task}' (stages: {', '.join(allowed)})")
+            raise GlotkitError(f"stages: '{bad[0]}' is not a stage of system '{self.system}' "
+                               f"(stages: {', '.join(self.all_stages)})")
         g = self.generate
         roles = self.served_roles()
         for field, mapping in (("models", g.models), ("base_urls", g.base_urls)):
             for role in mapping:
                 if role not in roles:
-                    raise GlotkitError(f"generate.{field}.{role}: not a model role of task '{self.task}' "
+                    raise GlotkitError(f"generate.{field}.{role}: not a model role of system '{self.system}' "
                                        f"(roles: {', '.join(roles)})")
         if g.backend == "openai":
-            if self.task not in ("qa", "xllora", "distill"):
+            if not self.served:
                 raise GlotkitError(f"generate.backend: 'openai' serves QA evaluation and the task suite, XL-LoRA's "
-                                   f"synthesis and the distillation stages; task '{self.task}' generates with the "
+                                   f"synthesis and the distillation stages; system '{self.system}' generates with the "
                                    "local model")
             for stage, role in self.served_needs():
                 if role not in g.models:
@@ -422,48 +276,37 @@ class Recipe(_Section):
                                        f"(or generate.base_urls.{role}), e.g. http://127.0.0.1:8000/v1")
 
     def served_roles(self) -> list[str]:
-        """The roles ``generate.models`` may name for this task (see :class:`GenerateSection`)."""
-        if self.task != "distill":
-            return ["base", "tuned", "positive", "negative"]
-        d = self.distill
-        return (["base", "teacher"] + [r for st in d.students for r in (f"student.{st.name}", f"student.{st.name}.base")]
-                + [self.compare_role(m) for m in d.compare_models if m != self.model.name])
-
-    def compare_role(self, model: str) -> str:
-        """The served role of a compared model: the teacher's base model is ``base``."""
-        return "base" if model == self.model.name else f"compare.{model}"
+        """The roles ``generate.models`` may name (see :class:`GenerateSection`)."""
+        return ["base", "tuned"]
 
     def served_needs(self) -> list[tuple[str, str]]:
         """(stage, role) of each model a stage of this recipe generates with on a server."""
-        if self.task != "distill":
-            needs = [("eval_base", "base"), ("eval_tuned", "tuned"), ("synth", "positive"), ("synth", "negative")]
-            needs += [("suite", m) for m in self.suite.models]
-        else:
-            d = self.distill
-            needs = [("compare", self.compare_role(m)) for m in d.compare_models]
-            # the evaluation's rows are served where their role has a served name, else labelled
-            # locally (with their own memory measured): serve the teacher, measure the students
-            needs += [("traces", "teacher"), ("traces", d.explain_with)]
-        return list(dict.fromkeys((st, r) for st, r in needs if st in self.stages))
+        return []
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data, every default filled in."""
-        return self.model_dump(mode="json")
+        """The recipe as plain data, every default filled in (the stages and the sweep grid last)."""
+        out = self.model_dump(mode="json")
+        for key in ("stages", "sweep"):
+            out[key] = out.pop(key)
+        return out
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
+    @classmethod
+    def resolve_paths(cls, raw: dict[str, Any], resolve: Callable[[str], str]) -> None:
+        """Make the file paths of ``raw`` (plain recipe data) relative to the recipe's folder."""
+        for section, key in cls.path_keys:
+            sec = raw.get(section)
+            if isinstance(sec, dict) and key in sec:
+                value = sec[key]
+                if isinstance(value, dict):
+                    sec[key] = {k: resolve(v) for k, v in value.items()}
+                else:
+                    sec[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+
 
 # --------------------------------------------------------------------------- loading
-
-_PATH_KEYS = (("data", "train"), ("data", "test"), ("pretrain", "corpus"), ("suite", "data_root"),
-              ("suite", "task_files"), ("suite", "task_data"), ("pairs", "positive"), ("pairs", "negative"),
-              ("synth", "anchors"), ("embed", "sts"), ("embed", "model"), ("distill", "data"), ("distill", "silver"),
-              ("distill", "schema_file"))
-
-
-def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
-    return dict(model.model_fields)
 
 
 # names users bring from PEFT/transformers/other tools -> ours
@@ -476,12 +319,17 @@ _SYNONYMS = {
 }
 
 
-def _check_unknown_keys(raw: dict[str, Any], model: type[BaseModel], where: str, prefix: str = "") -> None:
-    """Reject keys the schema does not know, suggesting the closest known one."""
-    fields = _section_fields(model)
+def check_unknown_keys(raw: dict[str, Any], model: type[BaseModel], where: str, prefix: str = "",
+                       elsewhere: Callable[[str], str | None] | None = None) -> None:
+    """Reject keys the schema does not know, suggesting the closest known one (``elsewhere``
+    names the other schema a top-level key belongs to, if any)."""
+    fields = dict(model.model_fields)
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
+            other = elsewhere(str(key)) if elsewhere and not prefix else None
+            if other:
+                raise GlotkitError(f"{where}: '{dotted}' is a section of {other}, not of this recipe's")
             close = [_SYNONYMS[key]] if _SYNONYMS.get(key) in fields else []
             close = close or difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
@@ -490,7 +338,7 @@ def _check_unknown_keys(raw: dict[str, Any], model: type[BaseModel], where: str,
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if not isinstance(value, dict):
                 raise GlotkitError(f"{where}: '{dotted}' must be a mapping, got {value!r}")
-            _check_unknown_keys(value, annotation, where, prefix=f"{dotted}.")
+            check_unknown_keys(value, annotation, where, prefix=f"{dotted}.")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -520,7 +368,8 @@ def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _format_validation_error(err: ValidationError, where: str, raw: dict[str, Any]) -> str:
+def format_validation_error(err: ValidationError, where: str, raw: dict[str, Any]) -> str:
+    """One line for the first error of a pydantic validation: file, field, message, value."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     value: Any = raw
@@ -537,23 +386,18 @@ def _format_validation_error(err: ValidationError, where: str, raw: dict[str, An
     return f"{where}: {loc}: {msg} (got {value!r})"
 
 
-def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
-    """Validate plain data against the schema, raising a one-line :class:`GlotkitError`."""
-    if not isinstance(raw, dict):
-        raise GlotkitError(f"{where}: a recipe must be a YAML mapping, got {type(raw).__name__}")
-    _check_unknown_keys(raw, Recipe, where)
+def validate_as(schema: type[RecipeBase], raw: dict[str, Any], where: str = "recipe",
+                elsewhere: Callable[[str], str | None] | None = None) -> RecipeBase:
+    """Validate plain data against one system's schema, raising a one-line :class:`GlotkitError`."""
+    check_unknown_keys(raw, schema, where, elsewhere=elsewhere)
     try:
-        return Recipe.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
-        raise GlotkitError(_format_validation_error(err, where, raw)) from None
+        raise GlotkitError(format_validation_error(err, where, raw)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file, apply ``key=value`` overrides, validate.
-
-    Relative data paths written in the file are taken relative to the file's folder; paths given
-    with ``--set`` are taken relative to the current directory.
-    """
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The plain data of a recipe file (a YAML mapping), with one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise GlotkitError(f"{path}: recipe file not found")
@@ -565,35 +409,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise GlotkitError(f"{path}:{line} is not valid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise GlotkitError(f"{path}: a recipe must be a YAML mapping")
-    raw = copy.deepcopy(raw)
+    return copy.deepcopy(raw)
+
+
+def relative_to(folder: Path) -> Callable[[Any], Any]:
+    """A function that makes a relative path string relative to ``folder`` (absolute)."""
     def resolve(value):
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            return str((path.parent / value).resolve())
+            return str((folder / value).resolve())
         return value
 
-    for section, key in _PATH_KEYS:
-        sec = raw.get(section)
-        if isinstance(sec, dict) and key in sec:
-            value = sec[key]
-            if (section, key) == ("embed", "model") and not str(value).startswith((".", "/", "~")):
-                continue  # a built-in name or hub id, not a path
-            if isinstance(value, dict):
-                sec[key] = {k: resolve(v) for k, v in value.items()}
-            else:
-                sec[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
-    emb = raw.get("embed")
-    if isinstance(emb, dict) and isinstance(emb.get("parallel"), list):
-        for item in emb["parallel"]:
-            if isinstance(item, dict):
-                for k in ("source", "target", "file"):
-                    if k in item:
-                        item[k] = resolve(item[k])
-    for item in overrides or []:
-        key_path, value = parse_override(item)
-        apply_override(raw, key_path, value)
-    return validate_recipe(raw, where=str(path))
+    return resolve
 
 
-def dump_recipe(recipe: Recipe, path: Path) -> None:
+def dump_recipe(recipe: RecipeBase, path: Path) -> None:
     """Write the fully resolved recipe as YAML."""
     path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -32,7 +32,7 @@ def read_jsonl(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def new_figure(width: float = 6, height: float = 3.5, nrows: int = 1, ncols: int = 1):
@@ -92,7 +92,8 @@ def sha256_of_files(paths) -> str | None:
     return h.hexdigest() if seen else None
 
 
-def read_table(path: Path, where: str, formats: tuple[str, ...] = (".jsonl", ".csv", ".tsv", ".json")) -> tuple[list[dict], list[str]]:
+def read_table(path: Path, where: str,
+               formats: tuple[str, ...] = (".jsonl", ".csv", ".tsv", ".json")) -> tuple[list[dict], list[str]]:
     """Records and field names of a data file: JSONL, CSV or TSV with a header row, or a JSON list
     of objects.  Errors are one line naming the file and ``where`` it was asked for."""
     import csv

@@ -6,8 +6,11 @@
 or a ``sweep:`` block in the recipe (``lora.r: [1, 2, 4, 8]``).  Values are separated by commas,
 or by ``|`` when a value itself contains commas.  Every trial is an ordinary run folder under
 ``runs/<name>-sweep/``; finished trials are skipped, so an interrupted sweep continues where it
-stopped.  When the grid touches only the adapter and training, the base model is evaluated once
-and shared by all trials.  Results: ``sweep.csv``, ``sweep.md`` and ``f1_vs_<key>.png``.
+stopped.  Any system can be swept: the table holds whatever the system's ``summary`` reports
+(QA: EM/F1; pretraining: perplexity; XL-LoRA: STS and retrieval; distillation: scores).  When
+the grid touches only the adapter and training and the recipe evaluates its base model, the base
+model is evaluated once and shared by all trials.  Results: ``sweep.csv``, ``sweep.md`` and
+``<metric>_vs_<key>.png``.
 
 With ``--backend ray`` each pending trial is a Ray task (a local cluster of ``--workers`` ×
 ``--trial-cpus`` CPUs by default, or the cluster at ``--address``) with its own CPU/GPU request and
@@ -31,9 +34,10 @@ from typing import Any, Callable
 
 import yaml
 
-from glotkit.config import Recipe, apply_override, validate_recipe
+from glotkit.config import RecipeBase, apply_override
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_text, new_figure, save_figure
+from glotkit.systems import system_of, validate_recipe
 
 _SHARED_BASE_SECTIONS = {"lora", "train"}
 
@@ -64,7 +68,7 @@ def _value_tag(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
 
 
-def trial_recipes(recipe: Recipe, grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any], Recipe]]:
+def trial_recipes(recipe: RecipeBase, grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any], RecipeBase]]:
     keys = list(grid)
     out = []
     base = recipe.to_dict()
@@ -80,10 +84,10 @@ def trial_recipes(recipe: Recipe, grid: dict[str, list[Any]]) -> list[tuple[str,
     return out
 
 
-def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] = print, progress: bool = True, *,
+def run_sweep(recipe: RecipeBase, grid_args: list[str], log: Callable[[str], None] = print, progress: bool = True, *,
               backend: str = "local", address: str | None = None, workers: int | None = None,
               trial_cpus: float = 1.0, trial_gpus: float = 0.0) -> Path:
-    from glotkit.pipeline import run_recipe
+    from glotkit.systems.runner import owned
 
     if backend == "ray":
         import importlib.util
@@ -98,7 +102,16 @@ def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] =
         raise GlotkitError("sweep: nothing to sweep; give --grid key=v1,v2 or a 'sweep:' block in the recipe")
     trials = trial_recipes(recipe, grid)
     sweep_dir = Path(recipe.runs_dir) / f"{recipe.name}-sweep"
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with owned(sweep_dir, f"glotkit sweep '{recipe.name}'", lock_name=".sweep.lock"):  # one sweep at a time
+        _sweep(recipe, grid, trials, sweep_dir, log, progress, backend=backend, address=address, workers=workers,
+               trial_cpus=trial_cpus, trial_gpus=trial_gpus)
+    return sweep_dir
+
+
+def _sweep(recipe: RecipeBase, grid: dict[str, list[Any]], trials, sweep_dir: Path, log, progress: bool, *,
+           backend: str, address: str | None, workers: int | None, trial_cpus: float, trial_gpus: float) -> None:
+    from glotkit.systems.runner import run_recipe
+
     log(f"[glotkit] sweep of {len(trials)} trials over {', '.join(grid)} in {sweep_dir}")
 
     share_base = all(k.split(".")[0] in _SHARED_BASE_SECTIONS for k in grid) and "eval_base" in recipe.stages
@@ -110,8 +123,10 @@ def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] =
         run_recipe(base_recipe, log=log, progress=progress)
         base_eval = sweep_dir / "base" / "eval_base"
 
+    system = system_of(recipe)
+
     def finished(run_dir: Path) -> bool:
-        return (run_dir / "report.md").is_file() and (run_dir / "eval_tuned" / "metrics.json").is_file()
+        return (run_dir / "report.md").is_file() and bool(system.summary(system.folder_type(run_dir)))
 
     results: dict[str, tuple[str, str]] = {}
     todo = []
@@ -132,7 +147,8 @@ def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] =
             todo.append((i, name, trial))
 
     def table() -> list[dict[str, Any]]:
-        rows = [_row(name, values, trial.run_dir(), *results[name]) for name, values, trial in trials if name in results]
+        rows = [_row(system, name, values, trial.run_dir(), *results[name]) for name, values, trial in trials
+                if name in results]
         _write_tables(sweep_dir, list(grid), rows)
         return rows
 
@@ -156,7 +172,6 @@ def run_sweep(recipe: Recipe, grid_args: list[str], log: Callable[[str], None] =
     rows = table()
     _plot(sweep_dir, list(grid), rows)
     log(f"[glotkit] sweep table: {sweep_dir / 'sweep.md'}")
-    return sweep_dir
 
 
 def _ray_trial(raw: dict, cwd: str, log_path: str) -> tuple[str, str]:
@@ -164,8 +179,8 @@ def _ray_trial(raw: dict, cwd: str, log_path: str) -> tuple[str, str]:
     working directory; its log goes to ``log_path``."""
     import signal
 
-    from glotkit.pipeline import run_recipe
     from glotkit.runtime import quiet_libraries
+    from glotkit.systems.runner import run_recipe
 
     os.chdir(cwd)
     quiet_libraries()
@@ -223,22 +238,11 @@ def _run_on_ray(todo, sweep_dir: Path, *, address: str | None, workers: int | No
             ray.shutdown()
 
 
-def _row(name: str, values: dict[str, Any], run_dir: Path, status: str, error: str) -> dict[str, Any]:
-    def read(p):
-        return json.loads(p.read_text()) if p.is_file() else {}
-
-    tuned = read(run_dir / "eval_tuned" / "metrics.json")
-    base = read(run_dir / "eval_base" / "metrics.json")
-    tr = read(run_dir / "train" / "result.json")
-    if status == "ok" and not tuned:
+def _row(system, name: str, values: dict[str, Any], run_dir: Path, status: str, error: str) -> dict[str, Any]:
+    summary = system.summary(system.folder_type(run_dir))
+    if status == "ok" and not summary:
         status = "incomplete"
-    return {
-        "trial": name, **{k: values[k] for k in values}, "status": status,
-        "trainable_params": tr.get("trainable_params"), "trainable_percent": tr.get("trainable_percent"),
-        "em": tuned.get("em"), "f1": tuned.get("f1"), "em_raw": tuned.get("em_raw"), "f1_raw": tuned.get("f1_raw"),
-        "base_em": base.get("em"), "base_f1": base.get("f1"),
-        "train_seconds": tr.get("seconds"), "tokens_per_s": tr.get("tokens_per_s"), "error": error,
-    }
+    return {"trial": name, **{k: values[k] for k in values}, "status": status, **summary, "error": error}
 
 
 def _cell(v: Any) -> str:
@@ -249,21 +253,35 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols |= dict.fromkeys(k for k in r if k != "error")
+    return list(cols) + ["error"]
+
+
+def _metric_columns(keys: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """The system's figures shown in sweep.md: every summary column but the base model's."""
+    skip = set(keys) | {"trial", "status", "error", "train_seconds"}
+    return [c for c in _columns(rows) if c not in skip and not c.startswith("base_")]
+
+
 def _write_tables(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
-    cols = list(rows[0])
+    cols = _columns(rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for r in rows:
-        w.writerow({k: _cell(v) for k, v in r.items()})
+        w.writerow({k: _cell(r.get(k)) for k in cols})
     atomic_write_text(sweep_dir / "sweep.csv", buf.getvalue())
-    show = keys + ["trainable_params", "trainable_percent", "em", "f1", "em_raw", "f1_raw", "tokens_per_s", "status"]
+    show = keys + _metric_columns(keys, rows) + ["status"]
     lines = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r[k]) for k in show) + " |")
-    base = next((r for r in rows if r.get("base_f1") is not None), None)
+        lines.append("| " + " | ".join(_cell(r.get(k)) for k in show) + " |")
+    base = next((r for r in rows if any(k.startswith("base_") and v is not None for k, v in r.items())), None)
     if base:
-        lines += ["", f"Base model: EM {base['base_em']}, F1 {base['base_f1']}."]
+        lines += ["", "Base model: " + ", ".join(f"{k[5:]} {v}" for k, v in base.items()
+                                                 if k.startswith("base_") and v is not None) + "."]
     failed = [r for r in rows if r["status"] == "failed"]
     for r in failed:
         lines.append(f"- {r['trial']} failed: {r['error']}")
@@ -271,25 +289,30 @@ def _write_tables(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) 
 
 
 def _plot(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> Path | None:
-    done = [r for r in rows if r["f1"] is not None]
-    if not done:
+    metrics = [c for c in _metric_columns(keys, rows) if c not in ("trainable_params", "trainable_percent",
+                                                                  "tokens_per_s")
+               and any(isinstance(r.get(c), (int, float)) for r in rows)]
+    if not metrics:
         return None
+    metric = "f1" if "f1" in metrics else metrics[0]
+    done = [r for r in rows if isinstance(r.get(metric), (int, float))]
     x_key = "lora.r" if "lora.r" in keys else keys[0]
     others = [k for k in keys if k != x_key]
     fig, ax = new_figure(6, 3.8)
     groups: dict[str, list[dict]] = {}
     for r in done:
-        groups.setdefault(" ".join(f"{k.split('.')[-1]}={_cell(r[k])}" for k in others) or "F1", []).append(r)
+        groups.setdefault(" ".join(f"{k.split('.')[-1]}={_cell(r[k])}" for k in others) or metric, []).append(r)
     for label, rs in groups.items():
         try:
             rs = sorted(rs, key=lambda r: r[x_key])
         except TypeError:
             pass
-        ax.plot([_cell(r[x_key]) for r in rs], [r["f1"] for r in rs], marker="o", label=label)
-    if done[0].get("base_f1") is not None:
-        ax.axhline(done[0]["base_f1"], color="grey", ls="--", lw=1, label="base model")
+        ax.plot([_cell(r[x_key]) for r in rs], [r[metric] for r in rs], marker="o", label=label)
+    if done[0].get(f"base_{metric}") is not None:
+        ax.axhline(done[0][f"base_{metric}"], color="grey", ls="--", lw=1, label="base model")
     ax.set_xlabel(x_key)
-    ax.set_ylabel("F1 (%)")
+    ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return save_figure(fig, sweep_dir / f"f1_vs_{x_key.split('.')[-1]}.png")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", metric).strip("_")
+    return save_figure(fig, sweep_dir / f"{name}_vs_{x_key.split('.')[-1]}.png")

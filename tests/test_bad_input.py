@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from glotkit.cli import main
-from glotkit.config import load_recipe
 from glotkit.errors import GlotkitError
+from glotkit.systems import load_recipe
 
 
 def _recipe(tmp_path: Path, body: str) -> Path:
@@ -26,7 +26,7 @@ def _run_cli(capsys, *argv) -> tuple[int, str]:
 
 def _assert_one_line(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("glotkit: error:")]
+    lines = [s for s in err.splitlines() if s.startswith("glotkit: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
         assert n in lines[0], (n, lines[0])

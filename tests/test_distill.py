@@ -82,8 +82,8 @@ def test_prompt_builder_chat_and_plain(tiny_llama):
 
 
 def test_splits_are_by_document_seeded_and_disjoint(tmp_path):
-    from glotkit.config import validate_recipe
-    from glotkit.hipe.distill import make_splits
+    from glotkit.systems import validate_recipe
+    from glotkit.systems.distill import make_splits
 
     files = _write_gold(tmp_path, docs=10, pairs=4)
     recipe = validate_recipe({"task": "distill", "distill": {"data": files, "train_pairs": 5, "dev_pairs": None,
@@ -110,7 +110,7 @@ def _rows(label, role, score, params, disk, langs):
 
 
 def test_efficiency_table_ranks_and_the_within_question():
-    from glotkit.hipe.distill import efficiency_table
+    from glotkit.systems.distill import efficiency_table
 
     t = efficiency_table([
         _rows("teacher", "teacher", 0.60, 300, 500, {"de": 0.60, "en": 0.62, "fr": 0.58}),
@@ -137,9 +137,9 @@ def _tiny_teacher(path):
 
 
 def test_trace_generation_resumes_after_an_interruption(tmp_path, tiny_llama, monkeypatch):
-    import glotkit.hipe.distill as distill
     import glotkit.io as gio
-    from glotkit.config import validate_recipe
+    import glotkit.systems.distill as distill
+    from glotkit.systems import validate_recipe
 
     files = _write_gold(tmp_path, docs=6, pairs=3)
     recipe = validate_recipe({"task": "distill", "seed": 1, "distill": {
@@ -181,8 +181,7 @@ def test_trace_generation_resumes_after_an_interruption(tmp_path, tiny_llama, mo
 
 def test_logit_level_needs_one_vocabulary(tmp_path, tiny_llama):
     from conftest import build_model
-
-    from glotkit.hipe.distill import check_logit_level
+    from glotkit.systems.distill import check_logit_level
 
     other = tmp_path / "other"
     _, tok = build_model(other, "llama")
@@ -195,8 +194,8 @@ def test_logit_level_needs_one_vocabulary(tmp_path, tiny_llama):
 
 
 def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch, capsys):
-    import glotkit.hipe.distill as distill
     import glotkit.hipe.formats as formats
+    import glotkit.systems.distill as distill
     from glotkit.hipe.parse import Parsed
 
     files = _write_gold(tmp_path, docs=8, pairs=3)
@@ -270,8 +269,8 @@ def test_distill_bad_input(tmp_path, tiny_llama, tiny_gemma, capsys):
     code, err = run(data=[str(broken)])
     assert code == 2 and "broken.jsonl: line 2: sampled_pairs[0].pers_mentions_list: empty" in err
     # a student larger than the teacher is a warning, not an error
-    from glotkit.config import validate_recipe
-    from glotkit.hipe.distill import check_inputs
+    from glotkit.systems import validate_recipe
+    from glotkit.systems.distill import check_inputs
 
     big = tmp_path / "big"
     from conftest import build_model
@@ -281,7 +280,7 @@ def test_distill_bad_input(tmp_path, tiny_llama, tiny_gemma, capsys):
     check_inputs(validate_recipe({"task": "distill", "model": {"name": str(tiny_llama)}, "distill": {
         "data": files, "students": [{"name": "big", "model": str(big)}]}}), log=warned.append)
     assert any("is larger than the teacher" in m for m in warned)
-    with pytest.raises(GlotkitError, match="stages: 'train' is not a stage of task 'distill'"):
+    with pytest.raises(GlotkitError, match="stages: 'train' is not a stage of system 'distill'"):
         validate_recipe({"task": "distill", "stages": ["train"]})
     assert main(["distill", "compare", str(tmp_path / "none.yaml")]) == 2
     assert labels_text("TRUE", "FALSE", "plain") == "at: TRUE\nisAt: FALSE"

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from glotkit.cli import main
-from glotkit.train.distributed import check_split, launch_command, share_of
-from glotkit.errors import GlotkitError
-
 from conftest import write_qa_jsonl
+from glotkit.cli import main
+from glotkit.errors import GlotkitError
+from glotkit.train.distributed import check_split, launch_command, share_of
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 120

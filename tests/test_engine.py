@@ -9,8 +9,9 @@ from conftest import build_model
 from glotkit.config import LoraSection, PromptSection, TrainSection
 from glotkit.data.prompts import IGNORE, EncodeStats, PromptFormatter
 from glotkit.data.qa import QAExample
+from glotkit.models.lm import SupervisedLoss, collate, reference_loss_sum
 from glotkit.models.lora import apply_lora
-from glotkit.train.engine import SupervisedLoss, collate, epoch_batches, plan_steps, reference_loss_sum, train
+from glotkit.train.engine import epoch_batches, plan_steps, train
 
 
 def _examples(n=12):
@@ -144,14 +145,14 @@ def test_loss_falls_on_tiny_model(tmp_path):
     model, tok = build_model(tmp_path, "llama", init=0.2)
     model = apply_lora(model, LoraSection(r=8, target_modules="all-linear", dropout=0.0))
     enc = _encoded(tok, 4)
-    res = train(model, enc, TrainSection(batch_size=4, max_steps=40, lr=5e-2, scheduler="constant"), seed=0, work_dir=tmp_path / "w",
-                pad_id=tok.pad_token_id, progress=False)
+    res = train(model, enc, TrainSection(batch_size=4, max_steps=40, lr=5e-2, scheduler="constant"), seed=0,
+                work_dir=tmp_path / "w", pad_id=tok.pad_token_id, progress=False)
     assert res.log[-1]["loss"] < 0.6 * res.log[0]["loss"], [h["loss"] for h in res.log]
     assert res.fast_loss and res.tokens > 0 and res.memory["peak_rss_mb"] > 0
 
 
 def test_split_by_tokens():
-    from glotkit.train.engine import split_by_tokens
+    from glotkit.models.lm import split_by_tokens
 
     lengths = [100, 30, 60, 200, 10]
     chunks = split_by_tokens([0, 1, 2, 3, 4], lengths, 250)
@@ -187,7 +188,7 @@ def _same_context_examples(n_contexts=2, per_context=3):
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
 def test_shared_prefix_rows_equal_separate_examples(tmp_path, arch):
-    from glotkit.train.engine import build_rows
+    from glotkit.models.lm import build_rows
 
     model, tok = build_model(tmp_path, arch)
     model = _active_lora(model)
@@ -243,7 +244,7 @@ def test_shared_prefix_rows_rebuild_every_example_in_any_order():
     import random
 
     from glotkit.data.prompts import Encoded
-    from glotkit.train.engine import build_rows
+    from glotkit.models.lm import build_rows
 
     rng = random.Random(0)
     system = list(range(100, 120))  # a shared 20-token "system prompt", as chat templates make
@@ -271,7 +272,7 @@ def test_shared_prefix_rows_rebuild_every_example_in_any_order():
 
 
 def test_chunked_lm_head_gives_the_same_loss_and_gradients(tmp_path, monkeypatch):
-    import glotkit.train.engine as eng
+    import glotkit.models.lm as lm
 
     model, tok = build_model(tmp_path, "gemma3")
     model = _active_lora(model)
@@ -280,7 +281,7 @@ def test_chunked_lm_head_gives_the_same_loss_and_gradients(tmp_path, monkeypatch
     batch["targets"][:, -1] = IGNORE
     out = []
     for chunk in (10**6, 7):
-        monkeypatch.setattr(eng, "HEAD_CHUNK", chunk)
+        monkeypatch.setattr(lm, "HEAD_CHUNK", chunk)
         model.zero_grad()
         loss, n = SupervisedLoss(model)(batch)
         (loss / n).backward()

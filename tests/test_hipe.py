@@ -45,7 +45,8 @@ def test_score_by_hand():
     # binary: PROBABLE -> TRUE: at TRUE recall 2/3, FALSE 1/1
     assert r["binary"]["at_macro_recall"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-4)
     assert r["confusion"]["at"]["matrix"] == [[1, 0, 1], [1, 0, 0], [0, 0, 1]]
-    assert profile({"de": r, "en": {"score": 1.0, "binary": {"score": 1.0}}})["score"] == pytest.approx((r["score"] + 1) / 2, abs=1e-4)
+    assert (profile({"de": r, "en": {"score": 1.0, "binary": {"score": 1.0}}})["score"]
+            == pytest.approx((r["score"] + 1) / 2, abs=1e-4))
     with pytest.raises(GlotkitError, match="unknown document id 'd9'"):
         score_file(gold, [_doc("d9", [])])
 

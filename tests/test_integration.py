@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from glotkit.config import LoraSection, ModelSection, PromptSection, TrainSection
+from glotkit.config import DataSection, LoraSection, ModelSection, PromptSection, TrainSection
 from glotkit.data.prompts import EncodeStats, PromptFormatter
 from glotkit.data.qa import read_examples
-from glotkit.config import DataSection
 from glotkit.models.loading import load_model
 from glotkit.models.lora import apply_lora, count_trainable
 from glotkit.train.engine import train

@@ -26,7 +26,8 @@ def test_cached_folder_is_verified(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"abc")
-    (folder / convert.MANIFEST).write_text('{"files": {"model.safetensors": "%s"}}' % convert.sha256_file(folder / "model.safetensors"))
+    (folder / convert.MANIFEST).write_text('{"files": {"model.safetensors": "%s"}}'
+                                           % convert.sha256_file(folder / "model.safetensors"))
     assert convert._verify_folder(folder)
     (folder / "model.safetensors").write_bytes(b"tampered")
     assert not convert._verify_folder(folder)

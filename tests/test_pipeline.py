@@ -42,7 +42,7 @@ def test_run_writes_everything_and_adapter_reloads(tmp_path, tiny_gemma, qa_file
     metrics = json.loads((run / "metrics.json").read_text())
     for tag in ("base", "tuned"):
         assert {"em", "f1", "em_raw", "f1_raw", "n"} <= set(metrics[tag]) and metrics[tag]["n"] == 6
-    preds = [json.loads(l) for l in (run / "predictions.jsonl").read_text().splitlines()]
+    preds = [json.loads(s) for s in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and {"question", "gold", "base", "tuned"} <= set(preds[0])
     assert {"generation", "prediction", "em", "f1"} <= set(preds[0]["tuned"])
     err = capsys.readouterr().err
@@ -106,8 +106,8 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path, tiny_llama, qa_fi
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
-    la = [json.loads(l)["loss"] for l in (ref_dir / "runs/tiny/train/log.jsonl").read_text().splitlines()]
-    lb = [json.loads(l)["loss"] for l in (kill_dir / "runs/tiny/train/log.jsonl").read_text().splitlines()]
+    la = [json.loads(s)["loss"] for s in (ref_dir / "runs/tiny/train/log.jsonl").read_text().splitlines()]
+    lb = [json.loads(s)["loss"] for s in (kill_dir / "runs/tiny/train/log.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == steps
     assert lb == pytest.approx(la, abs=1e-5)
 

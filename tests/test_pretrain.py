@@ -16,8 +16,9 @@ from glotkit.config import LoraSection, ModelSection, TrainSection
 from glotkit.data.corpus import pack_documents, read_documents, split_documents, tei_body_text, tokenize_documents
 from glotkit.data.prompts import IGNORE
 from glotkit.errors import GlotkitError
+from glotkit.models.lm import SupervisedLoss
 from glotkit.models.lora import apply_lora, save_adapter
-from glotkit.train.engine import SupervisedLoss, train
+from glotkit.train.engine import train
 
 TEI = """<?xml version="1.0" encoding="UTF-8"?>
 <TEI xmlns="http://www.tei-c.org/ns/1.0"><teiHeader><fileDesc><titleStmt><title>Titlu din antet</title>
@@ -84,7 +85,7 @@ def test_packing_never_attends_across_documents(tmp_path):
         packed, n = lf(lf.collate(rows, tok.pad_token_id))
         alone = [lf(lf.collate(pack_documents([d], 10_000), tok.pad_token_id)) for d in ids]
     assert n == sum(k for _, k in alone)
-    assert abs(packed.item() - sum(l.item() for l, _ in alone)) < 1e-4 * n
+    assert abs(packed.item() - sum(loss.item() for loss, _ in alone)) < 1e-4 * n
     # and it really matters: with an ordinary causal mask the packed loss differs
     plain = lf.collate(rows, tok.pad_token_id)
     plain["attention_mask"] = torch.ones_like(plain["input_ids"])

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED
 from glotkit.cli import main
 from glotkit.config import GenerateSection
 from glotkit.errors import GlotkitError
-
-from conftest import SHARED
 
 pytest.importorskip("openai", reason="the server backend needs the openai client: pip install 'glotkit[server]'")
 
@@ -240,10 +239,9 @@ def model_server(tmp_path):
 def test_suite_loglik_on_a_server_equals_the_local_scores(model_server, kind):
     """The task suite's loglik mode on a server (prompt + option echoed, the option's tokens picked
     by their offsets) gives the local model's option log-likelihoods, hence its predictions."""
-    from test_suite import _tiny_task
-
     from glotkit.eval.suite import run_task
     from glotkit.generate.server import ServerGenerator
+    from test_suite import _tiny_task
 
     url, model, tok = model_server
     server = ServerGenerator(GenerateSection(backend="openai", base_url=url, concurrency=3, retries=0), "m")
@@ -257,10 +255,9 @@ def test_suite_loglik_on_a_server_equals_the_local_scores(model_server, kind):
 
 
 def test_suite_loglik_refuses_a_server_whose_prompt_logprobs_are_shifted(model_server):
-    from test_suite import _tiny_task
-
     from glotkit.eval.suite import run_task
     from glotkit.generate.server import ServerGenerator
+    from test_suite import _tiny_task
 
     url, model, tok = model_server
     _ModelServer.shifted = True
@@ -272,10 +269,9 @@ def test_suite_loglik_refuses_a_server_whose_prompt_logprobs_are_shifted(model_s
 
 
 def test_suite_generate_on_a_server_equals_the_local_generations(model_server):
-    from test_suite import _tiny_task
-
     from glotkit.eval.suite import run_task
     from glotkit.generate.server import ServerGenerator
+    from test_suite import _tiny_task
 
     url, model, tok = model_server
     server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0, concurrency=1), "m")
@@ -366,9 +362,8 @@ def test_xllora_synthesis_on_a_server(tmp_path, tiny_llama, fake_server):
 def test_distillation_traces_on_a_server(tmp_path, tiny_llama, fake_server, monkeypatch):
     """Both trace steps go to the server (the base model explains, the teacher adapter checks),
     with the local backend's prompts as text; each step appends its rows as they come."""
-    import glotkit.hipe.distill as distill
-    from glotkit.config import validate_recipe
-
+    import glotkit.systems.distill as distill
+    from glotkit.systems import validate_recipe
     from test_distill import _write_gold
 
     files = _write_gold(tmp_path, docs=6, pairs=3)
@@ -401,9 +396,8 @@ def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server, c
     """The prompt comparison on the served model gives the local answers (the same prompts as
     text, greedy, the same kept stop strings); answers already written are kept and not asked
     again; the evaluation sends each row to the server of its role."""
-    import glotkit.hipe.distill as distill
-    from glotkit.config import validate_recipe
-
+    import glotkit.systems.distill as distill
+    from glotkit.systems import validate_recipe
     from test_distill import _write_gold
 
     url, model, tok = model_server
@@ -450,7 +444,7 @@ def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server, c
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     assert main(["distill", "compare", "--no-progress", str(recipe("openai")),
                  "--set", f"generate.base_urls.compare.other={dead}"]) == 2  # not a role of this recipe
-    assert "generate.base_urls.compare.other: not a model role of task 'distill'" in capsys.readouterr().err
+    assert "generate.base_urls.compare.other: not a model role of system 'distill'" in capsys.readouterr().err
     assert main(["distill", "compare", "--no-progress", str(recipe("openai")), "--set", f"generate.base_url={dead}",
                  "--set", f"generate.base_urls.base={dead}"]) == 0
     assert _ModelServer.requests == []
@@ -474,7 +468,7 @@ def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server, c
                for e in entries}
     assert {k for k, v in servers.items() if v is not None} == {"teacher (untuned)", "teacher"}
     assert "[glotkit] evaluate: no generate.models.student.smollm2: that model answers locally" in logged
-    with pytest.raises(GlotkitError, match=r"generate.models.student.nobody: not a model role of task 'distill'"):
+    with pytest.raises(GlotkitError, match=r"generate.models.student.nobody: not a model role of system 'distill'"):
         validate_recipe(json.loads(recipe("openai").read_text()) | {"generate": {
             "backend": "openai", "base_url": url, "models": {"base": "b", "student.nobody": "x"}}})
 
@@ -637,7 +631,8 @@ def test_server_killed_mid_evaluation_then_resumed(tmp_path, llama_server):
     (["--base-url", "http://127.0.0.1:9/v1"], "--base-url: needs --served-model NAME"),
     (["--base-url", "http://127.0.0.1:9/v1", "--served-model", "m", "--adapter", "x"], "--adapter: with --base-url"),
     (["--base-url", "ftp://x", "--served-model", "m"], "--base-url ftp://x: Value error, 'ftp://x' is not an http(s) URL"),
-    (["--base-url", "http://127.0.0.1:9/v1", "--served-model", "m", "--concurrency", "0"], "--concurrency 0: Input should be greater than 0"),
+    (["--base-url", "http://127.0.0.1:9/v1", "--served-model", "m", "--concurrency", "0"],
+     "--concurrency 0: Input should be greater than 0"),
 ])
 def test_eval_on_a_server_argument_errors(args, message, capsys):
     assert main(["eval", "--tasks", "sentiment", *args]) == 2

@@ -7,8 +7,20 @@ import torch
 
 from conftest import SHARED, build_model
 from glotkit.errors import GlotkitError
-from glotkit.eval.suite import (BUILTIN_TASKS, Task, build_prompt, draw_shots, get_tasks, load_task_file,
-                                option_logliks, parse_label, parse_letters, parse_number, run_suite, run_task)
+from glotkit.eval.suite import (
+    BUILTIN_TASKS,
+    Task,
+    build_prompt,
+    draw_shots,
+    get_tasks,
+    load_task_file,
+    option_logliks,
+    parse_label,
+    parse_letters,
+    parse_number,
+    run_suite,
+    run_task,
+)
 from glotkit.generate.local import cut_at_stop
 
 WORDS = ["Sibiu", "Cibin", "Iași", "Mureș", "Brașov", "Dunăre", "Carpați", "Cluj"]
@@ -117,7 +129,8 @@ def _tiny_task(kind, **kw):
         rows.append({"text": text, "answer": ["A", "B", "A, C"][i % 3], "answers": [WORDS[i % 8]],
                      "summary": WORDS[i % 8] + " " + WORDS[(i + 1) % 8], "score": float(i % 6)})
     data = {"train": rows[:10], "test": rows[10:]}
-    template = {"multichoice": "Întrebare: {text}\nA. da\nB. nu\nC. poate\nRăspuns:", "qa": "Context: {text}\nÎntrebare: ce?\nRăspuns:",
+    template = {"multichoice": "Întrebare: {text}\nA. da\nB. nu\nC. poate\nRăspuns:",
+                "qa": "Context: {text}\nÎntrebare: ce?\nRăspuns:",
                 "summarization": "Text: {text}\nRezumat:", "regression": "Text: {text}\nScor:"}[kind]
     answer = {"multichoice": lambda r: r["answer"], "qa": lambda r: r["answers"][0],
               "summarization": lambda r: r["summary"], "regression": lambda r: f"{r['score']:.1f}"}[kind]

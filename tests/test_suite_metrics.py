@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import random
 
-
-from glotkit.eval.metrics import (UnicodeTokenizer, classification_scores, correlation_scores, option_set_scores,
-                                  rouge_scores)
+from glotkit.eval.metrics import UnicodeTokenizer, classification_scores, correlation_scores, option_set_scores, rouge_scores
 
 
 def test_classification_against_sklearn():

@@ -14,9 +14,18 @@ from glotkit.cli import main
 from glotkit.data.pairs import read_anchors, read_pairs
 from glotkit.errors import GlotkitError
 from glotkit.eval.embeddings import retrieval_scores, sts_spearman
-from glotkit.synth.triplets import (FilterConfig, SynthConfig, build_triplets, encode_pairs, first_failure,
-                                    generate_pairs, guess_language, pair_prompt)
-from glotkit.train.embeddings import load_encoder, train_embeddings
+from glotkit.models.encoders import load_encoder
+from glotkit.synth.triplets import (
+    FilterConfig,
+    SynthConfig,
+    build_triplets,
+    encode_pairs,
+    first_failure,
+    generate_pairs,
+    guess_language,
+    pair_prompt,
+)
+from glotkit.train.embeddings import train_embeddings
 
 SENTS = ["Sibiu este un oraș frumos.", "Dunărea se varsă în mare.", "Eminescu a scris poezii.", "Iașiul are o universitate.",
          "Brașovul este lângă munți.", "Clujul are mulți studenți.", "Marea Neagră este la est.", "Timișoara e în vest."]
@@ -47,7 +56,8 @@ def test_one_prompt_for_training_and_generation(tmp_path):
     assert ex.input_ids[: len(prompt)] == prompt and all(x == -100 for x in ex.labels[: len(prompt)])
     assert ex.labels[len(prompt):] == ex.input_ids[len(prompt):] and ex.input_ids[-1] == tok.eos_token_id
     assert dropped == 0 and encode_pairs([("a " * 300, "b")], "negative", "English", tok, 64)[1] == 1
-    assert "contradicts" in pair_prompt("negative", "x", "Romanian") and "Romanian sentence:" in pair_prompt("negative", "x", "Romanian")
+    negative = pair_prompt("negative", "x", "Romanian")
+    assert "contradicts" in negative and "Romanian sentence:" in negative
 
 
 def test_filters_and_language_check():
@@ -98,7 +108,7 @@ def test_synthesis_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
     cfg = SynthConfig(max_new_tokens=6, batch_size=3, temperature=0.8, seed=1)
     full = tmp_path / "full"
     generate_pairs(model, tok, SENTS, cfg, full, progress=False, log=lambda m: None)
-    want = [json.loads(l) for l in (full / "generations.jsonl").read_text().splitlines()]
+    want = [json.loads(s) for s in (full / "generations.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["kind"]) for r in want) == sorted((i, k) for i in range(8) for k in ("positive", "negative"))
     # the two adapters really differ (switching adapters changes the output)
     by = {(r["id"], r["kind"]): r["raw"] for r in want}
@@ -123,7 +133,7 @@ def test_synthesis_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
     with (part / "generations.jsonl").open("a") as fh:
         fh.write('{"id": 5, "kind": "posi')  # a kill in the middle of a write
     generate_pairs(model, tok, SENTS, cfg, part, progress=False, log=lambda m: None)
-    got = [json.loads(l) for l in (part / "generations.jsonl").read_text().splitlines()]
+    got = [json.loads(s) for s in (part / "generations.jsonl").read_text().splitlines()]
     keys = [(r["id"], r["kind"]) for r in got]
     assert len(keys) == len(set(keys)) == 16 and set(keys) == {(r["id"], r["kind"]) for r in want}
     assert (part / "generations.jsonl").read_text().startswith(first)
@@ -191,7 +201,8 @@ def test_retrieval_and_sts_metrics_against_references():
 def test_xllora_recipe_end_to_end(tmp_path, tiny_llama, tiny_encoder, capsys):
     pos, neg = tmp_path / "pos.csv", tmp_path / "neg.csv"
     pos.write_text("sent0,sent1\n" + "".join(f"\"{s}\",The city {i} is nice.\n" for i, s in enumerate(SENTS)), encoding="utf-8")
-    neg.write_text("sent0,hard_neg\n" + "".join(f"\"{s}\",The city {i} is not there.\n" for i, s in enumerate(SENTS)), encoding="utf-8")
+    neg.write_text("sent0,hard_neg\n" + "".join(f"\"{s}\",The city {i} is not there.\n" for i, s in enumerate(SENTS)),
+                   encoding="utf-8")
     anchors = tmp_path / "anchors.txt"
     anchors.write_text("\n".join(SENTS + SENTS[:2]) + "\n", encoding="utf-8")
     sts = tmp_path / "sts.tsv"

@@ -142,11 +142,11 @@ def tokenize_documents(docs: Iterable[Document], tokenizer) -> list[list[int]]:
 def pack_documents(token_docs: Sequence[list[int]], block_size: int):
     """Cut the concatenated documents into rows of at most ``block_size`` tokens.
 
-    Returns :class:`glotkit.train.engine.Row` objects: one segment per document piece, positions
+    Returns :class:`glotkit.models.lm.Row` objects: one segment per document piece, positions
     from the start of that piece's document, targets the next token of the same document only.
     (A document longer than a block continues in the next row; its later positions continue.)
     """
-    from glotkit.train.engine import Row
+    from glotkit.models.lm import Row
 
     rows = []
     ids: list[int] = []

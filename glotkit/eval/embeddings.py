@@ -100,7 +100,7 @@ def evaluate_embeddings(model, *, sts: Path | None = None, parallel: Sequence = 
                         prompt: str | None = None, limit: int | None = None, batch_size: int = 64) -> dict:
     """{"sts": {...}, "ro→en": {...}, "en→ro": {...}, ...} for one model; ``parallel`` holds
     ``ParallelEval`` items (line-aligned files or a pair file)."""
-    from glotkit.train.embeddings import encode
+    from glotkit.models.encoders import encode
 
     out = {}
     if sts:

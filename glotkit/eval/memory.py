@@ -91,18 +91,20 @@ def estimate_before_loading(model_name: str) -> StaticEstimate:
     return static_estimate(model)
 
 
-def training_estimate(recipe, est: StaticEstimate, result: dict) -> dict:
+def training_estimate(recipe, est: StaticEstimate, result: dict, row_tokens: int | None = None) -> dict:
     """Memory of a LoRA/QLoRA training step, estimated from shapes, beside the measured peak.
 
     weights (by mode) + LoRA parameters × 16 bytes (fp32 value, gradient, two AdamW moments)
     + activations of one forward pass of T tokens, by the per-layer rule of Korthikanti et al.
     (34·T·h bytes in 16-bit, doubled in fp32, plus the attention probabilities heads·T·L per row)
-    + the LM head on one chunk of supervised positions (logits, softmax and their gradient)."""
-    from glotkit.train.engine import HEAD_CHUNK
+    + the LM head on one chunk of supervised positions (logits, softmax and their gradient).
+    ``row_tokens``: tokens in one training row (the packing block of continued pretraining;
+    default ``train.max_length``)."""
+    from glotkit.models.lm import HEAD_CHUNK
 
     mode = "nf4" if recipe.model.quantization == "nf4" else ("bf16" if recipe.model.dtype == "bfloat16" else "fp32")
     act_bytes = 4 if mode != "bf16" else 2
-    row = recipe.pretrain.block_size if recipe.task == "pretrain" else recipe.train.max_length
+    row = row_tokens or recipe.train.max_length
     tokens = min(recipe.train.max_tokens_per_forward or 10**9, recipe.train.batch_size * row)
     tokens = max(tokens, row)
     weights = est.weights_mb(mode)
@@ -146,13 +148,12 @@ def _settle(model) -> None:
 
 def _worker(model_name: str, mode: str, prompt_tokens: int, new_tokens: int) -> dict:
     import torch
-
     import transformers
 
     del transformers  # imported so that the baseline includes the libraries
     from glotkit.config import ModelSection
     from glotkit.models.loading import load_model
-    from glotkit.train.memory import current_rss_mb, peak_memory, reset_peak
+    from glotkit.models.memory import current_rss_mb, peak_memory, reset_peak
 
     base = current_rss_mb()
     cfg = ModelSection(name=model_name, dtype="bfloat16" if mode == "bf16" else "float32",
@@ -193,7 +194,7 @@ def measure(model_name: str, modes=MODES, prompt_tokens: int = 1000, new_tokens:
     for mode in modes:
         cmd = [sys.executable, "-m", "glotkit.eval.memory", model_name, mode, str(prompt_tokens), str(new_tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             out.append({"mode": mode, "error": err})

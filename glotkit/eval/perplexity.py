@@ -23,7 +23,7 @@ def heldout_scores(model, rows: Sequence, n_bytes: int, pad_id: int, batch_token
                    progress: bool = True, desc: str = "held-out") -> dict:
     from tqdm.auto import tqdm
 
-    from glotkit.train.engine import SupervisedLoss, split_by_tokens
+    from glotkit.models.lm import SupervisedLoss, split_by_tokens
 
     loss_fn = SupervisedLoss(model)
     was_training = model.training

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from glotkit.config import EvalSection
 from glotkit.data.prompts import PromptFormatter
 from glotkit.data.qa import QAExample
-from glotkit.eval.qa_metrics import aggregate, extract_answer, score_one, QAScore
+from glotkit.eval.qa_metrics import QAScore, aggregate, extract_answer, score_one
 from glotkit.generate.local import generate_greedy
 from glotkit.io import atomic_write_json, atomic_write_jsonl
 

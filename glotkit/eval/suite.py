@@ -30,7 +30,6 @@ import torch
 
 from glotkit.errors import GlotkitError
 
-
 # max new tokens per task type, as in the RoQLlama paper; summaries stop at a blank line
 DEFAULT_MAX_NEW_TOKENS = {"classification": 10, "regression": 10, "multichoice": 10, "qa": 250, "summarization": 2048}
 DEFAULT_STOP = {"summarization": ("\n\n",)}
@@ -112,8 +111,7 @@ class Task:
         return generation.strip()
 
     def score(self, preds: list, golds: list, language: str = "ro") -> dict:
-        from glotkit.eval.metrics import (classification_scores, correlation_scores, option_set_scores,
-                                          rouge_scores)
+        from glotkit.eval.metrics import classification_scores, correlation_scores, option_set_scores, rouge_scores
 
         if self.kind == "classification":
             m = classification_scores([p or "" for p in preds], golds, self.labels)
@@ -411,7 +409,7 @@ def build_prompt(task: Task, record: dict, shots: list[dict]) -> str:
 def parse_label(text: str, labels: Sequence[str]) -> str | None:
     """The label mentioned first in the generation (case-insensitive), or None."""
     low = text.casefold()
-    hits = [(low.find(l.casefold()), l) for l in labels if l.casefold() in low]
+    hits = [(low.find(label.casefold()), label) for label in labels if label.casefold() in low]
     return min(hits)[1] if hits else None
 
 
@@ -426,7 +424,7 @@ def parse_letters(text: str, letters: Sequence[str] = ("A", "B", "C")) -> set[st
     Only the start of the first non-blank line counts, so a letter inside a later sentence (or a
     capital "A" in Romanian prose after the answer) is not taken for an answer."""
     first = text.strip().split("\n", 1)[0]
-    alt = "".join(re.escape(l) for l in letters)
+    alt = "".join(re.escape(letter) for letter in letters)
     m = re.match(rf"[\s:(]*([{alt}](?:[\s,.)(&+/-]*(?:și|si|and|sau)?[\s,.)(]*[{alt}])*)(?![^\W\d_])", first)
     if not m:
         return None
@@ -445,7 +443,7 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
     so every sequence sits at the same positions whatever its batch."""
     import torch.nn.functional as F
 
-    from glotkit.train.engine import Row, SupervisedLoss
+    from glotkit.models.lm import Row, SupervisedLoss
 
     loss_fn = SupervisedLoss(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -522,9 +520,9 @@ def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots
     summarization always generate.  The result's ``mode`` says which was used.  With ``server``
     (a :class:`~glotkit.generate.server.ServerGenerator`) the served model scores and generates
     from the same prompt texts; ``model`` is not used and ``tokenizer`` only counts tokens."""
-    from glotkit.generate.local import generate_greedy
-
     import time
+
+    from glotkit.generate.local import generate_greedy
 
     t0 = time.perf_counter()
     test = test_items(task, data, limit)

@@ -150,7 +150,7 @@ def _worker(job: dict) -> dict:
     from glotkit.config import ModelSection
     from glotkit.hipe.data import read_hipe
     from glotkit.models.loading import load_model
-    from glotkit.train.memory import current_rss_mb, peak_rss_mb, reset_peak
+    from glotkit.models.memory import current_rss_mb, peak_rss_mb, reset_peak
 
     torch.manual_seed(0)
     log = _stderr
@@ -222,8 +222,8 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
     function that connects one when the result is not there yet);
     ``out_dir/result.json`` holds the scores, timing, peak memory and size (an existing one made
     on the same backend is returned as it is)."""
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
     from glotkit.io import atomic_write_json
     from glotkit.models.loading import resolve_model_path

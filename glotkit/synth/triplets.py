@@ -274,7 +274,7 @@ def build_triplets(out_dir: Path, anchors: Sequence[str], cfg: FilterConfig, anc
             continue
         kept.append({"anchor": a, "positive": pos["output"], "hard_negative": neg["output"]})
     if reference is not None and cfg.reference_margin is not None and kept:
-        from glotkit.train.embeddings import encode
+        from glotkit.models.encoders import encode
 
         ea = encode(reference, [t["anchor"] for t in kept], prompt=reference_prompt)
         ep = encode(reference, [t["positive"] for t in kept], prompt=reference_prompt)

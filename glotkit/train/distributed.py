@@ -60,10 +60,8 @@ def check_split(batch_size: int, world: int) -> None:
 
 def check_recipe(recipe, world: int, sharded: bool = False) -> None:
     """What a recipe needs to train in ``world`` processes (checked before launching, and in
-    each process of a launch started by hand)."""
-    if recipe.task not in ("qa", "pretrain"):
-        raise GlotkitError(f"task: '{recipe.task}' trains in one process; multi-process training (accelerate) "
-                           "runs recipes with task qa or pretrain")
+    each process of a launch started by hand; whether the recipe's system trains in several
+    processes at all is the system's to say)."""
     if sharded and recipe.model.quantization != "none":
         raise GlotkitError(f"model.quantization: {recipe.model.quantization} weights are not sharded by glotkit's "
                            "FSDP; train the 4-bit model data-parallel (configs/accelerate/ddp.yaml)")

@@ -1,4 +1,4 @@
-"""DistilledGemma on HIPE-2026 (``task: distill``): prompt comparison -> teacher -> traces ->
+"""DistilledGemma on HIPE-2026 (MISSION.md system D, ``system: distill``): prompt comparison -> teacher -> traces ->
 students -> the efficiency–accuracy table.
 
 ``runs/<name>/``::
@@ -28,11 +28,95 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
-from glotkit.config import Recipe
+from pydantic import Field, StrictInt, field_validator
+
+from glotkit.config import RecipeBase, _folder_name, _Section
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from glotkit.io import read_jsonl as _read_jsonl
+from glotkit.systems.base import Run, RunFolder, Stage, Verb
+
+
+class DistillStudent(_Section):
+    """A student: a model (built-in name, folder or hub id), optionally with its vocabulary cut
+    to the tokens the training texts use (``trim_vocab``: the teacher's own base, made smaller)."""
+
+    name: str  # a label for tables and folders
+    model: str
+    trim_vocab: bool = False
+
+    _plain = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
+
+
+class DistillSection(_Section):
+    """HIPE-2026 person–place relations by distillation (``task: distill``): prompt comparison,
+    a LoRA teacher and its explanations of the gold labels, students trained on them."""
+
+    data: list[str] = Field(default_factory=list)  # gold HIPE-2026 JSONL files (one per language)
+    schema_file: str | None = None  # the release's JSON schema; null: the one in ../shared/data/hipe-2026
+    silver: list[str] = Field(default_factory=list)  # more training documents (e.g. the sandbox/ files)
+    silver_pairs: StrictInt = Field(0, ge=0)  # silver pairs per language added to the teacher's training
+    test_ratio: float = Field(0.3, gt=0.0, lt=1.0)  # documents held out for the final table
+    dev_ratio: float = Field(0.15, ge=0.0, lt=1.0)  # documents for the prompt comparison
+    train_pairs: StrictInt | None = Field(64, gt=0)  # seeded sample of pairs per language; null: all
+    dev_pairs: StrictInt | None = Field(8, gt=0)
+    test_pairs: StrictInt | None = Field(48, gt=0)
+    max_chars: StrictInt = Field(1200, ge=200)  # article excerpt around the mentions
+    label_tokens: StrictInt = Field(32, gt=0)  # new tokens for a label-only answer
+    explain_tokens: StrictInt = Field(128, gt=0)  # ... for explanation + answer
+    batch_size: StrictInt = Field(16, gt=0)  # generation batch
+    compare_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
+    compare_formats: list[Literal["json", "explain-json", "plain", "explain-plain"]] = Field(
+        default_factory=lambda: ["json", "explain-json", "plain", "explain-plain"])
+    teacher_format: Literal["json", "plain"] = "json"  # what the teacher learns from gold (no explanations there)
+    student_format: Literal["explain-json", "explain-plain"] = "explain-json"
+    # who writes the explanations of the gold labels: the teacher's base model with its adapter
+    # switched off (a small teacher tuned on label-only answers answers with labels when asked
+    # to explain), or the tuned teacher itself; the tuned teacher checks them in both cases
+    explain_with: Literal["base", "teacher"] = "base"
+    students: list[DistillStudent] = Field(default_factory=lambda: [
+        DistillStudent(name="smollm2", model="smollm2-135m-instruct"),
+        DistillStudent(name="gemma-trimmed", model="gemma-3-270m", trim_vocab=True)])
+    level: Literal["response", "logits"] = "response"  # logits: needs one vocabulary for teacher and student
+    student_epochs: float | None = Field(None, gt=0.0)  # null: train.epochs
+    student_lr: float | None = Field(None, gt=0.0)  # null: train.lr
+    untuned: bool = True  # also evaluate the untuned teacher and students (their best compared format)
+    within_points: float = Field(3.0, gt=0.0)  # the seed's question: student within this many points
+
+
+class DistillRecipe(RecipeBase):
+    """A distillation recipe: the shared sections (the teacher's base model, its LoRA, the
+    training loop) plus distill."""
+
+    system: Literal["distill"] = "distill"
+    distill: DistillSection = Field(default_factory=DistillSection)
+
+    default_stages: ClassVar[tuple[str, ...]] = ("compare", "teacher", "traces", "student", "evaluate", "report")
+    all_stages: ClassVar[tuple[str, ...]] = default_stages
+    path_keys: ClassVar[tuple[tuple[str, str], ...]] = (("distill", "data"), ("distill", "silver"),
+                                                        ("distill", "schema_file"))
+    served: ClassVar[bool] = True
+
+    def served_roles(self) -> list[str]:
+        d = self.distill
+        return (["base", "teacher"] + [r for st in d.students for r in (f"student.{st.name}", f"student.{st.name}.base")]
+                + [self.compare_role(m) for m in d.compare_models if m != self.model.name])
+
+    def compare_role(self, model: str) -> str:
+        """The served role of a compared model: the teacher's base model is ``base``."""
+        return "base" if model == self.model.name else f"compare.{model}"
+
+    def served_needs(self) -> list[tuple[str, str]]:
+        d = self.distill
+        needs = [("compare", self.compare_role(m)) for m in d.compare_models]
+        # the evaluation's rows are served where their role has a served name, else labelled
+        # locally (with their own memory measured): serve the teacher, measure the students
+        needs += [("traces", "teacher"), ("traces", d.explain_with)]
+        return list(dict.fromkeys((st, r) for st, r in needs if st in self.stages))
+
+
 
 SPLITS = ("train", "dev", "test")
 
@@ -40,7 +124,7 @@ SPLITS = ("train", "dev", "test")
 # --------------------------------------------------------------------------- data
 
 
-def _read(recipe: Recipe, path: str) -> list[dict]:
+def _read(recipe: DistillRecipe, path: str) -> list[dict]:
     from glotkit.hipe.data import read_hipe
 
     return read_hipe(path, schema=recipe.distill.schema_file or "default")
@@ -71,7 +155,7 @@ def _sample_pairs(docs: Sequence[dict], limit: int | None, seed: int) -> list[di
     return out
 
 
-def make_splits(recipe: Recipe) -> dict[str, dict[str, list[dict]]]:
+def make_splits(recipe: DistillRecipe) -> dict[str, dict[str, list[dict]]]:
     """split -> language -> documents (with only the sampled pairs); seeded, by document."""
     from glotkit.hipe.data import split_by_document
 
@@ -100,7 +184,7 @@ def make_splits(recipe: Recipe) -> dict[str, dict[str, list[dict]]]:
     return splits
 
 
-def _silver(recipe: Recipe, gold_ids: set[str]) -> dict[str, list[dict]]:
+def _silver(recipe: DistillRecipe, gold_ids: set[str]) -> dict[str, list[dict]]:
     d = recipe.distill
     if not d.silver or not d.silver_pairs:
         return {}
@@ -122,25 +206,25 @@ def _counts(by_lang: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
     return {lang: {"documents": len(ds), "pairs": sum(len(x["sampled_pairs"]) for x in ds)} for lang, ds in by_lang.items()}
 
 
-def _write_splits(recipe: Recipe, run_dir: Path, splits) -> dict[str, dict[str, dict[str, int]]]:
+def _write_splits(recipe: DistillRecipe, run_dir: Path, splits) -> dict[str, dict[str, dict[str, int]]]:
     """Write each split's documents (and the silver ones, added to ``splits``); return the counts."""
-    folder = run_dir / "split"
+    f = _folder(run_dir)
     gold_ids = {doc["document_id"] for by_lang in splits.values() for ds in by_lang.values() for doc in ds}
     silver = _silver(recipe, gold_ids)
     if silver:
         splits["silver"] = silver
     summary = {}
     for name, by_lang in splits.items():
-        atomic_write_jsonl(folder / f"{name}.jsonl", [doc for lang in sorted(by_lang) for doc in by_lang[lang]])
+        atomic_write_jsonl(f.split_file(name), [doc for lang in sorted(by_lang) for doc in by_lang[lang]])
         summary[name] = _counts(by_lang)
-    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_json(f.split_summary, summary)
     return summary
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _settings(recipe: Recipe, fmt: str):
+def _settings(recipe: DistillRecipe, fmt: str):
     from glotkit.hipe.predict import Settings
 
     d = recipe.distill
@@ -148,7 +232,7 @@ def _settings(recipe: Recipe, fmt: str):
                     batch_size=d.batch_size)
 
 
-def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> dict:
+def check_inputs(recipe: DistillRecipe, log: Callable[[str], None] = print) -> dict:
     """Fail on bad input before any model is loaded: the data (schema, empty mentions), the
     students (names, vocabularies for logit-level distillation), and warn about a student that
     is larger than its teacher.  Returns the splits (:func:`make_splits`)."""
@@ -201,40 +285,141 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if "/" in name else name).strip("_") or "model"
 
 
-def run_distill(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True,
-                splits: dict | None = None) -> None:
-    """Run the stages of a distill recipe; the caller has run :func:`check_inputs` (whose splits
-    it may pass on, so the gold files are read once)."""
-    stages = set(recipe.stages)
-    if splits is None:
-        splits = make_splits(recipe)
-    summary = _write_splits(recipe, run_dir, splits)
-    for name in ("train", "dev", "test"):
-        log(f"[glotkit] {name}: " + ", ".join(f"{k} {v['documents']} documents / {v['pairs']} pairs"
-                                               for k, v in sorted(summary[name].items())))
-    if "compare" in stages:
-        run_compare(recipe, run_dir, log, progress)
-    if "teacher" in stages:
-        train_teacher(recipe, run_dir, splits, log, progress)
-    if "traces" in stages:
-        write_traces(recipe, run_dir, splits, log, progress)
-    if "student" in stages:
-        for st in recipe.distill.students:
-            train_student(recipe, run_dir, st, splits, log, progress)
-    if "evaluate" in stages:
-        run_evaluate(recipe, run_dir, log, progress)
-    if "report" in stages:
-        from glotkit.report import write_distill_report
-
-        log(f"[glotkit] report: {write_distill_report(run_dir, recipe)}")
+def _splits(run: Run) -> dict:
+    """The splits (read by the check), written to ``split/`` once per run and logged."""
+    if "splits" not in run.shared:
+        splits = run.checked if run.checked is not None else make_splits(run.recipe)
+        summary = _write_splits(run.recipe, run.folder.root, splits)
+        for name in ("train", "dev", "test"):
+            run.log(f"[glotkit] {name}: " + ", ".join(f"{k} {v['documents']} documents / {v['pairs']} pairs"
+                                                       for k, v in sorted(summary[name].items())))
+        run.shared["splits"] = splits
+    return run.shared["splits"]
 
 
-def run_compare(recipe: Recipe, run_dir: Path, log, progress) -> list[dict]:
+def _stage(name: str, body: Callable[[Run, dict], Any]) -> Stage:
+    def run_(run: Run) -> None:
+        body(run, _splits(run))
+
+    return Stage(name, run_)
+
+
+class DistillFolder(RunFolder):
+    """The paths of a distillation run (see the module docstring), each named once."""
+
+    split = property(lambda self: self.root / "split")
+    split_summary = property(lambda self: self.root / "split" / "summary.json")
+    compare = property(lambda self: self.root / "compare")
+    compare_table = property(lambda self: self.root / "compare" / "table.md")
+    teacher_adapter = property(lambda self: self.root / "teacher" / "adapter")
+    teacher_train = property(lambda self: self.root / "teacher" / "train")
+    traces = property(lambda self: self.root / "traces")
+    traces_summary = property(lambda self: self.root / "traces" / "summary.json")
+    explanations = property(lambda self: self.root / "traces" / "explanations.jsonl")
+    checked = property(lambda self: self.root / "traces" / "checked.jsonl")
+    traces_file = property(lambda self: self.root / "traces" / "traces.jsonl")
+    evaluate = property(lambda self: self.root / "evaluate")
+    table_json = property(lambda self: self.root / "evaluate" / "table.json")
+    table_md = property(lambda self: self.root / "evaluate" / "table.md")
+
+    def split_file(self, name: str) -> Path:
+        return self.split / f"{name}.jsonl"
+
+    def compared(self, model: str, fmt: str) -> Path:
+        """Dev-split predictions of one compared model in one prompt format."""
+        return self.compare / f"{model_slug(model)}--{fmt}"
+
+    def compared_results(self, model: str) -> list[tuple[str, Path]]:
+        """(format, result.json) of each format ``model`` was compared in."""
+        return [(f.parent.name.split("--", 1)[1], f)
+                for f in sorted(self.compare.glob(f"{model_slug(model)}--*/result.json"))]
+
+    def train_result(self, train_dir: Path) -> Path:
+        return train_dir / "result.json"
+
+    def student(self, name: str) -> Path:
+        return self.root / "students" / name
+
+    def student_adapter(self, name: str) -> Path:
+        return self.student(name) / "adapter"
+
+    def student_train(self, name: str) -> Path:
+        return self.student(name) / "train"
+
+    def student_model(self, name: str) -> Path:
+        """A student's trimmed-vocabulary copy of its base model."""
+        return self.student(name) / "model"
+
+    def evaluation(self, label: str) -> Path:
+        return self.evaluate / model_slug(label)
+
+
+def _folder(run_dir: Path | DistillFolder) -> DistillFolder:
+    return run_dir if isinstance(run_dir, DistillFolder) else DistillFolder(run_dir)
+
+
+class DistillSystem:
+    """HIPE-2026 distillation as a system (see :class:`glotkit.systems.base.System`)."""
+
+    name = "distill"
+    title = "distillation (HIPE-2026)"
+    schema = DistillRecipe
+    folder_type = DistillFolder
+    verbs = (Verb("train", "only the training stage of a recipe (distillation: the teacher)", stages=("teacher",)),
+             Verb("distill", "HIPE-2026 distillation stages: 'compare' prompt formats × models on the dev split, "
+                             "'teach' (teacher adapter + explanation traces), 'student' (students + the "
+                             "efficiency–accuracy table + report)",
+                  choices={"compare": ("compare",), "teach": ("teacher", "traces"),
+                           "student": ("student", "evaluate", "report")}))
+    result_neutral = ()
+    # stages that record their own settings and are redone when these change
+    redone_by_settings = ("distill.compare_", "distill.untuned", "distill.within_points")
+    multi_process = False
+
+    def stages(self, recipe: DistillRecipe) -> list[Stage]:
+        def students(run: Run, splits: dict) -> None:
+            for st in run.recipe.distill.students:
+                train_student(run.recipe, run.folder.root, st, splits, run.log, run.progress)
+
+        return [
+            _stage("compare", lambda run, splits: run_compare(run.recipe, run.folder.root, run.log, run.progress)),
+            _stage("teacher", lambda run, splits: train_teacher(run.recipe, run.folder.root, splits, run.log,
+                                                                run.progress)),
+            _stage("traces", lambda run, splits: write_traces(run.recipe, run.folder.root, splits, run.log,
+                                                              run.progress)),
+            _stage("student", students),
+            _stage("evaluate", lambda run, splits: run_evaluate(run.recipe, run.folder.root, run.log, run.progress)),
+            _stage("report", lambda run, splits: run.log(f"[glotkit] report: {write_report(run.folder, run.recipe)}")),
+        ]
+
+    def check(self, recipe: DistillRecipe, folder: DistillFolder, log) -> dict:
+        return check_inputs(recipe, log=log)
+
+    def describe(self, run: Run) -> str:
+        return f"distillation (HIPE-2026), stages {', '.join(run.recipe.stages)}"
+
+    def summary(self, folder: DistillFolder) -> dict[str, Any]:
+        """Score (×100) and parameters of each evaluated model, and whether every student stays
+        within ``within_points`` of the teacher in every language."""
+        table = folder.read_json(folder.table_json)
+        if not table:
+            return {}
+        out: dict[str, Any] = {}
+        for r in table["rows"]:
+            out[f"{r['label']} score"] = round(r["score"] * 100, 2)
+            out |= {f"{r['label']} {x}": round(v * 100, 2) for x, v in r["languages"].items()}
+        return out
+
+
+SYSTEM = DistillSystem()
+
+
+def run_compare(recipe: DistillRecipe, run_dir: Path, log, progress) -> list[dict]:
     """Every compared model × prompt format on the dev split, then ``compare/table.md``."""
     from glotkit.hipe.predict import evaluate_model
 
-    d = recipe.distill
-    dev = run_dir / "split" / "dev.jsonl"
+    d, f = recipe.distill, _folder(run_dir)
+    dev = f.split_file("dev")
     if not d.dev_ratio or not dev.is_file() or not dev.read_text().strip():
         raise GlotkitError("distill.dev_ratio: the prompt comparison needs a dev split (dev_ratio > 0)")
     rows = []
@@ -242,10 +427,10 @@ def run_compare(recipe: Recipe, run_dir: Path, log, progress) -> list[dict]:
         server = _connector(recipe, recipe.compare_role(model), log, "compare")
         for fmt in d.compare_formats:
             r = evaluate_model(f"{model} / {fmt}", {"name": model}, None, dev, _settings(recipe, fmt),
-                               run_dir / "compare" / f"{model_slug(model)}--{fmt}", progress=progress, log=log,
+                               f.compared(model, fmt), progress=progress, log=log,
                                server=server)
             rows.append(r | {"format": fmt})
-    atomic_write_text(run_dir / "compare" / "table.md", compare_table(rows))
+    atomic_write_text(f.compare_table, compare_table(rows))
     return rows
 
 
@@ -266,14 +451,13 @@ def best_format(run_dir: Path, model: str, default: str) -> str:
     """The format that scored best for ``model`` in the comparison (ties: fewer parse failures,
     then faster); ``default`` when the model was not compared."""
     found = []
-    for f in sorted((run_dir / "compare").glob(f"{model_slug(model)}--*/result.json")):
-        r = json.loads(f.read_text(encoding="utf-8"))
-        fmt = f.parent.name.split("--", 1)[1]
+    for fmt, path in _folder(run_dir).compared_results(model):
+        r = json.loads(path.read_text(encoding="utf-8"))
         found.append((-r["profile"]["score"], r["parse_failure_rate"], r["timing"]["seconds"], fmt))
     return min(found)[3] if found else default
 
 
-def _train_adapter(recipe: Recipe, model_cfg, examples, out: Path, work: Path, what: str, log, progress,
+def _train_adapter(recipe: DistillRecipe, model_cfg, examples, out: Path, work: Path, what: str, log, progress,
                    epochs: float | None = None, lr: float | None = None) -> None:
     import torch
 
@@ -302,11 +486,12 @@ def _tokenizer(name: str):
     return tokenizer_for(ModelSection(name=name), log=lambda m: None)
 
 
-def train_teacher(recipe: Recipe, run_dir: Path, splits, log, progress) -> None:
+def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress) -> None:
     """LoRA (QLoRA with model.quantization: nf4) on the gold train labels in ``teacher_format``."""
     from glotkit.hipe.formats import PromptBuilder, question, response
 
-    out = run_dir / "teacher" / "adapter"
+    f = _folder(run_dir)
+    out = f.teacher_adapter
     if (out / "adapter_config.json").is_file():
         log("[glotkit] teacher: trained before, kept")
         return
@@ -316,14 +501,14 @@ def train_teacher(recipe: Recipe, run_dir: Path, splits, log, progress) -> None:
     examples = [builder.example(question(doc, p, d.teacher_format, d.max_chars), d.teacher_format,
                                 response(d.teacher_format, p["at"], p["isAt"]), group=doc["document_id"])
                 for doc, p in items]
-    _train_adapter(recipe, recipe.model, examples, out, run_dir / "teacher" / "train", "teacher", log, progress)
+    _train_adapter(recipe, recipe.model, examples, out, f.teacher_train, "teacher", log, progress)
 
 
 def _key(doc: dict, pair: dict) -> str:
     return "\t".join((doc["document_id"], pair["pers_entity_id"], pair["loc_entity_id"]))
 
 
-def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=None, tok=None, device="cpu") -> dict:
+def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, model=None, tok=None, device="cpu") -> dict:
     """The teacher explains every training pair's gold label (rationalization: the label is in the
     answer, and the explanation starts with the person's name; ``distill.explain_with: base``
     writes the explanations with the adapter switched off), then the tuned teacher answers again
@@ -333,10 +518,10 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     from glotkit.hipe.formats import PromptBuilder, decoding, explanation_of, parse, question, rationalization
     from glotkit.io import read_appended
 
-    folder = run_dir / "traces"
-    if (folder / "summary.json").is_file():
+    f = _folder(run_dir)
+    if f.traces_summary.is_file():
         log("[glotkit] traces: written before, kept")
-        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        return json.loads(f.traces_summary.read_text(encoding="utf-8"))
     d = recipe.distill
     fmt = d.student_format
     items = training_items(splits)
@@ -351,17 +536,17 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
 
         from glotkit.models.loading import load_model
 
-        adapter = run_dir / "teacher" / "adapter"
+        adapter = f.teacher_adapter
         if not (adapter / "adapter_config.json").is_file():
             raise GlotkitError(f"{adapter}: no teacher adapter; add 'teacher' to stages")
         model, tok, device = load_model(recipe.model, log=log)
         model = PeftModel.from_pretrained(model, str(adapter))
-    folder.mkdir(parents=True, exist_ok=True)
+    f.traces.mkdir(parents=True, exist_ok=True)
     builder = PromptBuilder(tok)
     gen = dict(batch_size=d.batch_size, device=device, progress=progress)
 
     # 1. explanations of the gold labels
-    path = folder / "explanations.jsonl"
+    path = f.explanations
     done = read_appended(path, lambda r: r["key"])
     todo = [(doc, p) for doc, p in items if _key(doc, p) not in done]
     if done and todo:
@@ -378,7 +563,7 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
     explained = read_appended(path, lambda r: r["key"])
 
     # 2. the teacher's own answer after its explanation, without the gold label
-    path2 = folder / "checked.jsonl"
+    path2 = f.checked
     done2 = read_appended(path2, lambda r: r["key"])
     usable = [(doc, p) for doc, p in items if _usable(explained[_key(doc, p)]["explanation"])]
     todo2 = [(doc, p) for doc, p in usable if _key(doc, p) not in done2]
@@ -416,24 +601,24 @@ def write_traces(recipe: Recipe, run_dir: Path, splits, log, progress, model=Non
         lab["kept"] += 1
         traces.append({"key": k, "language": lang, "source": kind, "at": p["at"], "isAt": p["isAt"],
                        "explanation": e["explanation"]})
-    atomic_write_jsonl(folder / "traces.jsonl", traces)
+    atomic_write_jsonl(f.traces_file, traces)
     summary = {"written": len(items), "kept": len(traces), "counts": counts, "seconds": round(seconds, 1),
                "new_tokens": produced, "tokens_per_s": round(produced / seconds, 1) if seconds else None,
                "format": fmt}
-    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_json(f.traces_summary, summary)
     log(f"[glotkit] traces: kept {len(traces)} of {len(items)} ("
         + ", ".join(f"{k} {v['kept']}/{v['written']}" for k, v in sorted(counts.items())) + ")")
     return summary
 
 
-def _server(recipe: Recipe, role: str, log, what: str, optional: bool = False):
+def _server(recipe: DistillRecipe, role: str, log, what: str, optional: bool = False):
     """The ServerGenerator of ``role`` with ``generate.backend: openai`` (checked to be served),
     else None; None too for an ``optional`` role without a served name."""
     connect = _connector(recipe, role, log, what, optional)
     return connect() if connect else None
 
 
-def _connector(recipe: Recipe, role: str, log, what: str, optional: bool = False):
+def _connector(recipe: DistillRecipe, role: str, log, what: str, optional: bool = False):
     """A function that connects (once) to the server of ``role``, for stages that connect only
     when something is left to ask; None where ``role`` answers locally."""
     if recipe.generate.backend != "openai":
@@ -448,7 +633,7 @@ def _connector(recipe: Recipe, role: str, log, what: str, optional: bool = False
     return cache(lambda: ServerGenerator.connect(recipe.generate, role, log, what))
 
 
-def _trace_servers(recipe: Recipe, log) -> dict:
+def _trace_servers(recipe: DistillRecipe, log) -> dict:
     """role -> ServerGenerator for the trace steps with ``generate.backend: openai`` (else empty)."""
     if recipe.generate.backend != "openai":
         return {}
@@ -486,17 +671,17 @@ def _usable(text: str) -> bool:
     return len(text.split()) >= 3 and "{" not in text
 
 
-def train_student(recipe: Recipe, run_dir: Path, st, splits, log, progress) -> None:
+def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progress) -> None:
     """SFT of one student on the kept traces (response-level: the teacher's text, any vocabulary)."""
     from glotkit.hipe.formats import PromptBuilder, question, response
 
-    folder = run_dir / "students" / st.name
-    out = folder / "adapter"
+    f = _folder(run_dir)
+    out = f.student_adapter(st.name)
     if (out / "adapter_config.json").is_file():
         log(f"[glotkit] student '{st.name}': trained before, kept")
         return
     d = recipe.distill
-    traces_path = run_dir / "traces" / "traces.jsonl"
+    traces_path = f.traces_file
     if not traces_path.is_file():
         raise GlotkitError(f"{traces_path}: no traces; add 'traces' to stages")
     from glotkit.io import read_jsonl
@@ -516,17 +701,17 @@ def train_student(recipe: Recipe, run_dir: Path, st, splits, log, progress) -> N
                                         response(d.student_format, t["at"], t["isAt"], t["explanation"]),
                                         group=doc["document_id"]))
     cfg = recipe.model.model_copy(update={"name": model_name, "quantization": "none"})
-    _train_adapter(recipe, cfg, examples, out, folder / "train", f"student '{st.name}'", log, progress,
+    _train_adapter(recipe, cfg, examples, out, f.student_train(st.name), f"student '{st.name}'", log, progress,
                    epochs=d.student_epochs, lr=d.student_lr)
 
 
-def student_model_path(recipe: Recipe, run_dir: Path, st, splits, traces, log) -> str:
+def student_model_path(recipe: DistillRecipe, run_dir: Path, st, splits, traces, log) -> str:
     """The student's base: its model, or with ``trim_vocab`` a copy keeping only the tokens of
     the training articles, the prompts and the traces (plus every BPE merge path and byte
     fallback, so any text still encodes)."""
     if not st.trim_vocab:
         return st.model
-    folder = run_dir / "students" / st.name / "model"
+    folder = _folder(run_dir).student_model(st.name)
     if (folder / "glotkit-trim.json").is_file():
         return str(folder)
     from glotkit.hipe.formats import FORMATS, question
@@ -535,7 +720,7 @@ def student_model_path(recipe: Recipe, run_dir: Path, st, splits, traces, log) -
 
     items = training_items(splits)
     texts = list({doc["document_id"]: doc["text"] for doc, _ in items}.values())
-    texts += [question(items[0][0], items[0][1], f, recipe.distill.max_chars) for f in FORMATS]
+    texts += [question(items[0][0], items[0][1], fmt, recipe.distill.max_chars) for fmt in FORMATS]
     texts += [t["explanation"] for t in traces]
     texts += ['{"at": "TRUE", "isAt": "FALSE"} {"at": "PROBABLE", "isAt": "TRUE"} at: FALSE isAt: TRUE Answer:']
     info = trim_vocabulary(resolve_model_path(st.model, log=log), texts, folder, log=log)
@@ -543,50 +728,51 @@ def student_model_path(recipe: Recipe, run_dir: Path, st, splits, traces, log) -
     return str(folder)
 
 
-def _entries(recipe: Recipe, run_dir: Path) -> list[dict]:
-    d = recipe.distill
+def _entries(recipe: DistillRecipe, run_dir: Path) -> list[dict]:
+    d, f = recipe.distill, _folder(run_dir)
     teacher = recipe.model.model_dump(mode="json")
     out = []
     if d.untuned:
         out.append({"label": "teacher (untuned)", "role": "untuned teacher", "model": teacher, "adapter": None,
                     "format": best_format(run_dir, recipe.model.name, d.teacher_format), "served_as": "base"})
     out.append({"label": "teacher", "role": "teacher", "model": teacher,
-                "adapter": str(run_dir / "teacher" / "adapter"), "format": d.teacher_format, "served_as": "teacher"})
+                "adapter": str(f.teacher_adapter), "format": d.teacher_format, "served_as": "teacher"})
     for st in d.students:
-        base = str(run_dir / "students" / st.name / "model") if st.trim_vocab else st.model
+        base = str(f.student_model(st.name)) if st.trim_vocab else st.model
         if d.untuned:  # a trimmed base answers as its full base does: its row shows what trimming saves
             out.append({"label": f"{st.name} (untuned)", "role": "untuned student", "model": {"name": base},
                         "adapter": None, "format": best_format(run_dir, st.model, d.student_format),
                         "served_as": f"student.{st.name}.base"})
         out.append({"label": st.name, "role": "student", "model": {"name": base},
-                    "adapter": str(run_dir / "students" / st.name / "adapter"), "format": d.student_format,
+                    "adapter": str(f.student_adapter(st.name)), "format": d.student_format,
                     "served_as": f"student.{st.name}"})
     return out
 
 
-def run_evaluate(recipe: Recipe, run_dir: Path, log, progress) -> dict:
+def run_evaluate(recipe: DistillRecipe, run_dir: Path, log, progress) -> dict:
     """Every model on the test split, each in its own process (or, with ``generate.backend:
     openai``, on the server of its role where the role has a served name); then the
     efficiency–accuracy table."""
     from glotkit.hipe.predict import evaluate_model
 
+    f = _folder(run_dir)
     entries = _entries(recipe, run_dir)
     for e in entries:  # everything the table needs exists before the first model is loaded
         if e["adapter"] and not (Path(e["adapter"]) / "adapter_config.json").is_file():
             raise GlotkitError(f"{e['adapter']}: no adapter for '{e['label']}'; add 'teacher' / 'student' to stages")
         name = e["model"]["name"]
-        if Path(name).is_relative_to(run_dir) and not Path(name).is_dir():
+        if Path(name).is_relative_to(f.root) and not Path(name).is_dir():
             raise GlotkitError(f"{name}: no trimmed model for '{e['label']}'; add 'student' to stages")
     results = []
     for e in entries:
-        r = evaluate_model(e["label"], e["model"], e["adapter"], run_dir / "split" / "test.jsonl",
-                           _settings(recipe, e["format"]), run_dir / "evaluate" / model_slug(e["label"]),
+        r = evaluate_model(e["label"], e["model"], e["adapter"], f.split_file("test"),
+                           _settings(recipe, e["format"]), f.evaluation(e["label"]),
                            progress=progress, log=log,
                            server=_connector(recipe, e["served_as"], log, "evaluate", optional=True))
         results.append(r | {"label": e["label"], "role": e["role"], "format": e["format"]})
     table = efficiency_table(results, recipe.distill.within_points)
-    atomic_write_json(run_dir / "evaluate" / "table.json", table)
-    atomic_write_text(run_dir / "evaluate" / "table.md", table["markdown"])
+    atomic_write_json(f.table_json, table)
+    atomic_write_text(f.table_md, table["markdown"])
     for line in table["answer"]:
         log(f"[glotkit] {line}")
     return table
@@ -641,3 +827,97 @@ def efficiency_table(results: Sequence[dict], within: float) -> dict:
                          f" -> NOT within {within:g} points (worst {worst:+.2f})"))
     return {"rows": rows, "languages": langs, "within_points": within, "answer": answer,
             "markdown": "\n".join(md) + "\n"}
+
+
+def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
+    """report.md of a distillation run: splits, the prompt comparison, teacher, traces kept per
+    language and label, students, the efficiency–accuracy table with ranks, and the answer to
+    'does the student stay within N points of the teacher in every language'."""
+    d = recipe.distill
+    lines = [f"# glotkit run `{recipe.name}` (HIPE-2026 distillation)", "",
+             f"Teacher `{recipe.model.name}`{' (NF4, QLoRA)' if recipe.model.quantization == 'nf4' else ''} with LoRA "
+             f"r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, targets {recipe.lora.target_modules}; "
+             f"students: " + ", ".join(f"`{s.name}` = `{s.model}`{' with a trimmed vocabulary' if s.trim_vocab else ''}"
+                                        for s in d.students) + f"; {d.level}-level distillation.",
+             f"Articles longer than {d.max_chars} characters are shown as the excerpt of that length that covers "
+             "the most mentions of the pair (cut at whitespace, marked with …)."]
+    split = folder.read_json(folder.split_summary)
+    if split:
+        lines += ["", "## Data", "", "Seeded split by document of the gold train files (test documents are never "
+                  "trained on nor used to pick prompts); pairs are a seeded sample per language.", "",
+                  "| split | " + " | ".join(sorted(split["train"])) + " |", "|---|" + "---:|" * len(split["train"])]
+        for name, per in split.items():
+            lines.append(f"| {name} | " + " | ".join(f"{per[x]['documents']} docs / {per[x]['pairs']} pairs"
+                                                     if x in per else "–" for x in sorted(split["train"])) + " |")
+        if "silver" in split:
+            lines.append("")
+            lines.append("The silver (automatically annotated `sandbox/`) pairs were added to the teacher's training.")
+    table = folder.compare_table
+    if table.is_file():
+        lines += ["", "## 1. Prompt comparison (dev split, untuned models)", "", table.read_text(encoding="utf-8").rstrip(),
+                  "", "Score: mean over languages of (macro recall of at + macro recall of isAt) / 2, ×100. Binary: "
+                  "PROBABLE counted as TRUE. A parse failure counts as FALSE/FALSE."]
+    teach = folder.read_json(folder.train_result(folder.teacher_train))
+    traces = folder.read_json(folder.traces_summary)
+    if teach or traces:
+        lines += ["", "## 2. Teacher and its traces", ""]
+        if teach:
+            lines.append(f"- teacher ({d.teacher_format} answers on the gold labels): {teach['examples']} examples, "
+                         f"{teach['steps']} steps in {teach['seconds']:.0f} s, {teach['tokens_per_s']:.0f} tokens/s, "
+                         f"final loss {teach['final_loss']}")
+        if traces:
+            lines.append(f"- traces: the teacher explains each gold label (given in the prompt), then answers again "
+                         f"after its explanation without it; **{traces['kept']} of {traces['written']} kept** "
+                         f"({traces['new_tokens']} tokens in {traces['seconds']:.0f} s, {traces['tokens_per_s']} tokens/s)")
+            lines += ["", "| source:language | written | kept | dropped | kept per label (at/isAt) |", "|---|---:|---:|---|---|"]
+            for k, v in sorted(traces["counts"].items()):
+                lines.append(f"| {k} | {v['written']} | {v['kept']} | "
+                             + ", ".join(f"{r}: {n}" for r, n in v["dropped"].items())
+                             + " | " + ", ".join(f"{lab} {c['kept']}/{c['written']}" for lab, c in sorted(v["by_label"].items()))
+                             + " |")
+            sample = _read_jsonl(folder.traces_file)[:3]
+            if sample:
+                lines += ["", "Sample traces:", ""]
+                lines += [f"- {t['language']} {t['at']}/{t['isAt']}: {t['explanation'][:300]}" for t in sample]
+    studs = [(s.name, folder.read_json(folder.train_result(folder.student_train(s.name)))) for s in d.students]
+    if any(r for _, r in studs):
+        lines += ["", "## 3. Students", ""]
+        for name, r in studs:
+            if r:
+                trim = folder.read_json(folder.student_model(name) / "glotkit-trim.json")
+                extra = (f"; vocabulary trimmed {trim['vocab_before']:,} -> {trim['vocab_after']:,} tokens, "
+                         f"{trim['params_before']:,} -> {trim['params_after']:,} parameters" if trim else "")
+                lines.append(f"- `{name}`: {r['examples']} traces, {r['steps']} steps in {r['seconds']:.0f} s, "
+                             f"{r['tokens_per_s']:.0f} tokens/s, final loss {r['final_loss']}{extra}")
+    eff = folder.read_json(folder.table_json)
+    if eff:
+        lines += ["", "## Efficiency and accuracy (held-out test split)", "", eff["markdown"].rstrip(), "",
+                  "Params: the model's plus the adapter's. Disk: the weight files shipped (model safetensors + "
+                  "adapter). Peak RSS: a process that loads only this model and labels the test pairs (`served`: the "
+                  "model answered from a server (`generate.backend: openai`), whose memory is not measured here; its "
+                  "pairs/s is the server's, with `generate.concurrency` requests in flight). Ranks as in "
+                  "HIPE-2026: by accuracy, by parameters, by size, and by the mean of the three (1 = best).", "",
+                  f"**Does the student stay within {eff['within_points']:g} points of the teacher in every language?**", ""]
+        lines += [f"- {a}" for a in eff["answer"]] or ["- no student was evaluated"]
+        lines += _confusions(folder, [r["label"] for r in eff["rows"] if r["role"] in ("teacher", "student")])
+    lines.append("")
+    atomic_write_text(folder.report, "\n".join(lines))
+    return folder.report
+
+
+def _confusions(folder: DistillFolder, labels) -> list[str]:
+    """Per-label confusion matrices (gold rows, predicted columns), summed over the languages."""
+    out = ["", "### Confusion matrices (test split, all languages; rows gold, columns predicted)", ""]
+    for label in labels:
+        r = folder.read_json(folder.evaluation(label) / "result.json")
+        if not r:
+            continue
+        for rel in ("at", "isAt"):
+            names = next(iter(r["languages"].values()))["confusion"][rel]["labels"]
+            total = [[sum(v["confusion"][rel]["matrix"][i][j] for v in r["languages"].values()) for j in range(len(names))]
+                     for i in range(len(names))]
+            out += [f"`{label}`, {rel}:", "", "| gold \\ predicted | " + " | ".join(names) + " |",
+                    "|---|" + "---:|" * len(names)]
+            out += [f"| {g} | " + " | ".join(str(x) for x in row) + " |" for g, row in zip(names, total)]
+            out.append("")
+    return out

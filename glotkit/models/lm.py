@@ -1,0 +1,327 @@
+"""The LM pieces shared by training and evaluation: rows (one example, or several sharing a
+prompt prefix, or packed documents), their collation into tensors, and the supervised loss.
+
+The loss applies the LM head only at the positions that carry a label: for a 262k-vocabulary
+model the full logits (vocab × every token) cost more than the whole transformer body, so the
+body runs once and the head runs on the supervised positions, a chunk at a time.  It gives the
+same loss as the model's own logits (a test checks it against :func:`reference_loss_sum`).
+Training (:mod:`glotkit.train.engine`) and evaluation (held-out perplexity, option
+log-likelihoods) both use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from glotkit.data.prompts import IGNORE, Encoded
+
+HEAD_CHUNK = 512  # supervised positions per LM-head chunk (bounds the vocabulary-wide logits in memory)
+PREFIX_KEY = 16  # examples whose first 16 prompt tokens agree are candidates for a shared prefix
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class Row:
+    """One row of a forward pass: one example, or several sharing a prompt prefix.
+
+    ``targets[t]`` is the token position ``t`` must predict (``IGNORE`` where there is no loss);
+    ``segments`` is 0 on a shared prefix and 1..k on the examples' own tokens.
+    """
+
+    input_ids: list[int]
+    position_ids: list[int]
+    segments: list[int]
+    targets: list[int]
+    n_examples: int
+    n_tokens: int  # tokens of the examples as written (a shared prefix counted once per example)
+
+
+def _targets(e: Encoded) -> list[int]:
+    return list(e.labels[1:]) + [IGNORE]
+
+
+def _first_label(e: Encoded) -> int:
+    return next((i for i, y in enumerate(e.labels) if y != IGNORE), len(e.labels))
+
+
+def _plain_row(e: Encoded) -> Row:
+    n = len(e.input_ids)
+    return Row(list(e.input_ids), list(range(n)), [1] * n, _targets(e), 1, n)
+
+
+def group_key(e: Encoded):
+    """Which examples may share a prefix: the data's own group (the context) or the first tokens."""
+    return e.group if e.group is not None else tuple(e.input_ids[:PREFIX_KEY])
+
+
+def build_rows(examples: Sequence[Encoded], share_prefix: bool = False, min_prefix: int = 16,
+               min_share: float = 0.25, max_row: int | None = None) -> list[Row]:
+    """Rows for one forward pass.  With ``share_prefix``, examples whose prompts start with the same
+    tokens (SQuAD-style data: several questions about one context) become one row: the common
+    prefix once, then each example's remaining tokens, each attending to the prefix and to itself
+    only, at the positions it would have alone.  Loss and gradients are those of the separate
+    examples; the prefix is computed once instead of once per question.
+
+    A group shares only when its common prefix is at least ``min_prefix`` tokens and
+    ``min_share`` of its mean length (a short common system prompt is not worth a packed row);
+    rows are kept under ``max_row`` tokens by packing a large group into several rows.
+    """
+    if any(isinstance(e, Row) for e in examples):  # already packed (pretraining)
+        return [e if isinstance(e, Row) else _plain_row(e) for e in examples]
+    if not share_prefix:
+        return [_plain_row(e) for e in examples]
+    groups: dict[tuple[int, ...], list[Encoded]] = {}
+    for e in examples:
+        groups.setdefault(group_key(e), []).append(e)
+    rows = []
+    for group in groups.values():
+        if len(group) == 1:
+            rows.append(_plain_row(group[0]))
+            continue
+        lcp = min(len(e.input_ids) for e in group)
+        first = group[0].input_ids
+        for e in group[1:]:
+            same = next((i for i, (a, b) in enumerate(zip(first, e.input_ids)) if a != b), lcp)
+            lcp = min(lcp, same)
+        # the prefix must end before any supervised position: its last token predicts a prompt token
+        lp = min(lcp, min(_first_label(e) for e in group) - 1)
+        mean_len = sum(len(e.input_ids) for e in group) / len(group)
+        if lp < max(min_prefix, min_share * mean_len):
+            rows.extend(_plain_row(e) for e in group)
+            continue
+        parts: list[list[Encoded]] = [[]]
+        size = lp
+        for e in group:
+            extra = len(e.input_ids) - lp
+            if parts[-1] and max_row and size + extra > max_row:
+                parts.append([])
+                size = lp
+            parts[-1].append(e)
+            size += extra
+        for part in parts:
+            if len(part) == 1:
+                rows.append(_plain_row(part[0]))
+                continue
+            ids, pos, seg, tg = list(first[:lp]), list(range(lp)), [0] * lp, [IGNORE] * lp
+            for k, e in enumerate(part, 1):
+                n = len(e.input_ids)
+                ids += e.input_ids[lp:]
+                pos += range(lp, n)
+                seg += [k] * (n - lp)
+                tg += _targets(e)[lp:]
+            rows.append(Row(ids, pos, seg, tg, len(part), sum(len(e.input_ids) for e in part)))
+    return rows
+
+
+def collate_rows(rows: Sequence[Row], pad_id: int, device: str | torch.device = "cpu",
+                 mask_types: Sequence[str] | None = None, sliding_window: int | None = None) -> dict:
+    """Right-pad rows into tensors.  Rows of one example use an ordinary padding mask; rows with a
+    shared prefix get a 4-D boolean mask (a dict of them per attention type when the model has
+    sliding-window layers)."""
+    width = max(len(r.input_ids) for r in rows)
+    b = len(rows)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    targets = torch.full((b, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    seg = torch.full((b, width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        targets[i, :n] = torch.tensor(r.targets)
+        mask[i, :n] = 1
+        pos[i, :n] = torch.tensor(r.position_ids)
+        seg[i, :n] = torch.tensor(r.segments)
+    out = {"input_ids": ids.to(device), "targets": targets.to(device), "n_tokens": sum(r.n_tokens for r in rows),
+           "n_compute": sum(len(r.input_ids) for r in rows)}
+    if all(r.n_examples == 1 for r in rows):
+        out["attention_mask"] = mask.to(device)
+        return out
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = ((sq == sk) | (sk == 0)) & (sk >= 0) & causal
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no empty rows
+    full = allowed[:, None].to(device)
+    if mask_types:
+        masks = {t: full for t in mask_types}
+        if sliding_window and "sliding_attention" in masks:
+            near = (pos[:, :, None] - pos[:, None, :]) < sliding_window
+            masks["sliding_attention"] = ((allowed & near) | torch.eye(width, dtype=torch.bool))[:, None].to(device)
+        out["attention_mask"] = masks
+    else:
+        out["attention_mask"] = full
+    out["position_ids"] = pos.to(device)
+    return out
+
+
+def collate(examples: Sequence[Encoded], pad_id: int, device: str | torch.device = "cpu") -> dict:
+    """Right-pad a micro-batch, one example per row; ``labels`` (for reference computations) are
+    ``IGNORE`` on the prompt and on padding, ``targets`` are the labels shifted by one."""
+    out = collate_rows(build_rows(examples), pad_id, device)
+    labels = torch.full_like(out["input_ids"], IGNORE)
+    for i, e in enumerate(examples):
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    out["labels"] = labels.to(device)
+    return out
+
+
+def split_by_tokens(batch: list[int], lengths: Sequence[int], budget: int | None) -> list[list[int]]:
+    """Cut a micro-batch into forward passes of at most ``budget`` padded tokens (rows × longest).
+
+    A single example longer than the budget gets a pass of its own.
+    """
+    if not budget:
+        return [batch]
+    order = sorted(batch, key=lambda i: -lengths[i])
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = max([lengths[j] for j in cur] + [lengths[i]])
+        if cur and width * (len(cur) + 1) > budget:
+            chunks.append(cur)
+            cur = []
+        cur.append(i)
+    chunks.append(cur)
+    return chunks
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def _causal_parts(model):
+    """(decoder body, LM head, logit softcap) of a causal LM, looking through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    return base, body, head, cap
+
+
+def reference_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Plain computation: full logits from the model, cross-entropy over the labelled positions."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1]
+    keep = labels != IGNORE
+    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+class SupervisedLoss:
+    """Sum of cross-entropy over the supervised tokens, with the LM head only where it is needed.
+
+    On construction nothing is checked; call :meth:`self_check` once with a real batch: if the
+    fast path disagrees with the model's own logits (an architecture with an unusual output
+    layer), the engine falls back to full logits and says so.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.base, self.body, self.head, self.cap = _causal_parts(model)
+        self.fast = self.body is not None and self.head is not None
+        config = self.base.config
+        layer_types = getattr(config, "layer_types", None)
+        self.mask_types = sorted(set(layer_types)) if layer_types else None
+        self.sliding_window = getattr(config, "sliding_window", None)
+        self.device = next(model.parameters()).device
+
+    def collate(self, rows: Sequence[Row], pad_id: int) -> dict:
+        return collate_rows(rows, pad_id, self.device, self.mask_types, self.sliding_window)
+
+    @torch.no_grad()
+    def check_sharing(self, examples: Sequence[Encoded], pad_id: int, log: Callable[[str], None] = print) -> bool:
+        """True when shared-prefix rows give this model the same loss as separate examples."""
+        if not self.fast:
+            return False
+        by_key: dict = {}
+        for e in examples:
+            by_key.setdefault(group_key(e), []).append(e)
+        for row_key, group in by_key.items():
+            rows = build_rows(group, share_prefix=True)
+            if len(rows) == 1 and rows[0].n_examples > 1:
+                row = rows[0]
+                break
+        else:
+            return True  # nothing to compare on yet; rows are built the same way throughout
+        members = [e for e in examples if group_key(e) == row_key]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            packed, n1 = self(self.collate([row], pad_id))
+            alone, n2 = self(self.collate(build_rows(members), pad_id))
+        except Exception as err:  # an architecture that does not take custom masks
+            log(f"[glotkit] note: shared-prefix packing unavailable for this model ({type(err).__name__}); "
+                "each example is computed separately")
+            return False
+        finally:
+            self.model.train(was_training)
+        if n1 != n2 or not torch.allclose(packed / n1, alone / n2, rtol=1e-4, atol=1e-4):
+            log(f"[glotkit] note: shared-prefix packing disagrees for this model ({(packed / n1).item():.5f} vs "
+                f"{(alone / n2).item():.5f}); each example is computed separately")
+            return False
+        return True
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if not self.fast:
+            if "position_ids" in batch:
+                raise RuntimeError("shared-prefix rows need the fast loss path")
+            return reference_loss_sum(self.model, batch)
+        kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+        hidden = self.body(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kwargs
+        ).last_hidden_state
+        targets = batch["targets"]
+        keep = targets != IGNORE
+        h, t = hidden[keep], targets[keep]
+        n = int(t.numel())
+        if n <= HEAD_CHUNK:
+            return self._head_loss(h, t), n
+        # many supervised positions (pretraining): the vocabulary-wide logits are made a chunk at a
+        # time and, when training, recomputed in the backward pass instead of kept in memory
+        from torch.utils.checkpoint import checkpoint
+
+        loss = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, HEAD_CHUNK):
+            hc, tc = h[i : i + HEAD_CHUNK], t[i : i + HEAD_CHUNK]
+            if torch.is_grad_enabled():
+                loss = loss + checkpoint(self._head_loss, hc, tc, use_reentrant=False)
+            else:
+                loss = loss + self._head_loss(hc, tc)
+        return loss, n
+
+    def _head_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return F.cross_entropy(logits.float(), t, reduction="sum")
+
+    @torch.no_grad()
+    def self_check(self, example: Encoded, log: Callable[[str], None] = print, max_tokens: int = 48) -> None:
+        """Compare the fast path with the model's own logits on a short slice of one example
+        (every position labelled, so that the full logits stay small in memory)."""
+        if not self.fast:
+            return
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([example.input_ids[:max_tokens]], device=device)
+        labels = ids.clone()
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], dim=1)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "targets": targets}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            fast, n = self(batch)
+            ref, _ = reference_loss_sum(self.model, batch)
+        finally:
+            self.model.train(was_training)
+        if n and not torch.allclose(fast / n, ref / n, rtol=1e-4, atol=1e-4):
+            self.fast = False
+            log(
+                f"[glotkit] note: answer-only LM head disagrees with this model's logits "
+                f"({(fast / n).item():.5f} vs {(ref / n).item():.5f}); using full logits (slower)"
+            )
