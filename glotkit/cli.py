@@ -24,11 +24,10 @@ import argparse
 import os
 import sys
 
+from glotkit.config import SuiteSection
 from glotkit.errors import GlotkitError
 from glotkit.runtime import quiet_libraries
 from glotkit.systems import load_recipe, system_of, systems
-
-DEFAULT_SUITE = ("sentiment", "nli", "emotion", "sts", "legal-mcq", "qa")
 
 
 def _log(msg: str) -> None:
@@ -100,18 +99,20 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--adapter", help="a PEFT adapter folder to apply (e.g. runs/NAME/adapter)")
     sp.add_argument("--compare-base", action="store_true",
                     help="with --adapter: also score the base model (adapter switched off) into the same table")
-    sp.add_argument("--tasks", default=",".join(DEFAULT_SUITE),
-                    help="comma-separated; built in: sentiment, nli, emotion, sts, legal-mcq, qa, summarization")
+    sp.add_argument("--tasks", default=None,
+                    help="comma-separated (default: the recipes' suite.tasks, " + ",".join(SuiteSection().tasks)
+                         + "); built in: sentiment, nli, emotion, sts, legal-mcq, qa, summarization")
     sp.add_argument("--task-file", action="append", default=[], metavar="YAML",
                     help="your own tasks (see README: 'Adding a task'); their names join --tasks' choices")
     sp.add_argument("--task-data", action="append", default=[], metavar="TASK=FILE",
                     help="data file for a task that takes the user's data, e.g. summarization=sum.jsonl")
-    sp.add_argument("--shots", default="0,3")
-    sp.add_argument("--mode", default="loglik", choices=["loglik", "generate"],
+    sp.add_argument("--shots", default=None,
+                    help=f"numbers of demonstrations (default {','.join(map(str, SuiteSection().shots))})")
+    sp.add_argument("--mode", default=None, choices=["loglik", "generate"],
                     help="classification by option log-likelihood (default) or by parsing a generation")
-    sp.add_argument("--limit", type=int, default=None, help="test items per task")
-    sp.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws")
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--limit", type=int, default=None, help="test items per task (a positive number; default: all)")
+    sp.add_argument("--seed", type=int, default=None, help=f"seed of the few-shot draws (default {SuiteSection().seed})")
+    sp.add_argument("--batch-size", type=int, default=None, help=f"default {SuiteSection().batch_size}")
     sp.add_argument("--data-root", default=None, help="folder with the data sets (default: ../shared/data)")
     sp.add_argument("--out", default="runs/eval-ro")
     sp.add_argument("--base-url", default=None, metavar="URL",
@@ -255,62 +256,90 @@ def _launch(args, argv: list[str], recipe) -> int:
     return 0
 
 
+def _option_error(err) -> GlotkitError:
+    """A pydantic error about an option, as one line naming the option and its value."""
+    first = err.errors()[0]
+    return GlotkitError(f"--{str(first['loc'][0]).replace('_', '-')} {first['input']}: {first['msg']}")
+
+
 def _eval(args) -> int:
+    """``glotkit eval``: its options make a suite configuration (the recipes' ``suite:``, same
+    defaults) and run through the same code as a recipe's suite stage."""
     from pathlib import Path
 
-    from glotkit.config import ModelSection
-    from glotkit.eval.suite import get_tasks, load_task_file, parse_shots, parse_task_data, run_suite, shared_data_root
+    from pydantic import ValidationError
 
-    extra = [t for f in args.task_file for t in load_task_file(f)]
-    tasks = get_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], extra)
-    shots = parse_shots(args.shots)
-    task_data = parse_task_data(args.task_data, tasks)
-    root = Path(args.data_root) if args.data_root else shared_data_root()
+    from glotkit.config import GenerateSection, ModelSection, SuiteSection
+    from glotkit.eval.suite import parse_shots, resolve_suite, run_suite_for
+    from glotkit.generate import for_role
+
+    task_data = {}
+    for item in args.task_data:
+        if "=" not in item:
+            raise GlotkitError(f"--task-data {item!r}: expected TASK=FILE")
+        name, _, file = item.partition("=")
+        task_data[name] = file
+    defaults = SuiteSection()
+    try:
+        cfg = SuiteSection(
+            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else defaults.tasks,
+            shots=parse_shots(args.shots) if args.shots else defaults.shots, mode=args.mode or defaults.mode,
+            limit=args.limit, seed=defaults.seed if args.seed is None else args.seed,
+            batch_size=defaults.batch_size if args.batch_size is None else args.batch_size, data_root=args.data_root,
+            task_files=args.task_file,
+            task_data=task_data)
+    except ValidationError as e:
+        raise _option_error(e) from None
+    resolve_suite(cfg)  # task names, task files and data files are checked before any model is loaded
     if args.compare_base and not args.adapter:
         raise GlotkitError("--compare-base: needs --adapter (the base is the model with the adapter switched off)")
     if args.served_model and not args.base_url:
         raise GlotkitError("--served-model: needs --base-url (the server that serves it)")
+    if args.base_url and not args.served_model:
+        raise GlotkitError("--base-url: needs --served-model NAME (the name the server gives the model)")
+    if args.base_url and args.adapter:
+        raise GlotkitError("--adapter: with --base-url the server applies adapters; serve the adapter under a "
+                           "name (vLLM: --lora-modules NAME=DIR) and give that name to --served-model")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise GlotkitError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        served = GenerateSection(backend="openai", base_url=args.base_url, models={"base": args.served_model},
+                                 concurrency=args.concurrency) if args.base_url else GenerateSection()
+    except ValidationError as e:
+        raise _option_error(e) from None
     quiet_libraries()
-    common = dict(shots=shots, seed=args.seed, mode=args.mode, limit=args.limit, batch_size=args.batch_size,
-                  data_root=root, out_dir=Path(args.out), task_data=task_data, log=_log,
-                  progress=not args.no_progress)
-    if args.base_url:
-        from glotkit.config import GenerateSection
-        from glotkit.generate.server import ServerGenerator
+    loaded: dict = {}
+
+    def local(adapter_off: bool = False):
+        from glotkit.generate.local import LocalGenerator
+        from glotkit.models.loading import load_model
+
+        if not loaded:
+            model, tok, device = load_model(ModelSection(name=args.model), log=_log)
+            if args.adapter:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, args.adapter)
+            loaded.update(model=model, tok=tok, device=device)
+        return LocalGenerator(loaded["model"], loaded["tok"], loaded["device"], adapter_off=adapter_off)
+
+    def tokenizer():
         from glotkit.models.loading import tokenizer_for
 
-        if not args.served_model:
-            raise GlotkitError("--base-url: needs --served-model NAME (the name the server gives the model)")
-        if args.adapter:
-            raise GlotkitError("--adapter: with --base-url the server applies adapters; serve the adapter under a "
-                               "name (vLLM: --lora-modules NAME=DIR) and give that name to --served-model")
-        try:
-            cfg = GenerateSection(backend="openai", base_url=args.base_url, models={"base": args.served_model},
-                                  concurrency=args.concurrency)
-        except ValueError as e:  # (pydantic's ValidationError)
-            err = e.errors()[0]
-            raise GlotkitError(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']}: {err['msg']}") from None
-        tok = tokenizer_for(ModelSection(name=args.model), log=_log)
-        server = ServerGenerator.connect(cfg, "base", _log, "task suite")
-        run_suite(None, tok, tasks, model_label=args.served_model, server=server, **common)
-        print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
-        return 0
-    from glotkit.models.loading import load_model
+        return tokenizer_for(ModelSection(name=args.model), log=_log)
 
-    model, tok, device = load_model(ModelSection(name=args.model), log=_log)
-    common["device"] = device
-    if args.adapter:
-        if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise GlotkitError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        from peft import PeftModel
+    def model(label: str, adapter_off: bool = False):
+        return label, lambda: for_role(served, "base", lambda: local(adapter_off),
+                                       tokenizer=tokenizer() if args.base_url else None, log=_log, what="task suite")
 
-        model = PeftModel.from_pretrained(model, args.adapter)
-        if args.compare_base:
-            with model.disable_adapter():
-                run_suite(model, tok, tasks, model_label=args.model, **common)
-        run_suite(model, tok, tasks, model_label=f"{args.model} + {args.adapter}", **common)
+    if args.base_url:
+        models = [model(args.served_model)]
+    elif args.adapter:
+        models = ([model(args.model, adapter_off=True)] if args.compare_base else []) + [
+            model(f"{args.model} + {args.adapter}")]
     else:
-        run_suite(model, tok, tasks, model_label=args.model, **common)
+        models = [model(args.model)]
+    run_suite_for(cfg, models, Path(args.out), log=_log, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
     return 0
 

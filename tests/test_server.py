@@ -25,6 +25,7 @@ from conftest import SHARED
 from glotkit.cli import main
 from glotkit.config import GenerateSection
 from glotkit.errors import GlotkitError
+from glotkit.generate.local import LocalGenerator
 
 pytest.importorskip("openai", reason="the server backend needs the openai client: pip install 'glotkit[server]'")
 
@@ -244,10 +245,11 @@ def test_suite_loglik_on_a_server_equals_the_local_scores(model_server, kind):
     from test_suite import _tiny_task
 
     url, model, tok = model_server
-    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, concurrency=3, retries=0), "m")
+    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, concurrency=3, retries=0), "m",
+                             tokenizer=tok)
     task, data = _tiny_task(kind)
-    local = run_task(model, tok, task, data, shots=1, seed=3, mode="loglik", limit=6, batch_size=4)
-    served = run_task(None, tok, task, data, shots=1, seed=3, mode="loglik", limit=6, batch_size=4, server=server)
+    local = run_task(LocalGenerator(model, tok), task, data, shots=1, seed=3, mode="loglik", limit=6, batch_size=4)
+    served = run_task(server, task, data, shots=1, seed=3, mode="loglik", limit=6, batch_size=4)
     assert served["backend"] == f"openai {url} m" and local["backend"] == "local"
     assert [p["prediction"] for p in served["predictions"]] == [p["prediction"] for p in local["predictions"]]
     assert served["metrics"] == local["metrics"]
@@ -261,11 +263,11 @@ def test_suite_loglik_refuses_a_server_whose_prompt_logprobs_are_shifted(model_s
 
     url, model, tok = model_server
     _ModelServer.shifted = True
-    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0), "m")
+    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0), "m", tokenizer=tok)
     task, data = _tiny_task("multichoice")
     with pytest.raises(GlotkitError, match=r"prompt log-probabilities that disagree with its own generation.*"
                                            r"llama-cpp-python#1983.*suite.mode: generate"):
-        run_task(None, tok, task, data, shots=0, seed=3, mode="loglik", limit=4, batch_size=4, server=server)
+        run_task(server, task, data, shots=0, seed=3, mode="loglik", limit=4, batch_size=4)
 
 
 def test_suite_generate_on_a_server_equals_the_local_generations(model_server):
@@ -274,10 +276,11 @@ def test_suite_generate_on_a_server_equals_the_local_generations(model_server):
     from test_suite import _tiny_task
 
     url, model, tok = model_server
-    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0, concurrency=1), "m")
+    server = ServerGenerator(GenerateSection(backend="openai", base_url=url, retries=0, concurrency=1), "m",
+                             tokenizer=tok)
     task, data = _tiny_task("multichoice", max_new_tokens=12, stop=("ț", "j"))  # stops this random model writes
-    local = run_task(model, tok, task, data, shots=1, seed=3, mode="generate", limit=6, batch_size=4)
-    served = run_task(None, tok, task, data, shots=1, seed=3, mode="generate", limit=6, batch_size=4, server=server)
+    local = run_task(LocalGenerator(model, tok), task, data, shots=1, seed=3, mode="generate", limit=6, batch_size=4)
+    served = run_task(server, task, data, shots=1, seed=3, mode="generate", limit=6, batch_size=4)
     gens = [p["generation"] for p in local["predictions"]]
     assert [p["generation"] for p in served["predictions"]] == gens
     assert all(r["stream"] for r in _ModelServer.requests)
@@ -589,7 +592,7 @@ def test_llama_cpp_server_agrees_with_the_local_backend(tmp_path, llama_server, 
     same = sum(a["generation"] == b["generation"] for a, b in zip(local, served))
     assert same >= 8, [(a["generation"], b["generation"]) for a, b in zip(local, served)]
     metrics = json.loads((tmp_path / "runs" / "openai" / "eval_base" / "metrics.json").read_text())
-    assert metrics["backend"] == f"openai {llama_server.url} model=smollm2" and metrics["n"] == 12
+    assert metrics["backend"] == f"openai {llama_server.url} smollm2" and metrics["n"] == 12
 
 
 @pytest.mark.integration

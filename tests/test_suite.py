@@ -14,14 +14,14 @@ from glotkit.eval.suite import (
     draw_shots,
     get_tasks,
     load_task_file,
-    option_logliks,
     parse_label,
     parse_letters,
     parse_number,
     run_suite,
     run_task,
 )
-from glotkit.generate.local import cut_at_stop
+from glotkit.generate.local import LocalGenerator, cut_at_stop
+from glotkit.models.lm import option_logliks
 
 WORDS = ["Sibiu", "Cibin", "Iași", "Mureș", "Brașov", "Dunăre", "Carpați", "Cluj"]
 
@@ -39,7 +39,7 @@ def _toy_task():
 def test_results_do_not_depend_on_batch_size(tmp_path, mode):
     model, tok = build_model(tmp_path, "gemma3", init=0.2)
     task, data = _toy_task()
-    runs = [run_task(model, tok, task, data, shots=2, seed=7, mode=mode, limit=12, batch_size=b) for b in (1, 8)]
+    runs = [run_task(LocalGenerator(model, tok), task, data, shots=2, seed=7, mode=mode, limit=12, batch_size=b) for b in (1, 8)]
     assert [p["prediction"] for p in runs[0]["predictions"]] == [p["prediction"] for p in runs[1]["predictions"]]
     if mode == "generate":
         assert [p["generation"] for p in runs[0]["predictions"]] == [p["generation"] for p in runs[1]["predictions"]]
@@ -80,7 +80,7 @@ def test_errors_name_the_problem(tmp_path):
     task, data = _toy_task()
     bad = Task("bad", "classification", "", task.load, "Text: {review}\nRăspuns:", task.answer, task.labels)
     with pytest.raises(GlotkitError, match="template needs field 'review'"):
-        run_task(model, tok, bad, data, shots=0, seed=0, mode="generate", limit=2, batch_size=2)
+        run_task(LocalGenerator(model, tok), bad, data, shots=0, seed=0, mode="generate", limit=2, batch_size=2)
 
 
 def test_parsers():
@@ -146,7 +146,7 @@ def test_every_kind_runs_and_scores_with_its_metric(tmp_path, kind, mode):
 
     model, tok = build_model(tmp_path, "gemma3", init=0.2)
     task, data = _tiny_task(kind, max_new_tokens=6 if kind in ("qa", "summarization") else None)
-    a, b = (run_task(model, tok, task, data, shots=1, seed=3, mode=mode, limit=8, batch_size=bs) for bs in (1, 8))
+    a, b = (run_task(LocalGenerator(model, tok), task, data, shots=1, seed=3, mode=mode, limit=8, batch_size=bs) for bs in (1, 8))
     assert a["predictions"] == b["predictions"] and a["metrics"] == b["metrics"]
     assert a["mode"] == mode and a["main_metric"] in a["metrics"]
     preds, golds = [p["prediction"] for p in a["predictions"]], [p["gold"] for p in a["predictions"]]
@@ -196,7 +196,7 @@ def test_user_task_from_yaml(tmp_path):
     assert len(data["train"]) == 5 and len(data["test"]) == 15 and task.max_new_tokens == 10
     assert get_tasks(["da-nu", "sentiment"], [task])[0] is task
     model, tok = build_model(tmp_path / "m", "llama")
-    r = run_task(model, tok, task, data, shots=2, seed=1, mode="loglik", limit=4, batch_size=4)
+    r = run_task(LocalGenerator(model, tok), task, data, shots=2, seed=1, mode="loglik", limit=4, batch_size=4)
     assert r["metrics"]["n"] == 4
     spec.write_text("tasks:\n  - name: x\n    kind: classification\n    template: 'T'\n    answer: a\n"
                     "    labels: [a]\n    data: {file: rows.csv}\n    temperatura: 1\n", encoding="utf-8")
@@ -217,8 +217,8 @@ def test_suite_resumes_and_tabulates_models_side_by_side(tmp_path, monkeypatch):
     task, data = _toy_task()
     kw = dict(shots=[0, 1], seed=2, mode="loglik", limit=4, batch_size=4, data_root=tmp_path, out_dir=tmp_path / "out",
               log=lambda m: None, progress=False)
-    run_suite(model, tok, [task], model_label="base", **kw)
-    run_suite(model, tok, [task], model_label="tuned", **kw)
+    run_suite(LocalGenerator(model, tok), [task], model_label="base", **kw)
+    run_suite(LocalGenerator(model, tok), [task], model_label="tuned", **kw)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [(r["model"], r["shots"]) for r in results] == [("base", 0), ("base", 1), ("tuned", 0), ("tuned", 1)]
     table = (tmp_path / "out" / "results.md").read_text()
@@ -230,4 +230,4 @@ def test_suite_resumes_and_tabulates_models_side_by_side(tmp_path, monkeypatch):
         raise AssertionError("a finished unit was run again")
 
     monkeypatch.setattr(suite, "run_task", boom)
-    run_suite(model, tok, [task], model_label="tuned", **kw)  # nothing left to do
+    run_suite(LocalGenerator(model, tok), [task], model_label="tuned", **kw)  # nothing left to do

@@ -23,6 +23,7 @@ from glotkit.synth.triplets import (
     first_failure,
     generate_pairs,
     guess_language,
+    local_generators,
     pair_prompt,
 )
 from glotkit.train.embeddings import train_embeddings
@@ -107,7 +108,7 @@ def test_synthesis_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
     model, tok = _two_adapters(tmp_path)
     cfg = SynthConfig(max_new_tokens=6, batch_size=3, temperature=0.8, seed=1)
     full = tmp_path / "full"
-    generate_pairs(model, tok, SENTS, cfg, full, progress=False, log=lambda m: None)
+    generate_pairs(local_generators(model, tok), SENTS, cfg, full, progress=False, log=lambda m: None)
     want = [json.loads(s) for s in (full / "generations.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["kind"]) for r in want) == sorted((i, k) for i in range(8) for k in ("positive", "negative"))
     # the two adapters really differ (switching adapters changes the output)
@@ -126,13 +127,13 @@ def test_synthesis_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
     part = tmp_path / "part"
     monkeypatch.setattr(local, "generate_sampled", dies_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
-        generate_pairs(model, tok, SENTS, cfg, part, progress=False, log=lambda m: None)
+        generate_pairs(local_generators(model, tok), SENTS, cfg, part, progress=False, log=lambda m: None)
     monkeypatch.setattr(local, "generate_sampled", real)
     first = (part / "generations.jsonl").read_text()
     assert first.count("\n") == 3
     with (part / "generations.jsonl").open("a") as fh:
         fh.write('{"id": 5, "kind": "posi')  # a kill in the middle of a write
-    generate_pairs(model, tok, SENTS, cfg, part, progress=False, log=lambda m: None)
+    generate_pairs(local_generators(model, tok), SENTS, cfg, part, progress=False, log=lambda m: None)
     got = [json.loads(s) for s in (part / "generations.jsonl").read_text().splitlines()]
     keys = [(r["id"], r["kind"]) for r in got]
     assert len(keys) == len(set(keys)) == 16 and set(keys) == {(r["id"], r["kind"]) for r in want}

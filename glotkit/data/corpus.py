@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from glotkit.data.prompts import IGNORE
+from glotkit.data.text import fix_romanian_diacritics
 from glotkit.errors import GlotkitError
-from glotkit.eval.normalize import fix_romanian_diacritics
 from glotkit.io import iter_jsonl_objects
 
 TEI_NS = "{http://www.tei-c.org/ns/1.0}"

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from typing import Sequence
 
-from glotkit.eval.normalize import fix_romanian_diacritics
+from glotkit.data.text import fix_romanian_diacritics
 
 
 def classification_scores(preds: Sequence[str], golds: Sequence[str], labels: Sequence[str]) -> dict[str, float]:

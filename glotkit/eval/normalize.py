@@ -23,16 +23,12 @@ import re
 import string
 import unicodedata
 
-_RO_CEDILLA = str.maketrans({"ş": "ș", "Ş": "Ș", "ţ": "ț", "Ţ": "Ț"})
+from glotkit.data.text import fix_romanian_diacritics
+
 _ASCII_PUNCT = set(string.punctuation)
 _EN_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 # languages whose legacy cedilla letters mean the comma-below ones (not Turkish, where ş is right)
 _CEDILLA_LANGS = {"ro", "ron", "rum", "mo", "mol"}
-
-
-def fix_romanian_diacritics(text: str) -> str:
-    """ş/ţ with cedilla -> ș/ț with comma below (also the upper-case forms)."""
-    return text.translate(_RO_CEDILLA)
 
 
 def _is_punct(ch: str) -> bool:

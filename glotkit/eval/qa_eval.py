@@ -12,33 +12,29 @@ from glotkit.config import EvalSection
 from glotkit.data.prompts import PromptFormatter
 from glotkit.data.qa import QAExample
 from glotkit.eval.qa_metrics import QAScore, aggregate, extract_answer, score_one
-from glotkit.generate.local import generate_greedy
+from glotkit.generate import Generator
 from glotkit.io import atomic_write_json, atomic_write_jsonl
 
 PARTIAL = "predictions.partial.jsonl"
 
 
 def evaluate_qa(
-    model,
-    tokenizer,
+    generator: Generator,
     fmt: PromptFormatter,
     examples: Sequence[QAExample],
     cfg: EvalSection,
     *,
     language: str,
     out_dir: Path,
-    device: str = "cpu",
     desc: str = "eval",
     log: Callable[[str], None] = print,
     progress: bool = True,
-    server=None,
 ) -> dict:
     """Write ``out_dir/predictions.jsonl`` and ``out_dir/metrics.json``; return the metrics.
 
     Predictions are appended to a partial file after every batch, so an interrupted evaluation
-    continues with the examples it has not done yet.  With ``server`` (a
-    :class:`glotkit.generate.server.ServerGenerator`) the same prompts go to that server instead
-    of ``model``.
+    continues with the examples it has not done yet.  ``generator`` answers greedily: the local
+    model, or a served one (the same prompts as text).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = list(examples)[: cfg.limit] if cfg.limit else list(examples)
@@ -81,30 +77,21 @@ def evaluate_qa(
     with partial.open("a", encoding="utf-8") as fh:
 
         def on_batch(idx: list[int], texts: list[str]) -> None:
-            nonlocal new_tokens
             for i, t in zip(idx, texts):
                 rec = record(todo[i], t)
                 done[rec["id"]] = rec
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                new_tokens += len(tokenizer(t, add_special_tokens=False)["input_ids"])
             fh.flush()
             os.fsync(fh.fileno())
 
-        if todo and server is not None:
-            from glotkit.generate.server import prompt_text
-
-            server.generate([prompt_text(tokenizer, p) for p in prompts], max_new_tokens=cfg.max_new_tokens,
-                            progress=progress, desc=desc, on_batch=on_batch)
-        elif todo:
-            generate_greedy(
-                model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                device=device, progress=progress, desc=desc, on_batch=on_batch,
-            )
+        if todo:
+            new_tokens = generator.greedy(prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                          progress=progress, desc=desc, on_batch=on_batch).new_tokens
     seconds = time.perf_counter() - t0
     ordered = [done[ex.id] for ex in examples]
     metrics = aggregate([QAScore(r["em"], r["f1"], r["em_raw"], r["f1_raw"]) for r in ordered])
     metrics["seconds"] = round(seconds, 2)
-    metrics["backend"] = f"openai {server.url} model={server.model}" if server is not None else "local"
+    metrics["backend"] = generator.backend
     if todo:
         metrics["examples_per_s"] = round(len(todo) / max(seconds, 1e-9), 2)
         metrics["generated_tokens_per_s"] = round(new_tokens / max(seconds, 1e-9), 1)

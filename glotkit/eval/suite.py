@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
+from glotkit.config import SuiteSection
 from glotkit.errors import GlotkitError
+from glotkit.generate import Generator
 
 # max new tokens per task type, as in the RoQLlama paper; summaries stop at a blank line
 DEFAULT_MAX_NEW_TOKENS = {"classification": 10, "regression": 10, "multichoice": 10, "qa": 250, "summarization": 2048}
@@ -381,6 +381,33 @@ def parse_task_data(items: Sequence[str] | dict, tasks: Sequence[Task]) -> dict[
     return out
 
 
+def resolve_suite(cfg: SuiteSection) -> tuple[list[Task], dict[str, Path], Path]:
+    """The tasks of a suite (a recipe's ``suite:``, or ``glotkit eval``'s options as one), the data
+    file of each task that takes the user's data, and the data root: checked, before any model
+    is loaded."""
+    extra = [t for f in cfg.task_files for t in load_task_file(f)]
+    tasks = get_tasks(cfg.tasks, extra)
+    task_data = parse_task_data(cfg.task_data, tasks)
+    return tasks, task_data, Path(cfg.data_root) if cfg.data_root else shared_data_root()
+
+
+def run_suite_for(cfg: SuiteSection, models: Sequence[tuple[str, Callable[[], Generator]]], out_dir: Path, *,
+                  log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+    """The suite ``cfg`` for each (label, generator maker) of ``models`` in turn (a model is
+    loaded or connected only when its turn comes); the results of all join in ``out_dir``.
+    The recipes' ``suite`` stage and ``glotkit eval`` both run the suite through here."""
+    tasks, task_data, root = resolve_suite(cfg)
+    results: list[dict] = []
+    for label, make in models:
+        generator = make()
+        log(f"[glotkit] task suite: {label}, tasks {', '.join(t.name for t in tasks)}, shots {cfg.shots}, "
+            f"limit {cfg.limit}")
+        results = run_suite(generator, tasks, shots=cfg.shots, seed=cfg.seed, mode=cfg.mode, limit=cfg.limit,
+                            batch_size=cfg.batch_size, data_root=root, out_dir=out_dir, model_label=label,
+                            task_data=task_data, log=log, progress=progress)
+    return results
+
+
 def shared_data_root() -> Path:
     """``../shared/data`` beside the checkout (or beside the working folder)."""
     here = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -431,77 +458,6 @@ def parse_letters(text: str, letters: Sequence[str] = ("A", "B", "C")) -> set[st
     return set(re.findall(rf"[{alt}]", m.group(1)))
 
 
-@torch.no_grad()
-def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequence[list[int]],
-                   batch_size: int, device: str = "cpu", share_prompt: bool = True) -> list[list[float]]:
-    """Sum of log-probabilities of each option's tokens after each prompt.
-
-    With ``share_prompt`` (the default where the model takes 4-D masks) one row holds the prompt
-    once and every option after it, each option attending to the prompt and to itself only, with
-    its positions continuing the prompt's: the prompt is computed once instead of once per option
-    (the engine's shared-prefix rows; equal to separate sequences, tested).  Rows are right-padded
-    so every sequence sits at the same positions whatever its batch."""
-    import torch.nn.functional as F
-
-    from glotkit.models.lm import Row, SupervisedLoss
-
-    loss_fn = SupervisedLoss(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = [[0.0] * len(options) for _ in prompts]
-    model.eval()
-
-    def option_scores(hidden_row, where: list[int], option: list[int]) -> float:
-        logits = loss_fn.head(hidden_row[where])
-        if loss_fn.cap:
-            logits = torch.tanh(logits / loss_fn.cap) * loss_fn.cap
-        logp = F.log_softmax(logits.float(), -1)
-        tgt = torch.tensor(option, device=logp.device)
-        return float(logp.gather(1, tgt[:, None]).sum())
-
-    if share_prompt and loss_fn.fast:
-        for start in range(0, len(prompts), max(1, batch_size // max(1, len(options)))):
-            chunk = list(range(start, min(len(prompts), start + max(1, batch_size // max(1, len(options))))))
-            rows, spans = [], []
-            for i in chunk:
-                p = prompts[i]
-                ids, pos, seg, starts = list(p), list(range(len(p))), [0] * len(p), []
-                for j, o in enumerate(options):
-                    starts.append(len(ids))
-                    ids += o
-                    pos += range(len(p), len(p) + len(o))
-                    seg += [j + 1] * len(o)
-                rows.append(Row(ids, pos, seg, [-100] * len(ids), len(options), len(ids)))
-                spans.append(starts)
-            batch = loss_fn.collate(rows, pad)
-            hidden = loss_fn.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-            for r, (i, starts) in enumerate(zip(chunk, spans)):
-                p = len(prompts[i])
-                for j, o in enumerate(options):
-                    # token 0 is predicted from the prompt's last position, token t from the option's t-1
-                    where = [p - 1] + [starts[j] + t - 1 for t in range(1, len(o))]
-                    scores[i][j] = option_scores(hidden[r], where, o)
-        return scores
-
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        seqs = [prompts[i] + options[j] for i, j in chunk]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        # the vocabulary-wide logits only where an option token is predicted (a long few-shot
-        # prompt would otherwise need positions × vocabulary floats)
-        hidden = loss_fn.body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        for r, (i, j) in enumerate(chunk):
-            p, o = len(prompts[i]), len(options[j])
-            scores[i][j] = option_scores(hidden[r], list(range(p - 1, p - 1 + o)), options[j])
-    return scores
-
-
 def test_items(task: Task, data: dict[str, list[dict]], limit: int | None) -> list[dict]:
     """The test records in a fixed shuffled order (so that ``--limit`` takes a sample, not the
     head of a sorted file), cut to ``limit``."""
@@ -510,19 +466,15 @@ def test_items(task: Task, data: dict[str, list[dict]], limit: int | None) -> li
     return test[:limit] if limit else test
 
 
-def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots: int, seed: int, mode: str,
-             limit: int | None, batch_size: int, device: str = "cpu", progress: bool = False,
-             language: str = "ro", server=None) -> dict:
+def run_task(generator: Generator, task: Task, data: dict[str, list[dict]], *, shots: int, seed: int, mode: str,
+             limit: int | None, batch_size: int, progress: bool = False, language: str = "ro") -> dict:
     """Score one task at one number of shots; returns metrics and per-item predictions.
 
     ``mode="loglik"`` applies to classification and multiple choice (the most likely option) and
     to regression (the expected value of the scores 0..5 under the model's probabilities); QA and
-    summarization always generate.  The result's ``mode`` says which was used.  With ``server``
-    (a :class:`~glotkit.generate.server.ServerGenerator`) the served model scores and generates
-    from the same prompt texts; ``model`` is not used and ``tokenizer`` only counts tokens."""
+    summarization always generate.  The result's ``mode`` says which was used.  ``generator`` is
+    the local model or a served one (sent the same prompt texts)."""
     import time
-
-    from glotkit.generate.local import generate_greedy
 
     t0 = time.perf_counter()
     test = test_items(task, data, limit)
@@ -530,14 +482,12 @@ def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots
         raise GlotkitError(f"task '{task.name}': empty test split")
     check_template(task, test[0])
     texts = [build_prompt(task, r, draw_shots(data["train"], shots, seed, i)) for i, r in enumerate(test)]
-    prompt_ids = [tokenizer(t)["input_ids"] for t in texts]
+    prompt_ids = [generator.tokenizer(t)["input_ids"] for t in texts]
 
     def logliks(continuations: list[str]) -> list[list[float]]:
         # each option after a space, as it follows "...:" in the demonstrations
-        if server is not None:
-            return server.logliks(texts, [" " + c for c in continuations], progress=progress, desc=task.name)
-        option_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in continuations]
-        return option_logliks(model, tokenizer, prompt_ids, option_ids, batch_size, device)
+        return generator.option_logliks(prompt_ids, [" " + c for c in continuations], batch_size=batch_size,
+                                        texts=texts, progress=progress, desc=task.name)
 
     if mode == "loglik" and task.kind in ("classification", "multichoice"):
         options = task.options()
@@ -559,13 +509,8 @@ def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots
         gens = [None] * len(test)
     else:
         mode = "generate"
-        if server is not None:
-            gens, _ = server.generate(texts, max_new_tokens=task.max_new_tokens, stop=task.stop, progress=progress,
-                                      desc=task.name)
-        else:
-            gens = generate_greedy(model, tokenizer, prompt_ids, max_new_tokens=task.max_new_tokens,
-                                   batch_size=batch_size, device=device, progress=progress, desc=task.name,
-                                   stop=task.stop)
+        gens = generator.greedy(prompt_ids, max_new_tokens=task.max_new_tokens, batch_size=batch_size, stop=task.stop,
+                                texts=texts, progress=progress, desc=task.name).texts
         preds = [task.parse(g) for g in gens]
     golds = [task.gold(r) for r in test]
     metrics = task.score(preds, golds, language)
@@ -574,7 +519,7 @@ def run_task(model, tokenizer, task: Task, data: dict[str, list[dict]], *, shots
         return sorted(v) if isinstance(v, frozenset) else v
 
     return {"task": task.name, "kind": task.kind, "shots": shots, "mode": mode, "seed": seed,
-            "backend": f"openai {server.url} {server.model}" if server is not None else "local",
+            "backend": generator.backend,
             "batch_size": batch_size, "limit": limit, "template": task.template,
             "max_new_tokens": task.max_new_tokens, "main_metric": task.main_metric, "metrics": metrics,
             "prompt_tokens_mean": round(sum(map(len, prompt_ids)) / len(prompt_ids), 1),
@@ -596,10 +541,10 @@ def done_units(results_path: Path) -> set[tuple]:
     return {_unit_key(r) for r in json.loads(results_path.read_text(encoding="utf-8"))} if results_path.is_file() else set()
 
 
-def run_suite(model, tokenizer, tasks: Sequence[Task], *, shots: Sequence[int], seed: int, mode: str,
+def run_suite(generator: Generator, tasks: Sequence[Task], *, shots: Sequence[int], seed: int, mode: str,
               limit: int | None, batch_size: int, data_root: Path, out_dir: Path, model_label: str,
-              task_data: dict[str, Path] | None = None, device: str = "cpu",
-              log: Callable[[str], None] = print, progress: bool = True, server=None) -> list[dict]:
+              task_data: dict[str, Path] | None = None, log: Callable[[str], None] = print,
+              progress: bool = True) -> list[dict]:
     """Every task at every number of shots for one model; results are added to ``results.json``
     in ``out_dir`` (a (model, task, shots) already there with the same settings is not redone,
     so an interrupted suite resumes and a second model's results join the first's), and
@@ -621,8 +566,8 @@ def run_suite(model, tokenizer, tasks: Sequence[Task], *, shots: Sequence[int], 
                 log(f"[glotkit] {task.name} {k}-shot for {model_label}: done before, kept")
                 continue
             data = data if data is not None else task.load(source)
-            r = run_task(model, tokenizer, task, data, shots=k, seed=seed, mode=mode, limit=limit,
-                         batch_size=batch_size, device=device, progress=progress, server=server)
+            r = run_task(generator, task, data, shots=k, seed=seed, mode=mode, limit=limit,
+                         batch_size=batch_size, progress=progress)
             r["model"], r["mode_asked"] = model_label, mode
             atomic_write_jsonl(out_dir / f"predictions-{slug}-{task.name}-{k}shot.jsonl", r.pop("predictions"))
             results.append(r)

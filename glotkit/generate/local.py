@@ -214,3 +214,64 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
         probs = probs / probs.sum(-1, keepdim=True)
     pick = torch.multinomial(probs.cpu(), 1, generator=gen).to(cand.device)
     return cand.gather(-1, pick).squeeze(-1)
+
+
+class LocalGenerator:
+    """The :class:`~glotkit.generate.Generator` of a model loaded in this process.  ``adapter``
+    names the LoRA adapter to make active before each call (a PeftModel holding several);
+    ``adapter_off`` runs the base model with its adapters switched off.  Switching adapters on
+    and off for generation happens here and nowhere else."""
+
+    backend = "local"
+
+    def __init__(self, model, tokenizer, device: str = "cpu", *, adapter: str | None = None, adapter_off: bool = False):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.adapter, self.adapter_off = adapter, adapter_off
+
+    @contextmanager
+    def _active(self) -> Iterator[None]:
+        if self.adapter_off and hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+            return
+        if self.adapter is not None:
+            self.model.set_adapter(self.adapter)
+        yield
+
+    def greedy(self, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 8,
+               stop: Sequence[str] | None = ("\n",), texts: Sequence[str] | None = None, progress: bool = True,
+               desc: str = "generate", on_batch: Callable[[list[int], list[str]], None] | None = None):
+        """Greedy continuations through ``model.generate`` (``texts`` is for servers: unused)."""
+        from glotkit.generate import Generations
+
+        with self._active():
+            out = generate_greedy(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, device=self.device, stop=stop, progress=progress, desc=desc,
+                                  on_batch=on_batch)
+        return Generations(out, sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out))
+
+    def sample(self, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 8,
+               temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, seed: int = 0,
+               stop: Sequence[str] | None = ("\n",), keep_stop: bool = False, texts: Sequence[str] | None = None,
+               progress: bool = True, desc: str = "generate",
+               on_batch: Callable[[list[int], list[str]], None] | None = None):
+        """Seeded sampling in our own loop (finished rows leave the batch); ``temperature=0`` is greedy."""
+        from glotkit.generate import Generations
+
+        with self._active():
+            out, produced = generate_sampled(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, temperature=temperature, top_p=top_p, top_k=top_k,
+                                             seed=seed, stop=stop, keep_stop=keep_stop, device=self.device,
+                                             progress=progress, desc=desc, on_batch=on_batch)
+        return Generations(out, produced)
+
+    def option_logliks(self, prompts: Sequence[list[int]], options: Sequence[str], *, batch_size: int = 8,
+                       texts: Sequence[str] | None = None, progress: bool = True,
+                       desc: str = "loglik") -> list[list[float]]:
+        """Each option (text, tokenized without special tokens) scored after each prompt, the
+        prompt computed once for all its options where the model allows."""
+        from glotkit.models.lm import option_logliks
+
+        option_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+        with self._active():
+            return option_logliks(self.model, self.tokenizer, prompts, option_ids, batch_size, self.device)

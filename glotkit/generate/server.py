@@ -71,15 +71,19 @@ def _stream_errors(openai) -> tuple[type[Exception], ...]:
 
 
 class ServerGenerator:
-    """One served model (``model``) on the server of ``cfg``."""
+    """One served model (``model``) on the server of ``cfg``: the
+    :class:`~glotkit.generate.Generator` of a served model.  ``tokenizer`` (the model's) turns
+    token-id prompts into the text the server is sent."""
 
-    def __init__(self, cfg: GenerateSection, model: str, url: str | None = None):
+    def __init__(self, cfg: GenerateSection, model: str, url: str | None = None, tokenizer=None):
         try:
             import openai
         except ImportError:
             raise GlotkitError("generate.backend: 'openai' needs the openai client: pip install 'glotkit[server]'") from None
         self.openai = openai
         self.cfg, self.model, self.url = cfg, model, url or cfg.base_url
+        self.tokenizer = tokenizer
+        self.backend = f"openai {self.url} {model}"
         self.logliks_checked = False
         self.broken = _stream_errors(openai)  # what a stream broken off mid-answer raises
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
@@ -253,10 +257,11 @@ class ServerGenerator:
         return out
 
     @classmethod
-    def connect(cls, cfg: GenerateSection, role: str, log: Callable[[str], None], what: str) -> "ServerGenerator":
+    def connect(cls, cfg: GenerateSection, role: str, log: Callable[[str], None], what: str,
+                tokenizer=None) -> "ServerGenerator":
         """The server's model for ``role`` (``cfg.models[role]``, at ``cfg.url_of(role)``), checked
         to be served."""
-        server = cls(cfg, cfg.models[role], cfg.url_of(role))
+        server = cls(cfg, cfg.models[role], cfg.url_of(role), tokenizer=tokenizer)
         server.check()
         log(f"[glotkit] {what}: the {role} model is served by {server.url} as '{server.model}'")
         return server
@@ -297,3 +302,39 @@ class ServerGenerator:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
         return out, produced
+
+    def _texts(self, prompts: Sequence[list[int]], texts: Sequence[str] | None) -> list[str]:
+        if texts is not None:
+            return list(texts)
+        if self.tokenizer is None:
+            raise ValueError("ServerGenerator: token-id prompts need the model's tokenizer (tokenizer=...)")
+        return [prompt_text(self.tokenizer, ids) for ids in prompts]
+
+    def greedy(self, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 8,
+               stop: Sequence[str] | None = ("\n",), texts: Sequence[str] | None = None, progress: bool = True,
+               desc: str = "generate", on_batch: Callable[[list[int], list[str]], None] | None = None):
+        """Greedy answers to the prompts' text (``batch_size`` is the local backend's: here
+        ``generate.concurrency`` requests are in flight)."""
+        from glotkit.generate import Generations
+
+        return Generations(*self.generate(self._texts(prompts, texts), max_new_tokens=max_new_tokens, stop=stop,
+                                          progress=progress, desc=desc, on_batch=on_batch))
+
+    def sample(self, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 8,
+               temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, seed: int = 0,
+               stop: Sequence[str] | None = ("\n",), keep_stop: bool = False, texts: Sequence[str] | None = None,
+               progress: bool = True, desc: str = "generate",
+               on_batch: Callable[[list[int], list[str]], None] | None = None):
+        """Sampled answers (prompt ``i`` with seed ``seed * 1_000_003 + i``)."""
+        from glotkit.generate import Generations
+
+        return Generations(*self.generate(self._texts(prompts, texts), max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                          keep_stop=keep_stop, progress=progress, desc=desc, on_batch=on_batch))
+
+    def option_logliks(self, prompts: Sequence[list[int]], options: Sequence[str], *, batch_size: int = 8,
+                       texts: Sequence[str] | None = None, progress: bool = True,
+                       desc: str = "loglik") -> list[list[float]]:
+        """:meth:`logliks` of each option after each prompt's text."""
+        return self.logliks(self._texts(prompts, texts), list(options), progress=progress, desc=desc)
+

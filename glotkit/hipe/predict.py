@@ -1,7 +1,7 @@
 """Label HIPE-2026 pairs with a model, and measure what that costs.
 
 :func:`predict_pairs` runs one prompt format over a list of (document, pair) items with greedy
-decoding (our own loop: finished rows leave the batch) and parses every answer.
+decoding (our own loop: finished rows leave the batch) on any generator, and parses every answer.
 :func:`evaluate_model` does that in a fresh process for one model (+ adapter) so that its peak
 resident memory is that model's alone, writes the official predictions files (one per
 language, the gold documents with our labels) and scores them against gold.  Given a
@@ -12,6 +12,7 @@ measured here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from glotkit.errors import GlotkitError
+from glotkit.generate import Generator
 from glotkit.hipe.formats import PromptBuilder, decoding, parse, question
 
 Item = tuple[dict, dict]  # (document, pair)
@@ -37,23 +39,43 @@ class Settings:
     batch_size: int = 16
 
 
-def predict_pairs(model, tokenizer, items: Sequence[Item], s: Settings, *, device: str = "cpu",
-                  progress: bool = True, desc: str = "predict") -> tuple[list[dict], dict]:
-    """One row per item (key, language, raw answer, labels, parse outcome) and the timing."""
-    from glotkit.generate.local import generate_sampled
+def predict_pairs(generator: Generator, items: Sequence[Item], s: Settings, *, partial: Path | None = None,
+                  progress: bool = True, desc: str = "predict",
+                  log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """One row per item (key, language, raw answer, labels, parse outcome) and the timing:
+    greedy answers (our own loop: finished rows leave the batch) to each pair's prompt, parsed.
+    With ``partial`` each answer is appended there as it comes and answers already there are
+    kept (the timing then covers this run's pairs alone)."""
+    from glotkit.io import append_rows, read_appended
 
-    builder = PromptBuilder(tokenizer)
-    prompts = [builder.prompt_ids(question(d, p, s.fmt, s.max_chars), s.fmt) for d, p in items]
+    builder = PromptBuilder(generator.tokenizer)
     dec = decoding(s.fmt, s.label_tokens, s.explain_tokens)
+    done = read_appended(partial, lambda r: tuple(r["key"])) if partial is not None else {}
+    todo = [(d, p) for d, p in items if pair_key(d, p) not in done]
+    if done and todo:
+        log(f"[glotkit] {desc}: {len(items) - len(todo)} of {len(items)} answers already written, continuing")
+    prompts = [builder.prompt_ids(question(d, p, s.fmt, s.max_chars), s.fmt) for d, p in todo]
+    rows: dict[tuple, dict] = dict(done)
     t0 = time.perf_counter()
-    texts, produced = generate_sampled(model, tokenizer, prompts, max_new_tokens=dec.max_new_tokens,
-                                       batch_size=s.batch_size, temperature=0.0, stop=dec.stop, keep_stop=True,
-                                       device=device, progress=progress, desc=desc)
+    produced = 0
+    with (partial.open("a", encoding="utf-8") if partial is not None else contextlib.nullcontext()) as fh:
+        def keep(idx: list[int], texts: list[str]) -> None:
+            new = [answer_row(*todo[i], s.fmt, t) for i, t in zip(idx, texts)]
+            rows.update((tuple(r["key"]), r) for r in new)
+            if fh is not None:
+                append_rows(fh, new)
+
+        if todo:
+            produced = generator.sample(prompts, max_new_tokens=dec.max_new_tokens, batch_size=s.batch_size,
+                                        temperature=0.0, stop=dec.stop, keep_stop=True, progress=progress, desc=desc,
+                                        on_batch=keep).new_tokens
     seconds = time.perf_counter() - t0
-    rows = [answer_row(d, p, s.fmt, text) for (d, p), text in zip(items, texts)]
-    return rows, {"pairs": len(items), "seconds": round(seconds, 2), "new_tokens": produced,
-                  "prompt_tokens": sum(map(len, prompts)),
-                  "pairs_per_s": round(len(items) / seconds, 3) if seconds else None}
+    timing = {"pairs": len(todo), "seconds": round(seconds, 2), "new_tokens": produced,
+              "prompt_tokens": sum(map(len, prompts))}
+    if partial is not None:
+        timing["resumed_pairs"] = len(items) - len(todo)
+    timing["pairs_per_s"] = round(len(todo) / seconds, 3) if seconds and todo else None
+    return [rows[pair_key(d, p)] for d, p in items], timing
 
 
 def answer_row(doc: dict, pair: dict, fmt: str, text: str) -> dict:
@@ -61,39 +83,6 @@ def answer_row(doc: dict, pair: dict, fmt: str, text: str) -> dict:
     r = parse(fmt, text)
     return {"key": list(pair_key(doc, pair)), "language": doc.get("language"), "raw": text, "at": r.at,
             "isAt": r.isAt, "parsed": r.ok, "corrected": r.corrected, "error": r.error}
-
-
-def predict_served(server, tokenizer, items: Sequence[Item], s: Settings, partial: Path, *, progress: bool = True,
-                   desc: str = "predict", log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
-    """:func:`predict_pairs` on a served model: the same prompts as text, greedy, the same stop
-    strings; each answer is appended to ``partial`` as it comes, and answers already there are
-    kept (the timing then covers this run's pairs alone)."""
-    from glotkit.generate.server import prompt_text
-    from glotkit.io import append_rows, read_appended
-
-    builder = PromptBuilder(tokenizer)
-    dec = decoding(s.fmt, s.label_tokens, s.explain_tokens)
-    done = read_appended(partial, lambda r: tuple(r["key"]))
-    todo = [(d, p) for d, p in items if pair_key(d, p) not in done]
-    if done and todo:
-        log(f"[glotkit] {desc}: {len(items) - len(todo)} of {len(items)} answers already written, continuing")
-    prompts = [builder.prompt_ids(question(d, p, s.fmt, s.max_chars), s.fmt) for d, p in todo]
-    t0 = time.perf_counter()
-    produced = 0
-    if todo:
-        with partial.open("a", encoding="utf-8") as fh:
-            def write(idx, texts):
-                append_rows(fh, [answer_row(*todo[i], s.fmt, t) for i, t in zip(idx, texts)])
-
-            _, produced = server.generate([prompt_text(tokenizer, ids) for ids in prompts],
-                                          max_new_tokens=dec.max_new_tokens, temperature=0.0, stop=dec.stop,
-                                          keep_stop=True, progress=progress, desc=desc, on_batch=write)
-    seconds = time.perf_counter() - t0
-    done = read_appended(partial, lambda r: tuple(r["key"]))
-    rows = [done[pair_key(d, p)] for d, p in items]
-    return rows, {"pairs": len(todo), "seconds": round(seconds, 2), "new_tokens": produced,
-                  "prompt_tokens": sum(map(len, prompts)), "resumed_pairs": len(items) - len(todo),
-                  "pairs_per_s": round(len(todo) / seconds, 3) if seconds and todo else None}
 
 
 def score_rows(gold_by_language: dict[str, list[dict]], rows: Sequence[dict]) -> dict:
@@ -148,6 +137,7 @@ def _worker(job: dict) -> dict:
     import torch
 
     from glotkit.config import ModelSection
+    from glotkit.generate.local import LocalGenerator
     from glotkit.hipe.data import read_hipe
     from glotkit.models.loading import load_model
     from glotkit.models.memory import current_rss_mb, peak_rss_mb, reset_peak
@@ -165,7 +155,7 @@ def _worker(job: dict) -> dict:
 
         model = PeftModel.from_pretrained(model, job["adapter"])
     load_s = time.perf_counter() - t0
-    rows, timing = predict_pairs(model, tok, items, Settings(**job["settings"]), device=device,
+    rows, timing = predict_pairs(LocalGenerator(model, tok, device), items, Settings(**job["settings"]),
                                  progress=job.get("progress", True), desc=job.get("label", "predict"))
     peak = peak_rss_mb()
     return _write_and_score(job, docs, rows) | {
@@ -199,12 +189,12 @@ def _served(job: dict, server, log: Callable[[str], None]) -> dict:
     from glotkit.hipe.data import read_hipe
     from glotkit.models.loading import tokenizer_for
 
-    tok = tokenizer_for(ModelSection(**job["model"]), log=log)
+    server.tokenizer = tokenizer_for(ModelSection(**job["model"]), log=log)  # this model's prompts
     docs = read_hipe(job["items"], schema=None)
     items = [(d, p) for d in docs for p in d["sampled_pairs"]]
     partial = Path(job["out"]) / "answers.partial.jsonl"
-    rows, timing = predict_served(server, tok, items, Settings(**job["settings"]), partial,
-                                  progress=job.get("progress", True), desc=job.get("label", "predict"), log=log)
+    rows, timing = predict_pairs(server, items, Settings(**job["settings"]), partial=partial,
+                                 progress=job.get("progress", True), desc=job.get("label", "predict"), log=log)
     return _write_and_score(job, docs, rows) | {"timing": timing, "memory": {"peak_rss_mb": None, "served": True}}
 
 
@@ -238,7 +228,7 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
             "labelling again")
     if callable(server):  # connected only when something is left to ask
         server = server()
-    backend = f"openai {server.url} {server.model}" if server is not None else "local"
+    backend = server.backend if server is not None else "local"
     path = resolve_model_path(model["name"], log=log)
     job = {"label": label, "model": dict(model, name=path), "adapter": adapter, "items": str(items_file),
            "settings": asdict(settings), "out": str(out_dir), "progress": progress}

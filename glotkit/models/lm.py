@@ -325,3 +325,72 @@ class SupervisedLoss:
                 f"[glotkit] note: answer-only LM head disagrees with this model's logits "
                 f"({(fast / n).item():.5f} vs {(ref / n).item():.5f}); using full logits (slower)"
             )
+
+
+@torch.no_grad()
+def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequence[list[int]],
+                   batch_size: int, device: str = "cpu", share_prompt: bool = True) -> list[list[float]]:
+    """Sum of log-probabilities of each option's tokens after each prompt.
+
+    With ``share_prompt`` (the default where the model takes 4-D masks) one row holds the prompt
+    once and every option after it, each option attending to the prompt and to itself only, with
+    its positions continuing the prompt's: the prompt is computed once instead of once per option
+    (the engine's shared-prefix rows; equal to separate sequences, tested).  Rows are right-padded
+    so every sequence sits at the same positions whatever its batch."""
+    import torch.nn.functional as F
+
+    loss_fn = SupervisedLoss(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = [[0.0] * len(options) for _ in prompts]
+    model.eval()
+
+    def option_scores(hidden_row, where: list[int], option: list[int]) -> float:
+        logits = loss_fn.head(hidden_row[where])
+        if loss_fn.cap:
+            logits = torch.tanh(logits / loss_fn.cap) * loss_fn.cap
+        logp = F.log_softmax(logits.float(), -1)
+        tgt = torch.tensor(option, device=logp.device)
+        return float(logp.gather(1, tgt[:, None]).sum())
+
+    if share_prompt and loss_fn.fast:
+        for start in range(0, len(prompts), max(1, batch_size // max(1, len(options)))):
+            chunk = list(range(start, min(len(prompts), start + max(1, batch_size // max(1, len(options))))))
+            rows, spans = [], []
+            for i in chunk:
+                p = prompts[i]
+                ids, pos, seg, starts = list(p), list(range(len(p))), [0] * len(p), []
+                for j, o in enumerate(options):
+                    starts.append(len(ids))
+                    ids += o
+                    pos += range(len(p), len(p) + len(o))
+                    seg += [j + 1] * len(o)
+                rows.append(Row(ids, pos, seg, [-100] * len(ids), len(options), len(ids)))
+                spans.append(starts)
+            batch = loss_fn.collate(rows, pad)
+            hidden = loss_fn.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+            for r, (i, starts) in enumerate(zip(chunk, spans)):
+                p = len(prompts[i])
+                for j, o in enumerate(options):
+                    # token 0 is predicted from the prompt's last position, token t from the option's t-1
+                    where = [p - 1] + [starts[j] + t - 1 for t in range(1, len(o))]
+                    scores[i][j] = option_scores(hidden[r], where, o)
+        return scores
+
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [prompts[i] + options[j] for i, j in chunk]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        # the vocabulary-wide logits only where an option token is predicted (a long few-shot
+        # prompt would otherwise need positions × vocabulary floats)
+        hidden = loss_fn.body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        for r, (i, j) in enumerate(chunk):
+            p, o = len(prompts[i]), len(options[j])
+            scores[i][j] = option_scores(hidden[r], list(range(p - 1, p - 1 + o)), options[j])
+    return scores

@@ -23,9 +23,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from glotkit.errors import GlotkitError
+from glotkit.generate import Generator
 
 KINDS = ("positive", "negative")
 
@@ -168,15 +169,19 @@ def _read_done(path: Path) -> dict[tuple[int, str], dict]:
     return read_appended(path, lambda r: (r["id"], r["kind"]))
 
 
-def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, out_dir: Path, *,
-                   device: str = "cpu", progress: bool = True, log: Callable[[str], None] = print,
-                   servers: dict | None = None) -> dict:
-    """Positives and negatives for every anchor, appended to ``out_dir/generations.jsonl``;
-    ``model`` is a PeftModel holding adapters named "positive" and "negative", or ``servers``
-    maps each kind to a :class:`glotkit.generate.server.ServerGenerator` that serves that adapter
-    (the same prompts as text, the same sampling settings).  Returns timing."""
-    from glotkit.generate import local
+def local_generators(model, tokenizer, device: str = "cpu") -> dict[str, Generator]:
+    """The two generators of a PeftModel holding adapters named "positive" and "negative"."""
+    from glotkit.generate.local import LocalGenerator
 
+    return {kind: LocalGenerator(model, tokenizer, device, adapter=kind) for kind in KINDS}
+
+
+def generate_pairs(generators: Mapping[str, Generator], anchors: Sequence[str], cfg: SynthConfig, out_dir: Path, *,
+                   progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Positives and negatives for every anchor, appended to ``out_dir/generations.jsonl``;
+    ``generators`` maps each kind to its generator (the local adapter of that name, see
+    :func:`local_generators`, or a served one: the same prompts as text, the same sampling
+    settings).  Returns timing."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "generations.jsonl"
     done = _read_done(path)
@@ -202,13 +207,10 @@ def generate_pairs(model, tokenizer, anchors: Sequence[str], cfg: SynthConfig, o
             sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, seed=cfg.seed + KINDS.index(kind), progress=progress,
                             desc=f"synth {kind}", on_batch=write)
-            if servers:
-                texts, produced = servers[kind].generate(texts, **sampling)
-            else:
-                model.set_adapter(kind)
-                prompts = [tokenizer(t)["input_ids"] for t in texts]
-                texts, produced = local.generate_sampled(model, tokenizer, prompts, batch_size=cfg.batch_size,
-                                                         device=device, **sampling)
+            gen = generators[kind]
+            prompts = [gen.tokenizer(t)["input_ids"] for t in texts]
+            result = gen.sample(prompts, texts=texts, batch_size=cfg.batch_size, **sampling)
+            texts, produced = result.texts, result.new_tokens
             seconds += time.perf_counter() - t0
             new_tokens += produced
             n += len(texts)

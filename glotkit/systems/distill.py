@@ -23,7 +23,6 @@ or used to pick prompts (the dev split is a second, disjoint set of documents).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import re
@@ -526,8 +525,11 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
     fmt = d.student_format
     items = training_items(splits)
     silver_ids = {doc["document_id"] for ds in splits.get("silver", {}).values() for doc in ds}
-    servers = _trace_servers(recipe, log)
-    if servers:  # the server generates: the tokenizer is enough
+    from glotkit.generate import for_role, served
+    from glotkit.generate.local import LocalGenerator
+
+    roles = ("teacher", d.explain_with)
+    if all(served(recipe.generate, r) for r in roles):  # servers generate: the tokenizer is enough
         from glotkit.models.loading import tokenizer_for
 
         tok = tokenizer_for(recipe.model, log=log)
@@ -541,9 +543,15 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
             raise GlotkitError(f"{adapter}: no teacher adapter; add 'teacher' to stages")
         model, tok, device = load_model(recipe.model, log=log)
         model = PeftModel.from_pretrained(model, str(adapter))
+    # who explains (the base model: the teacher with its adapter switched off, or the teacher)
+    # and who checks (the tuned teacher)
+    generators = {role: for_role(recipe.generate, role, lambda role=role: LocalGenerator(
+        model, tok, device, adapter_off=role == "base"), tokenizer=tok, log=log, what="traces")
+        for role in sorted(set(roles))}
+    explainer, checker = generators[d.explain_with], generators["teacher"]
     f.traces.mkdir(parents=True, exist_ok=True)
     builder = PromptBuilder(tok)
-    gen = dict(batch_size=d.batch_size, device=device, progress=progress)
+    gen = dict(batch_size=d.batch_size, progress=progress)
 
     # 1. explanations of the gold labels
     path = f.explanations
@@ -552,14 +560,11 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
     if done and todo:
         log(f"[glotkit] traces: {len(done)} explanations already written, continuing")
     asks = [rationalization(doc, p, fmt, d.max_chars) for doc, p in todo]
-    base_off = todo and d.explain_with == "base" and not servers
-    with (model.disable_adapter() if base_off else contextlib.nullcontext()):
-        s1, n1 = _generate_appending(
-            model, tok, path, [builder.prompt_ids(user, fmt, turn=turn) for user, turn, _ in asks],
-            lambda i, t: {"key": _key(*todo[i]), "raw": t,
-                          "explanation": explanation_of(asks[i][2] + t) if _usable(t) else ""},
-            max_new_tokens=d.explain_tokens, stop=("\n", "Answer:"), desc="teacher explains",
-            server=servers.get(d.explain_with), **gen)
+    s1, n1 = _generate_appending(
+        explainer, path, [builder.prompt_ids(user, fmt, turn=turn) for user, turn, _ in asks],
+        lambda i, t: {"key": _key(*todo[i]), "raw": t,
+                      "explanation": explanation_of(asks[i][2] + t) if _usable(t) else ""},
+        max_new_tokens=d.explain_tokens, stop=("\n", "Answer:"), desc="teacher explains", **gen)
     explained = read_appended(path, lambda r: r["key"])
 
     # 2. the teacher's own answer after its explanation, without the gold label
@@ -573,11 +578,11 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
         return {"key": _key(*todo2[i]), "raw": text, "at": r.at, "isAt": r.isAt, "parsed": r.ok}
 
     s2, n2 = _generate_appending(
-        model, tok, path2, [builder.prompt_ids(question(doc, p, fmt, d.max_chars), fmt,
+        checker, path2, [builder.prompt_ids(question(doc, p, fmt, d.max_chars), fmt,
                                                after_cue=" " + explained[_key(doc, p)]["explanation"] + "\nAnswer:")
                             for doc, p in todo2],
         checked_row, max_new_tokens=d.label_tokens, stop=decoding(fmt, d.label_tokens, d.explain_tokens).stop,
-        keep_stop=True, desc="teacher checks", server=servers.get("teacher"), **gen)
+        keep_stop=True, desc="teacher checks", **gen)
     seconds, produced = s1 + s2, n1 + n2
     checked = read_appended(path2, lambda r: r["key"])
 
@@ -612,57 +617,45 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
 
 
 def _server(recipe: DistillRecipe, role: str, log, what: str, optional: bool = False):
-    """The ServerGenerator of ``role`` with ``generate.backend: openai`` (checked to be served),
-    else None; None too for an ``optional`` role without a served name."""
+    """The served generator of ``role`` (checked to be served) where it answers from a server,
+    else None (an ``optional`` role without a served name answers locally)."""
     connect = _connector(recipe, role, log, what, optional)
     return connect() if connect else None
 
 
 def _connector(recipe: DistillRecipe, role: str, log, what: str, optional: bool = False):
     """A function that connects (once) to the server of ``role``, for stages that connect only
-    when something is left to ask; None where ``role`` answers locally."""
-    if recipe.generate.backend != "openai":
-        return None
-    if optional and role not in recipe.generate.models:
-        log(f"[glotkit] {what}: no generate.models.{role}: that model answers locally")
+    when something is left to ask; None where ``role`` answers locally (in a process of its own,
+    where its memory is measured)."""
+    from glotkit.generate import for_role, served
+
+    if not served(recipe.generate, role, optional):
+        if served(recipe.generate, role):  # a server runs, but this optional role is not on it
+            log(f"[glotkit] {what}: no generate.models.{role}: that model answers locally")
         return None
     from functools import cache
 
-    from glotkit.generate.server import ServerGenerator
-
-    return cache(lambda: ServerGenerator.connect(recipe.generate, role, log, what))
+    return cache(lambda: for_role(recipe.generate, role, None, tokenizer=None, log=log, what=what))
 
 
-def _trace_servers(recipe: DistillRecipe, log) -> dict:
-    """role -> ServerGenerator for the trace steps with ``generate.backend: openai`` (else empty)."""
-    if recipe.generate.backend != "openai":
-        return {}
-    return {r: _server(recipe, r, log, "traces") for r in sorted({"teacher", recipe.distill.explain_with})}
-
-
-def _generate_appending(model, tok, path: Path, prompts, row: Callable[[int, str], dict], server=None,
+def _generate_appending(generator, path: Path, prompts, row: Callable[[int, str], dict],
                         **gen) -> tuple[float, int]:
-    """Greedy generation for ``prompts`` (locally, or on ``server`` with the same prompts as
-    text), each batch's ``row(index, text)`` appended (fsynced) to ``path`` as it ends; returns
-    (seconds, new tokens)."""
+    """Greedy generation for ``prompts`` (our own loop: finished rows leave the batch), each
+    batch's ``row(index, text)`` appended (fsynced) to ``path`` as it ends; returns (seconds,
+    new tokens)."""
     import time
 
-    from glotkit.generate.local import generate_sampled
     from glotkit.io import append_rows
 
     if not prompts:
         return 0.0, 0
     with path.open("a", encoding="utf-8") as fh:
         t0 = time.perf_counter()
-        write = lambda idx, texts: append_rows(fh, [row(i, t) for i, t in zip(idx, texts)])  # noqa: E731
-        if server is not None:
-            from glotkit.generate.server import prompt_text
 
-            for local_only in ("batch_size", "device"):
-                gen.pop(local_only, None)
-            _, n = server.generate([prompt_text(tok, p) for p in prompts], temperature=0.0, on_batch=write, **gen)
-        else:
-            _, n = generate_sampled(model, tok, prompts, temperature=0.0, on_batch=write, **gen)
+        def write(idx: list[int], texts: list[str]) -> None:
+            append_rows(fh, [row(i, t) for i, t in zip(idx, texts)])
+
+        n = generator.sample(prompts, temperature=0.0, on_batch=write, **gen).new_tokens
     return time.perf_counter() - t0, n
 
 

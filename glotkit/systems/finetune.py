@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from glotkit.config import RecipeBase
 from glotkit.errors import GlotkitError
+from glotkit.generate import served
 from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, new_figure, save_figure
 from glotkit.systems.base import Run, RunFolder, Stage, Verb
 
@@ -68,7 +69,7 @@ class Kind:
     describe: Callable[[Run], str]  # the line that opens the run's log
     prepare: Callable[[Run, Any], Any]  # with the tokenizer: what training rows and evaluation need
     rows: Callable[[Run, Any, Any], tuple[list, Any]]  # (training rows, encode stats) from what prepare made
-    evaluate: Callable[[Run, Any, Any, str], None]  # (run, model, prepared, tag): writes eval_<tag>/metrics.json
+    evaluate: Callable[[Run, "Loaded", str], None]  # (run, the loaded model, tag 'base'|'tuned'): eval_<tag>/metrics.json
     data_files: Callable[[RecipeBase], list[str]]  # the files its data comes from (their hashes make stages stale)
     report: Callable[[Run, dict], list[str]]  # its part of report.md, given the metrics
     loss_label: str = "loss per answer token"
@@ -82,14 +83,14 @@ class Kind:
 @dataclass
 class Loaded:
     """The model loaded once per process for the run's stages, its tokenizer, and what the system
-    prepared with it.  ``model`` is None when a server generates (the tokenizer is enough)."""
+    prepared with it.  ``model`` is None when servers generate (the tokenizer is enough)."""
 
     model: Any
     tok: Any
     device: str
     prepared: Any
-    serve: bool
-    tuned_from_folder: bool = False
+    adapter: Path  # the run's adapter folder
+    dropped: bool = False  # the model was let go after sharded training (reloaded on next use)
 
     def base(self):
         """The model with its adapter switched off (a context manager yielding it)."""
@@ -103,13 +104,31 @@ class Loaded:
             return off()
         return contextlib.nullcontext(self.model)
 
-    def tuned(self, adapter: Path):
-        """The model with the run's adapter: the one trained in this process, or loaded from ``adapter``."""
+    def tuned(self):
+        """The model with the run's adapter: the one trained in this process, or loaded from its folder."""
         if self.model is not None and not hasattr(self.model, "peft_config"):
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, str(adapter))
+            self.model = PeftModel.from_pretrained(self.model, str(self.adapter))
         return self.model
+
+    def generator(self, run: Run, role: str, what: str):
+        """The generator of role 'base' (the adapter switched off) or 'tuned': the served model
+        of that role with ``generate.backend: openai``, else this one."""
+        from glotkit.generate import for_role
+        from glotkit.generate.local import LocalGenerator
+
+        def local():
+            model = self.tuned() if role == "tuned" else self.model
+            return LocalGenerator(model, self.tok, self.device, adapter_off=role == "base")
+
+        return for_role(run.recipe.generate, role, local, tokenizer=self.tok, log=run.log, what=what)
+
+
+def _served_only(run: Run) -> bool:
+    """Whether servers answer for every model the stages ask for (no local model is needed)."""
+    needs = run.recipe.served_needs()
+    return bool(needs) and all(served(run.recipe.generate, role) for _, role in needs)
 
 
 def _training_pending(run: Run) -> bool:
@@ -121,7 +140,7 @@ def loaded(run: Run, kind: Kind) -> Loaded:
     prepares with it.  With ``generate.backend: openai`` and no training left, only the tokenizer."""
     state = run.shared.get("loaded")
     if state is not None:
-        if state.model is None and not state.serve:  # dropped after sharded training: load it whole again
+        if state.model is None and state.dropped:  # dropped after sharded training: load it whole again
             from glotkit.models.loading import load_model
 
             state.model, state.tok, state.device = load_model(run.recipe.model, log=run.log)
@@ -132,9 +151,8 @@ def loaded(run: Run, kind: Kind) -> Loaded:
 
     recipe, par = run.recipe, run.parallel
     torch.manual_seed(recipe.seed)
-    serve = recipe.generate.backend == "openai"
     with par.main_first():  # a built-in model is converted once, by process 0
-        if serve and not _training_pending(run):  # the server generates and scores: the tokenizer is enough
+        if _served_only(run) and not _training_pending(run):  # servers generate and score: the tokenizer is enough
             model, device, tok = None, "cpu", tokenizer_for(recipe.model, log=run.log)
         else:
             model, tok, device = load_model(recipe.model, log=run.log)
@@ -142,8 +160,7 @@ def loaded(run: Run, kind: Kind) -> Loaded:
         from glotkit.systems.runner import versions
 
         atomic_write_json(run.folder.versions, versions(device) | {"processes": par.world})
-    state = Loaded(model, tok, device, None, serve and not _training_pending(run))
-    state.serve = serve
+    state = Loaded(model, tok, device, None, run.folder.adapter)
     state.prepared = kind.prepare(run, state)
     run.shared["loaded"] = state
     return state
@@ -155,16 +172,9 @@ def loaded(run: Run, kind: Kind) -> Loaded:
 def _eval_stage(kind: Kind, tag: str) -> Stage:
     def run_(run: Run) -> None:
         f: FinetuneFolder = run.folder
-        if tag == "tuned" and not f.adapter.is_dir() and run.recipe.generate.backend == "local":
+        if tag == "tuned" and not f.adapter.is_dir() and not served(run.recipe.generate, "tuned"):
             raise GlotkitError(f"{f.adapter}: no adapter to evaluate; add 'train' to stages")
-        state = loaded(run, kind)
-        if state.serve:
-            kind.evaluate(run, None, state, tag)
-        elif tag == "base":
-            with state.base() as model:
-                kind.evaluate(run, model, state, tag)
-        else:
-            kind.evaluate(run, state.tuned(f.adapter), state, tag)
+        kind.evaluate(run, loaded(run, kind), tag)
         write_merged_results(f)
 
     def inputs(run: Run) -> list[Path]:
@@ -216,7 +226,7 @@ def _train_stage(kind: Kind) -> Stage:
         if par.world > 1 and par.sharded:
             # the trained model is in pieces (its other parts left with the other processes):
             # process 0 loads it again for the other stages, and the adapter from its folder
-            state.model = None
+            state.model, state.dropped = None, True
 
     return Stage("train", run_, done=lambda run: run.folder.train_result.is_file(),
                  inputs=lambda run: kind.data_files(run.recipe),
@@ -226,7 +236,7 @@ def _train_stage(kind: Kind) -> Stage:
 def _suite_stage(kind: Kind) -> Stage:
     def run_(run: Run) -> None:
         state = loaded(run, kind)
-        run_suite_stage(run, None if state.serve else state, run.folder.adapter)
+        run_suite_stage(run, state)
 
     return Stage("suite", run_, done=lambda run: not suite_pending(run.recipe, run.folder))
 
@@ -252,14 +262,9 @@ def stages(kind: Kind) -> list[Stage]:
 
 
 def _suite_tasks(recipe):
-    from glotkit.eval.suite import get_tasks, load_task_file, parse_task_data, shared_data_root
+    from glotkit.eval.suite import resolve_suite
 
-    cfg = recipe.suite
-    extra = [t for f in cfg.task_files for t in load_task_file(f)]
-    tasks = get_tasks(cfg.tasks, extra)
-    task_data = parse_task_data(cfg.task_data, tasks)
-    root = Path(cfg.data_root) if cfg.data_root else shared_data_root()
-    return tasks, task_data, root
+    return resolve_suite(recipe.suite)
 
 
 def _suite_labels(recipe) -> dict[str, str]:
@@ -293,42 +298,19 @@ def check_suite(recipe, folder: FinetuneFolder) -> None:
         check_template(t, items[0])
         draw_shots(data["train"], max(recipe.suite.shots), recipe.suite.seed, 0)
     if ("tuned" in recipe.suite.models and not ("train" in recipe.stages and not folder.train_result.is_file())
-            and not folder.adapter.is_dir() and recipe.generate.backend == "local"):
+            and not folder.adapter.is_dir() and not served(recipe.generate, "tuned")):
         raise GlotkitError(f"{folder.adapter}: no adapter for the suite's 'tuned' model; add 'train' to stages "
                            "or set suite.models: [base]")
 
 
-def run_suite_stage(run: Run, state: Loaded | None, adapter: Path) -> None:
-    """The suite for each of ``suite.models``: on the local model (the adapter switched off for
-    'base'), or on the server's models when ``generate.backend`` is 'openai' (``state`` is None)."""
-    from glotkit.eval.suite import run_suite
+def run_suite_stage(run: Run, state: Loaded) -> None:
+    """The suite for each of ``suite.models``: 'base' (the adapter switched off) and 'tuned', on
+    the local model or on the server's model of that role."""
+    from glotkit.eval.suite import run_suite_for
 
-    recipe, log = run.recipe, run.log
-    tasks, task_data, root = _suite_tasks(recipe)
-    cfg = recipe.suite
-    labels = _suite_labels(recipe)
-    tok = run.shared["loaded"].tok
-    device = run.shared["loaded"].device
-    common = dict(shots=cfg.shots, seed=cfg.seed, mode=cfg.mode, limit=cfg.limit, batch_size=cfg.batch_size,
-                  data_root=root, out_dir=run.folder.suite, task_data=task_data, device=device, log=log,
-                  progress=run.progress)
-    if state is None:
-        from glotkit.generate.server import ServerGenerator
-
-        for m in cfg.models:
-            server = ServerGenerator.connect(recipe.generate, m, log, f"task suite ({labels[m]})")
-            run_suite(None, tok, tasks, model_label=labels[m], server=server, **common)
-        return
-    if "tuned" in cfg.models:
-        state.tuned(adapter)
-    for m in cfg.models:
-        log(f"[glotkit] task suite: {labels[m]}, tasks {', '.join(t.name for t in tasks)}, shots {cfg.shots}, "
-            f"limit {cfg.limit}")
-        if m == "base":
-            with state.base() as model:
-                run_suite(model, tok, tasks, model_label=labels[m], **common)
-        else:
-            run_suite(state.model, tok, tasks, model_label=labels[m], **common)
+    labels = _suite_labels(run.recipe)
+    models = [(labels[m], lambda m=m: state.generator(run, m, f"task suite ({labels[m]})")) for m in run.recipe.suite.models]
+    run_suite_for(run.recipe.suite, models, run.folder.suite, log=run.log, progress=run.progress)
 
 
 # --------------------------------------------------------------------------- memory

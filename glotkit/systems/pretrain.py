@@ -102,14 +102,17 @@ def _rows(run: Run, state, prepared) -> tuple[list, Any]:
     return prepared[0], EncodeStats()
 
 
-def _evaluate(run: Run, model, state, tag: str) -> None:
+def _evaluate(run: Run, state, tag: str) -> None:
+    import contextlib
+
     from glotkit.eval.perplexity import heldout_scores
 
     _, held_rows, held_bytes = state.prepared
     out_dir = run.folder.eval_dir(tag)
     out_dir.mkdir(parents=True, exist_ok=True)
-    r = heldout_scores(model, held_rows, held_bytes, state.tok.pad_token_id, progress=run.progress,
-                       desc=f"held-out {tag}")
+    with (state.base() if tag == "base" else contextlib.nullcontext(state.tuned())) as model:
+        r = heldout_scores(model, held_rows, held_bytes, state.tok.pad_token_id, progress=run.progress,
+                           desc=f"held-out {tag}")
     atomic_write_json(run.folder.eval_metrics(tag), r)
     run.log(f"[glotkit] {tag} model, held-out: perplexity {r['perplexity']:.3f}, "
             f"bits/byte {r['bits_per_byte']:.4f} ({r['tokens']} tokens, {r['bytes']} bytes)")

@@ -61,18 +61,13 @@ def _rows(run: Run, state, fmt) -> tuple[list, Any]:
     return rows, stats
 
 
-def _evaluate(run: Run, model, state, tag: str) -> None:
+def _evaluate(run: Run, state, tag: str) -> None:
     from glotkit.eval.qa_eval import evaluate_qa
 
     recipe, log = run.recipe, run.log
-    server = None
-    if state.serve:
-        from glotkit.generate.server import ServerGenerator
-
-        server = ServerGenerator.connect(recipe.generate, tag, log, f"eval {tag}")
-    r = evaluate_qa(model, state.tok, state.prepared, run.checked.test, recipe.eval, language=recipe.data.language,
-                    out_dir=run.folder.eval_dir(tag), device=state.device, desc=f"eval {tag}", log=log,
-                    progress=run.progress, server=server)
+    r = evaluate_qa(state.generator(run, tag, f"eval {tag}"), state.prepared, run.checked.test, recipe.eval,
+                    language=recipe.data.language, out_dir=run.folder.eval_dir(tag), desc=f"eval {tag}", log=log,
+                    progress=run.progress)
     log(f"[glotkit] {tag} model: EM {r['em']:.2f}  F1 {r['f1']:.2f}  (n={r['n']})")
 
 

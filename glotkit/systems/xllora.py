@@ -221,9 +221,26 @@ def _synth_stage(run: Run) -> None:
     recipe, f = run.recipe, run.folder
     # after training: the settings include the adapters' hash
     settle(f.synth, _synth_settings(recipe), _GENERATION_KEYS, run.log)
-    if not (f.synth / "summary.json").is_file():
-        model, tok, device = _model(run, tokenizer_only=recipe.generate.backend == "openai")
-        _synthesize(recipe, model, tok, device, f.generators, f.synth, run.log, run.progress)
+    if (f.synth / "summary.json").is_file():
+        return
+    from glotkit.generate import for_role, served
+    from glotkit.generate.local import LocalGenerator
+    from glotkit.synth.triplets import KINDS
+
+    for kind in KINDS:
+        if not (f.generator(kind) / "adapter_config.json").is_file():
+            raise GlotkitError(f"{f.generator(kind)}: no '{kind}' generator adapter; add 'generators' to stages")
+    model, tok, device = _model(run, tokenizer_only=all(served(recipe.generate, k) for k in KINDS))
+    if model is not None:  # both adapters on the one base model, switched per kind
+        from peft import PeftModel
+
+        if hasattr(model, "peft_config"):
+            model = model.unload()
+        model = PeftModel.from_pretrained(model, str(f.generator("positive")), adapter_name="positive")
+        model.load_adapter(str(f.generator("negative")), adapter_name="negative")
+    generators = {kind: for_role(recipe.generate, kind, lambda kind=kind: LocalGenerator(model, tok, device, adapter=kind),
+                                 tokenizer=tok, log=run.log, what="synthesis") for kind in KINDS}
+    _synthesize(recipe, generators, model, f.synth, run.log, run.progress)
 
 
 def _embed_stage(run: Run) -> None:
@@ -335,36 +352,24 @@ def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress):
     return model
 
 
-def _synthesize(recipe, model, tok, device, gen_dir: Path, synth_dir: Path, log, progress) -> None:
-    from peft import PeftModel
-
+def _synthesize(recipe, generators: dict, model, synth_dir: Path, log, progress) -> None:
+    """Triplets from the two generators; ``model`` (the local PeftModel holding both adapters,
+    None when a server generates) also gives the one-at-a-time speed baseline."""
     from glotkit.data.pairs import read_anchors
     from glotkit.synth.triplets import SynthConfig, baseline_speed, build_triplets, generate_pairs
 
-    for kind in ("positive", "negative"):
-        if not (gen_dir / kind / "adapter_config.json").is_file():
-            raise GlotkitError(f"{gen_dir / kind}: no '{kind}' generator adapter; add 'generators' to stages")
     s = recipe.synth
     anchors, stats = read_anchors(s.anchors, s.anchor_field, min_chars=1, limit=s.max_anchors)
     log(f"[glotkit] synthesis: {len(anchors)} anchors ({stats['duplicate_anchors']} duplicates and "
         f"{stats['empty_or_short']} empty lines dropped), outputs in {s.language}")
-    servers = None
-    if model is None:  # generate.backend: openai
-        from glotkit.generate.server import ServerGenerator
-
-        servers = {k: ServerGenerator.connect(recipe.generate, k, log, "synthesis") for k in ("positive", "negative")}
-    else:
-        if hasattr(model, "peft_config"):
-            model = model.unload()
-        model = PeftModel.from_pretrained(model, str(gen_dir / "positive"), adapter_name="positive")
-        model.load_adapter(str(gen_dir / "negative"), adapter_name="negative")
     cfg = SynthConfig(language=s.language, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                       top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size, seed=recipe.seed,
                       baseline_anchors=s.baseline_anchors,
                       filters=_filters(recipe))
-    speed = generate_pairs(model, tok, anchors, cfg, synth_dir, device=device, progress=progress, log=log,
-                           servers=servers)
-    base = baseline_speed(model, tok, anchors, cfg, device) if s.baseline_anchors and not servers else None
+    speed = generate_pairs(generators, anchors, cfg, synth_dir, progress=progress, log=log)
+    local = generators["positive"]
+    base = (baseline_speed(model, local.tokenizer, anchors, cfg, local.device)
+            if s.baseline_anchors and model is not None else None)
     reference = None
     if s.reference_margin is not None:
         from glotkit.models.encoders import load_encoder
