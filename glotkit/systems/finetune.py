@@ -191,37 +191,21 @@ def _train_stage(kind: Kind) -> Stage:
     def run_(run: Run) -> None:
         import torch
 
-        from glotkit.models.lora import apply_lora, count_trainable, save_adapter
-        from glotkit.train.engine import train
+        from glotkit.models.lora import apply_lora
+        from glotkit.train.engine import train_adapter
 
         recipe, par, f = run.recipe, run.parallel, run.folder
         state = loaded(run, kind)
         torch.manual_seed(recipe.seed)
         peft_model = apply_lora(state.model, recipe.lora)
-        params = count_trainable(peft_model)
-        run.log(f"[glotkit] {params.line()}")
         rows, stats = kind.rows(run, state, state.prepared)
-        note = stats.line(recipe.train.max_length) if stats is not None else None
+        note = stats.line(recipe.train.max_length)
         if note:
             run.log(f"[glotkit] warning: {note}")
-        info = {"trainable_params": params.trainable, "all_params": params.total,
-                "trainable_percent": round(params.percent, 4), "trainable_line": params.line()}
-        if stats is not None:
-            info["encode"] = {"total": stats.total, "kept": stats.kept, "truncated": stats.truncated,
-                              "dropped": stats.dropped}
-        result = train(peft_model, rows, recipe.train, seed=recipe.seed, work_dir=f.train_dir,
-                       pad_id=state.tok.pad_token_id, device=state.device, log=run.log, progress=run.progress,
-                       parallel=par)
-        whole = par.trainable_state(peft_model) if par.sharded else None  # gathered by every process
-        if par.is_main:
-            save_adapter(peft_model, f.adapter, state=whole)
-            summary = result.to_dict()
-            summary.pop("log")
-            atomic_write_json(f.train_result, summary | info)
-            (f.train_dir / "checkpoint.pt").unlink(missing_ok=True)
-            run.log(f"[glotkit] trained {result.steps} steps in {result.seconds:.0f}s: "
-                    f"{result.tokens_per_s:.0f} tokens/s, final loss {result.final_loss}, "
-                    f"peak RSS {result.memory['peak_rss_mb']:.0f} MB")
+        encode = {"total": stats.total, "kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped}
+        train_adapter(peft_model, rows, recipe.train, what="train", out=f.adapter, work_dir=f.train_dir,
+                      seed=recipe.seed, pad_id=state.tok.pad_token_id, device=state.device, log=run.log,
+                      progress=run.progress, info={"encode": encode}, parallel=par)
         state.model = peft_model
         if par.world > 1 and par.sharded:
             # the trained model is in pieces (its other parts left with the other processes):

@@ -469,20 +469,29 @@ def train(
 
 def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *, what: str, out: Path, work_dir: Path,
                   seed: int, pad_id: int, device: str = "cpu", log: Callable[[str], None] = print,
-                  progress: bool = True, info: dict | None = None) -> TrainResult:
+                  progress: bool = True, info: dict | None = None, parallel: "Parallel | None" = None) -> TrainResult:
     """Train a LoRA adapter, save it to ``out`` (a PEFT folder), write ``work_dir/result.json``
-    (the run's figures and ``info``) and drop the checkpoint: one adapter, one call."""
+    (the run's figures, the trainable-parameter count and ``info``) and drop the checkpoint: one
+    adapter, one call, for every system.  With ``parallel`` (the processes of a launch) every
+    process trains, a sharded adapter is gathered whole, and process 0 alone writes."""
     from glotkit.io import atomic_write_json
     from glotkit.models.lora import count_trainable, save_adapter
 
-    log(f"[glotkit] {what}: {len(examples)} examples; {count_trainable(peft_model).line()}")
+    params = count_trainable(peft_model)
+    log(f"[glotkit] {what}: {len(examples)} examples; {params.line()}")
     result = train(peft_model, examples, cfg, seed=seed, work_dir=work_dir, pad_id=pad_id, device=device, log=log,
-                   progress=progress)
-    save_adapter(peft_model, out)
+                   progress=progress, parallel=parallel)
+    whole = parallel.trainable_state(peft_model) if parallel is not None and parallel.sharded else None  # every process
+    if parallel is not None and not parallel.is_main:
+        return result
+    save_adapter(peft_model, out, state=whole)
     summary = result.to_dict()
     summary.pop("log")
-    atomic_write_json(Path(work_dir) / "result.json", summary | (info or {}))
+    counts = {"trainable_params": params.trainable, "all_params": params.total,
+              "trainable_percent": round(params.percent, 4), "trainable_line": params.line()}
+    atomic_write_json(Path(work_dir) / "result.json", summary | counts | (info or {}))
     (Path(work_dir) / CHECKPOINT).unlink(missing_ok=True)
+    peak = (result.memory or {}).get("peak_rss_mb")
     log(f"[glotkit] {what}: {result.steps} steps in {result.seconds:.0f}s, {result.tokens_per_s:.0f} tokens/s, "
-        f"final loss {result.final_loss}")
+        f"final loss {result.final_loss}" + (f", peak RSS {peak:.0f} MB" if peak else ""))
     return result
