@@ -26,12 +26,11 @@ import sys
 
 from glotkit.config import SuiteSection
 from glotkit.errors import GlotkitError
+from glotkit.logs import say
 from glotkit.runtime import quiet_libraries
 from glotkit.systems import load_recipe, system_of, systems
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+_log = say  # every message of a command: prefixed, on standard error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -248,7 +247,7 @@ def _launch(args, argv: list[str], recipe) -> int:
         elif not a.startswith(("--launcher=", "--num-processes=", "--accelerate-config=")):
             inner.append(a)
     cmd = launch_command(inner, args.num_processes, args.accelerate_config)
-    _log(f"[glotkit] launching {args.num_processes} processes: accelerate launch ... -m glotkit {' '.join(inner)}")
+    _log(f"launching {args.num_processes} processes: accelerate launch ... -m glotkit {' '.join(inner)}")
     code = subprocess.call(cmd)
     if code != 0:
         raise GlotkitError(f"the {args.num_processes} training processes ended with exit status {code} "

@@ -254,24 +254,24 @@ class RecipeBase(_Section):
         if bad:
             raise GlotkitError(f"stages: '{bad[0]}' is not a stage of system '{self.system}' "
                                f"(stages: {', '.join(self.all_stages)})")
-        g = self.generate
+        gen_cfg = self.generate
         roles = self.served_roles()
-        for field, mapping in (("models", g.models), ("base_urls", g.base_urls)):
+        for field, mapping in (("models", gen_cfg.models), ("base_urls", gen_cfg.base_urls)):
             for role in mapping:
                 if role not in roles:
                     raise GlotkitError(f"generate.{field}.{role}: not a model role of system '{self.system}' "
                                        f"(roles: {', '.join(roles)})")
-        if g.backend == "openai":
+        if gen_cfg.backend == "openai":
             if not self.served:
                 raise GlotkitError(f"generate.backend: 'openai' serves QA evaluation and the task suite, XL-LoRA's "
                                    f"synthesis and the distillation stages; system '{self.system}' generates with the "
                                    "local model")
             for stage, role in self.served_needs():
-                if role not in g.models:
+                if role not in gen_cfg.models:
                     raise GlotkitError(f"generate.models.{role}: the served name of the {role} model is needed "
                                        f"for stage {stage} with backend 'openai'")
-            for role in [r for _, r in self.served_needs()] + list(g.models):
-                if not g.url_of(role):
+            for role in [r for _, r in self.served_needs()] + list(gen_cfg.models):
+                if not gen_cfg.url_of(role):
                     raise GlotkitError(f"generate.base_url: needed with backend 'openai' for the {role} model "
                                        f"(or generate.base_urls.{role}), e.g. http://127.0.0.1:8000/v1")
 

@@ -37,6 +37,7 @@ import yaml
 from glotkit.config import RecipeBase, apply_override
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_text, new_figure, save_figure
+from glotkit.logs import prefixed, say
 from glotkit.systems import system_of, validate_recipe
 
 _SHARED_BASE_SECTIONS = {"lora", "train"}
@@ -84,7 +85,7 @@ def trial_recipes(recipe: RecipeBase, grid: dict[str, list[Any]]) -> list[tuple[
     return out
 
 
-def run_sweep(recipe: RecipeBase, grid_args: list[str], log: Callable[[str], None] = print, progress: bool = True, *,
+def run_sweep(recipe: RecipeBase, grid_args: list[str], log: Callable[[str], None] = say, progress: bool = True, *,
               backend: str = "local", address: str | None = None, workers: int | None = None,
               trial_cpus: float = 1.0, trial_gpus: float = 0.0) -> Path:
     from glotkit.systems.runner import owned
@@ -112,7 +113,7 @@ def _sweep(recipe: RecipeBase, grid: dict[str, list[Any]], trials, sweep_dir: Pa
            backend: str, address: str | None, workers: int | None, trial_cpus: float, trial_gpus: float) -> None:
     from glotkit.systems.runner import run_recipe
 
-    log(f"[glotkit] sweep of {len(trials)} trials over {', '.join(grid)} in {sweep_dir}")
+    log(f"sweep of {len(trials)} trials over {', '.join(grid)} in {sweep_dir}")
 
     share_base = all(k.split(".")[0] in _SHARED_BASE_SECTIONS for k in grid) and "eval_base" in recipe.stages
     base_eval = None
@@ -141,7 +142,7 @@ def _sweep(recipe: RecipeBase, grid: dict[str, list[Any]], trials, sweep_dir: Pa
                 shutil.copytree(base_eval, tmp)
                 os.replace(tmp, run_dir / "eval_base")
         if finished(run_dir):
-            log(f"[glotkit] trial {name}: finished before, skipped")
+            log(f"trial {name}: finished before, skipped")
             results[name] = ("ok", "")
         else:
             todo.append((i, name, trial))
@@ -159,19 +160,19 @@ def _sweep(recipe: RecipeBase, grid: dict[str, list[Any]], trials, sweep_dir: Pa
             table()
     else:
         for i, name, trial in todo:
-            log(f"[glotkit] trial {i}/{len(trials)}: {name}")
+            log(f"trial {i}/{len(trials)}: {name}")
             status, error = "ok", ""
             try:
                 run_recipe(trial, log=log, progress=progress)
             except GlotkitError as err:
                 status, error = "failed", str(err)
-                log(f"[glotkit] trial {name} failed: {err}")
+                log(f"trial {name} failed: {err}")
             gc.collect()
             results[name] = (status, error)
             table()
     rows = table()
     _plot(sweep_dir, list(grid), rows)
-    log(f"[glotkit] sweep table: {sweep_dir / 'sweep.md'}")
+    log(f"sweep table: {sweep_dir / 'sweep.md'}")
 
 
 def _ray_trial(raw: dict, cwd: str, log_path: str) -> tuple[str, str]:
@@ -188,14 +189,16 @@ def _ray_trial(raw: dict, cwd: str, log_path: str) -> tuple[str, str]:
     if os.environ.get("GLOTKIT_TEST_KILL_TRIAL") == recipe.name:  # tests: a trial whose process dies
         os.kill(os.getpid(), signal.SIGKILL)
     with open(log_path, "a", encoding="utf-8") as fh:
-        def log(msg: str) -> None:
-            fh.write(msg + "\n")
+        def write(line: str) -> None:
+            fh.write(line + "\n")
             fh.flush()
+
+        log = prefixed(write)
 
         try:
             run_recipe(recipe, log=log, progress=False)
         except GlotkitError as err:
-            log(f"[glotkit] failed: {err}")
+            log(f"failed: {err}")
             return "failed", str(err)
     return "ok", ""
 
@@ -216,12 +219,12 @@ def _run_on_ray(todo, sweep_dir: Path, *, address: str | None, workers: int | No
         else:
             ray.init(num_cpus=max(1, int((workers or 1) * trial_cpus)), num_gpus=int(trial_gpus * (workers or 1)),
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
-    task = ray.remote(_ray_trial).options(num_cpus=trial_cpus, num_gpus=trial_gpus, max_retries=0)
+    remote_trial = ray.remote(_ray_trial).options(num_cpus=trial_cpus, num_gpus=trial_gpus, max_retries=0)
     refs = {}
     for i, name, trial in todo:
         raw = trial.to_dict() | {"runs_dir": str(Path(trial.runs_dir).resolve())}
-        refs[task.remote(raw, os.getcwd(), str((sweep_dir / f"{name}.log").resolve()))] = name
-    log(f"[glotkit] {len(refs)} trials submitted to Ray ({trial_cpus:g} CPU, {trial_gpus:g} GPU each)")
+        refs[remote_trial.remote(raw, os.getcwd(), str((sweep_dir / f"{name}.log").resolve()))] = name
+    log(f"{len(refs)} trials submitted to Ray ({trial_cpus:g} CPU, {trial_gpus:g} GPU each)")
     try:
         pending = list(refs)
         while pending:
@@ -231,7 +234,7 @@ def _run_on_ray(todo, sweep_dir: Path, *, address: str | None, workers: int | No
                 status, error = ray.get(done[0])
             except ray.exceptions.RayError as err:  # the worker died, or raised something unexpected
                 status, error = "failed", f"{type(err).__name__}: {str(err).splitlines()[0]}"
-            log(f"[glotkit] trial {name}: {status}" + (f" ({error})" if error else ""))
+            log(f"trial {name}: {status}" + (f" ({error})" if error else ""))
             yield name, status, error
     finally:
         if started:

@@ -470,7 +470,7 @@ def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server, c
     servers = {e["label"]: distill._server(r, e["served_as"], logged.append, "evaluate", optional=True)
                for e in entries}
     assert {k for k, v in servers.items() if v is not None} == {"teacher (untuned)", "teacher"}
-    assert "[glotkit] evaluate: no generate.models.student.smollm2: that model answers locally" in logged
+    assert "evaluate: no generate.models.student.smollm2: that model answers locally" in logged
     with pytest.raises(GlotkitError, match=r"generate.models.student.nobody: not a model role of system 'distill'"):
         validate_recipe(json.loads(recipe("openai").read_text()) | {"generate": {
             "backend": "openai", "base_url": url, "models": {"base": "b", "student.nobody": "x"}}})

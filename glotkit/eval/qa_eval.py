@@ -14,6 +14,7 @@ from glotkit.data.qa import QAExample
 from glotkit.eval.qa_metrics import QAScore, aggregate, extract_answer, score_one
 from glotkit.generate import Generator
 from glotkit.io import atomic_write_json, atomic_write_jsonl
+from glotkit.logs import say
 
 PARTIAL = "predictions.partial.jsonl"
 
@@ -27,7 +28,7 @@ def evaluate_qa(
     language: str,
     out_dir: Path,
     desc: str = "eval",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     progress: bool = True,
 ) -> dict:
     """Write ``out_dir/predictions.jsonl`` and ``out_dir/metrics.json``; return the metrics.
@@ -49,7 +50,7 @@ def evaluate_qa(
                     break  # a line cut by a kill: it is redone
                 done[rec["id"]] = rec
         if done:
-            log(f"[glotkit] {desc}: resuming, {len(done)} of {len(examples)} predictions already written")
+            log(f"{desc}: resuming, {len(done)} of {len(examples)} predictions already written")
         # rewrite without a possibly cut last line
         with partial.open("w", encoding="utf-8") as fh:
             for rec in done.values():

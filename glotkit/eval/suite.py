@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 from glotkit.config import SuiteSection
 from glotkit.errors import GlotkitError
 from glotkit.generate import Generator
+from glotkit.logs import say
 
 # max new tokens per task type, as in the RoQLlama paper; summaries stop at a blank line
 DEFAULT_MAX_NEW_TOKENS = {"classification": 10, "regression": 10, "multichoice": 10, "qa": 250, "summarization": 2048}
@@ -392,7 +393,7 @@ def resolve_suite(cfg: SuiteSection) -> tuple[list[Task], dict[str, Path], Path]
 
 
 def run_suite_for(cfg: SuiteSection, models: Sequence[tuple[str, Callable[[], Generator]]], out_dir: Path, *,
-                  log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+                  log: Callable[[str], None] = say, progress: bool = True) -> list[dict]:
     """The suite ``cfg`` for each (label, generator maker) of ``models`` in turn (a model is
     loaded or connected only when its turn comes); the results of all join in ``out_dir``.
     The recipes' ``suite`` stage and ``glotkit eval`` both run the suite through here."""
@@ -400,7 +401,7 @@ def run_suite_for(cfg: SuiteSection, models: Sequence[tuple[str, Callable[[], Ge
     results: list[dict] = []
     for label, make in models:
         generator = make()
-        log(f"[glotkit] task suite: {label}, tasks {', '.join(t.name for t in tasks)}, shots {cfg.shots}, "
+        log(f"task suite: {label}, tasks {', '.join(t.name for t in tasks)}, shots {cfg.shots}, "
             f"limit {cfg.limit}")
         results = run_suite(generator, tasks, shots=cfg.shots, seed=cfg.seed, mode=cfg.mode, limit=cfg.limit,
                             batch_size=cfg.batch_size, data_root=root, out_dir=out_dir, model_label=label,
@@ -543,7 +544,7 @@ def done_units(results_path: Path) -> set[tuple]:
 
 def run_suite(generator: Generator, tasks: Sequence[Task], *, shots: Sequence[int], seed: int, mode: str,
               limit: int | None, batch_size: int, data_root: Path, out_dir: Path, model_label: str,
-              task_data: dict[str, Path] | None = None, log: Callable[[str], None] = print,
+              task_data: dict[str, Path] | None = None, log: Callable[[str], None] = say,
               progress: bool = True) -> list[dict]:
     """Every task at every number of shots for one model; results are added to ``results.json``
     in ``out_dir`` (a (model, task, shots) already there with the same settings is not redone,
@@ -563,7 +564,7 @@ def run_suite(generator: Generator, tasks: Sequence[Task], *, shots: Sequence[in
         data = None
         for k in shots:
             if unit_key(model_label, task, k, mode, limit, seed) in done:
-                log(f"[glotkit] {task.name} {k}-shot for {model_label}: done before, kept")
+                log(f"{task.name} {k}-shot for {model_label}: done before, kept")
                 continue
             data = data if data is not None else task.load(source)
             r = run_task(generator, task, data, shots=k, seed=seed, mode=mode, limit=limit,
@@ -572,7 +573,7 @@ def run_suite(generator: Generator, tasks: Sequence[Task], *, shots: Sequence[in
             atomic_write_jsonl(out_dir / f"predictions-{slug}-{task.name}-{k}shot.jsonl", r.pop("predictions"))
             results.append(r)
             main = r["main_metric"]
-            log(f"[glotkit] {task.name} {k}-shot ({r['mode']}), {model_label}: {main} {r['metrics'][main]:.2f}  "
+            log(f"{task.name} {k}-shot ({r['mode']}), {model_label}: {main} {r['metrics'][main]:.2f}  "
                 f"(n={r['metrics']['n']})")
             atomic_write_json(results_path, results)
     write_suite_report(results, out_dir)

@@ -61,7 +61,7 @@ def for_role(cfg, role: str, local: Callable[[], Generator] | None, *, tokenizer
 
         return ServerGenerator.connect(cfg, role, log, what, tokenizer=tokenizer)
     if cfg.backend == "openai":
-        log(f"[glotkit] {what}: no generate.models.{role}: that model answers locally")
+        log(f"{what}: no generate.models.{role}: that model answers locally")
     if local is None:
         raise ValueError(f"{what}: no local model for role '{role}'")
     return local()

@@ -263,7 +263,7 @@ class ServerGenerator:
         to be served."""
         server = cls(cfg, cfg.models[role], cfg.url_of(role), tokenizer=tokenizer)
         server.check()
-        log(f"[glotkit] {what}: the {role} model is served by {server.url} as '{server.model}'")
+        log(f"{what}: the {role} model is served by {server.url} as '{server.model}'")
         return server
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

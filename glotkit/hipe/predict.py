@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 from glotkit.errors import GlotkitError
 from glotkit.generate import Generator
 from glotkit.hipe.formats import PromptBuilder, decoding, parse, question
+from glotkit.logs import say
 
 Item = tuple[dict, dict]  # (document, pair)
 
@@ -41,7 +42,7 @@ class Settings:
 
 def predict_pairs(generator: Generator, items: Sequence[Item], s: Settings, *, partial: Path | None = None,
                   progress: bool = True, desc: str = "predict",
-                  log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+                  log: Callable[[str], None] = say) -> tuple[list[dict], dict]:
     """One row per item (key, language, raw answer, labels, parse outcome) and the timing:
     greedy answers (our own loop: finished rows leave the batch) to each pair's prompt, parsed.
     With ``partial`` each answer is appended there as it comes and answers already there are
@@ -53,7 +54,7 @@ def predict_pairs(generator: Generator, items: Sequence[Item], s: Settings, *, p
     done = read_appended(partial, lambda r: tuple(r["key"])) if partial is not None else {}
     todo = [(d, p) for d, p in items if pair_key(d, p) not in done]
     if done and todo:
-        log(f"[glotkit] {desc}: {len(items) - len(todo)} of {len(items)} answers already written, continuing")
+        log(f"{desc}: {len(items) - len(todo)} of {len(items)} answers already written, continuing")
     prompts = [builder.prompt_ids(question(d, p, s.fmt, s.max_chars), s.fmt) for d, p in todo]
     rows: dict[tuple, dict] = dict(done)
     t0 = time.perf_counter()
@@ -143,7 +144,7 @@ def _worker(job: dict) -> dict:
     from glotkit.models.memory import current_rss_mb, peak_rss_mb, reset_peak
 
     torch.manual_seed(0)
-    log = _stderr
+    log = say
     docs = read_hipe(job["items"], schema=None)
     items = [(d, p) for d in docs for p in d["sampled_pairs"]]
     baseline = current_rss_mb()
@@ -198,14 +199,8 @@ def _served(job: dict, server, log: Callable[[str], None]) -> dict:
     return _write_and_score(job, docs, rows) | {"timing": timing, "memory": {"peak_rss_mb": None, "served": True}}
 
 
-def _stderr(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
-
-
 def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Path, settings: Settings,
-                   out_dir: Path, *, progress: bool = True, log: Callable[[str], None] = print,
+                   out_dir: Path, *, progress: bool = True, log: Callable[[str], None] = say,
                    in_process: bool = False, server=None) -> dict:
     """Label ``items_file``'s pairs with one model in a fresh process (or on ``server``, a
     :class:`~glotkit.generate.server.ServerGenerator` serving this model and adapter, or a
@@ -224,7 +219,7 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
         before = json.loads(done.read_text(encoding="utf-8"))
         if before.get("backend", "local").split()[0] == kind:  # the server may have moved
             return before
-        log(f"[glotkit] {label}: labelled before on {before.get('backend', 'local')}, now asked on {kind}: "
+        log(f"{label}: labelled before on {before.get('backend', 'local')}, now asked on {kind}: "
             "labelling again")
     if callable(server):  # connected only when something is left to ask
         server = server()
@@ -254,7 +249,7 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
     p = result["profile"]
     memory = (f"peak RSS {result['memory']['peak_rss_mb']:.0f} MB" if result["memory"]["peak_rss_mb"] is not None
               else f"served by {server.url}")
-    log(f"[glotkit] {label}: score {p['score']:.4f} (binary {p['binary_score']:.4f}), "
+    log(f"{label}: score {p['score']:.4f} (binary {p['binary_score']:.4f}), "
         + ", ".join(f"{k} {v['score']:.4f}" for k, v in result["languages"].items())
         + f"; parse failures {result['parse_failures']}/{result['pairs']}; "
         f"{result['timing']['pairs_per_s']} pairs/s; {memory}")

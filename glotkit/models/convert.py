@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from glotkit.errors import GlotkitError
+from glotkit.logs import say
 from glotkit.models.registry import BuiltinModel
 
 MANIFEST = "glotkit-manifest.json"
@@ -50,17 +51,17 @@ def _verify_folder(folder: Path) -> bool:
     return True
 
 
-def ensure_converted(model: BuiltinModel, log=print) -> Path:
+def ensure_converted(model: BuiltinModel, log=say) -> Path:
     """Return the Hugging Face folder for a built-in model, converting it on first use."""
     folder = cache_dir() / "models" / model.name
     if folder.is_dir():
         if _verify_folder(folder):
             return folder
-        log(f"[glotkit] cached model at {folder} failed its checksum; converting again")
+        log(f"cached model at {folder} failed its checksum; converting again")
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    log(f"[glotkit] first use of '{model.name}': assembling and converting to {folder} (about a minute)")
+    log(f"first use of '{model.name}': assembling and converting to {folder} (about a minute)")
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{model.name}.") as tmp:
         tmp_path = Path(tmp)
         gguf_dir = tmp_path / "gguf"
@@ -82,7 +83,7 @@ def ensure_converted(model: BuiltinModel, log=print) -> Path:
             )
         )
         os.replace(out, folder)
-    log(f"[glotkit] converted '{model.name}' in {time.time() - started:.0f}s")
+    log(f"converted '{model.name}' in {time.time() - started:.0f}s")
     return folder
 
 

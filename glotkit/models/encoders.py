@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from glotkit.errors import GlotkitError
+from glotkit.logs import say
 
 POOLINGS = ("mean", "cls", "avg_first_last")
 BUILTIN_ENCODERS = ("multilingual-e5-small",)
 
 
-def resolve_encoder_path(name: str, log: Callable[[str], None] = print) -> tuple[str, str]:
+def resolve_encoder_path(name: str, log: Callable[[str], None] = say) -> tuple[str, str]:
     """-> (path, kind) with kind "st" (a sentence-transformers folder) or "hf" (an encoder
     folder or hub id, to be wrapped with a pooling layer)."""
     if name in BUILTIN_ENCODERS:
@@ -42,7 +43,7 @@ def resolve_encoder_path(name: str, log: Callable[[str], None] = print) -> tuple
 
 
 def load_encoder(name: str, pooling: str = "mean", max_seq_length: int = 128, device: str | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = say):
     """A ``SentenceTransformer`` with the requested pooling (the folder's own pooling is replaced
     when it differs) and L2-normalized outputs."""
     if pooling not in POOLINGS:

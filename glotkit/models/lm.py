@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from glotkit.data.prompts import IGNORE, Encoded
+from glotkit.logs import say
 
 HEAD_CHUNK = 512  # supervised positions per LM-head chunk (bounds the vocabulary-wide logits in memory)
 PREFIX_KEY = 16  # examples whose first 16 prompt tokens agree are candidates for a shared prefix
@@ -235,7 +236,7 @@ class SupervisedLoss:
         return collate_rows(rows, pad_id, self.device, self.mask_types, self.sliding_window)
 
     @torch.no_grad()
-    def check_sharing(self, examples: Sequence[Encoded], pad_id: int, log: Callable[[str], None] = print) -> bool:
+    def check_sharing(self, examples: Sequence[Encoded], pad_id: int, log: Callable[[str], None] = say) -> bool:
         """True when shared-prefix rows give this model the same loss as separate examples."""
         if not self.fast:
             return False
@@ -256,13 +257,13 @@ class SupervisedLoss:
             packed, n1 = self(self.collate([row], pad_id))
             alone, n2 = self(self.collate(build_rows(members), pad_id))
         except Exception as err:  # an architecture that does not take custom masks
-            log(f"[glotkit] note: shared-prefix packing unavailable for this model ({type(err).__name__}); "
+            log(f"note: shared-prefix packing unavailable for this model ({type(err).__name__}); "
                 "each example is computed separately")
             return False
         finally:
             self.model.train(was_training)
         if n1 != n2 or not torch.allclose(packed / n1, alone / n2, rtol=1e-4, atol=1e-4):
-            log(f"[glotkit] note: shared-prefix packing disagrees for this model ({(packed / n1).item():.5f} vs "
+            log(f"note: shared-prefix packing disagrees for this model ({(packed / n1).item():.5f} vs "
                 f"{(alone / n2).item():.5f}); each example is computed separately")
             return False
         return True
@@ -302,7 +303,7 @@ class SupervisedLoss:
         return F.cross_entropy(logits.float(), t, reduction="sum")
 
     @torch.no_grad()
-    def self_check(self, example: Encoded, log: Callable[[str], None] = print, max_tokens: int = 48) -> None:
+    def self_check(self, example: Encoded, log: Callable[[str], None] = say, max_tokens: int = 48) -> None:
         """Compare the fast path with the model's own logits on a short slice of one example
         (every position labelled, so that the full logits stay small in memory)."""
         if not self.fast:
@@ -322,7 +323,7 @@ class SupervisedLoss:
         if n and not torch.allclose(fast / n, ref / n, rtol=1e-4, atol=1e-4):
             self.fast = False
             log(
-                f"[glotkit] note: answer-only LM head disagrees with this model's logits "
+                f"note: answer-only LM head disagrees with this model's logits "
                 f"({(fast / n).item():.5f} vs {(ref / n).item():.5f}); using full logits (slower)"
             )
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from glotkit.config import ModelSection
 from glotkit.errors import GlotkitError
+from glotkit.logs import say
 from glotkit.models.convert import ensure_converted
 from glotkit.models.registry import BUILTIN_MODELS
 
 
-def resolve_model_path(name: str, log=print) -> str:
+def resolve_model_path(name: str, log=say) -> str:
     """Registry name -> converted cache folder; local folder -> itself; else a hub id."""
     if name in BUILTIN_MODELS:
         return str(ensure_converted(BUILTIN_MODELS[name], log=log))
@@ -57,7 +58,7 @@ def load_tokenizer(path: str, cfg: ModelSection):
     return tok
 
 
-def tokenizer_for(cfg: ModelSection, log=print):
+def tokenizer_for(cfg: ModelSection, log=say):
     """The tokenizer of ``cfg.name`` (built-in, folder or hub id) without loading the weights."""
     return load_tokenizer(resolve_model_path(cfg.name, log=log), cfg)
 
@@ -81,7 +82,7 @@ def quantization_config(cfg: ModelSection, dtype):
     )
 
 
-def load_model(cfg: ModelSection, log=print):
+def load_model(cfg: ModelSection, log=say):
     """Return ``(model, tokenizer, device)`` ready for training or generation."""
     from transformers import AutoModelForCausalLM
 

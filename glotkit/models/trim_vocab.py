@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from glotkit.errors import GlotkitError
+from glotkit.logs import say
 
 CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>")
 
@@ -98,7 +99,7 @@ def trimmed_tokenizer_json(tok_json: dict, keep: set[str]) -> tuple[dict, list[i
 
 
 def trim_vocabulary(model_dir: str | Path, texts: Sequence[str], out_dir: str | Path, *,
-                    check_texts: int = 32, log: Callable[[str], None] = print) -> dict:
+                    check_texts: int = 32, log: Callable[[str], None] = say) -> dict:
     """Write a trimmed copy of the Hugging Face model folder ``model_dir`` to ``out_dir``."""
     import shutil
     import tempfile
@@ -119,7 +120,7 @@ def trim_vocabulary(model_dir: str | Path, texts: Sequence[str], out_dir: str | 
     used = used_ids(tok, texts)
     keep = kept_tokens(tok_json, used, specials)
     new_json, old_ids = trimmed_tokenizer_json(tok_json, keep)
-    log(f"[glotkit] trim-vocab: {len(used):,} token ids used by the text; keeping {len(old_ids):,} of {len(tok):,}")
+    log(f"trim-vocab: {len(used):,} token ids used by the text; keeping {len(old_ids):,} of {len(tok):,}")
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     before = sum(p.numel() for p in model.parameters())
@@ -171,7 +172,7 @@ def trim_vocabulary(model_dir: str | Path, texts: Sequence[str], out_dir: str | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"[glotkit] trim-vocab: {before:,} -> {after:,} parameters; tokenization and logits checked on "
+    log(f"trim-vocab: {before:,} -> {after:,} parameters; tokenization and logits checked on "
         f"{stats['texts']} texts (max |Δlogit| {stats['max_abs_logit_diff']:.2e})")
     return {k: v for k, v in info.items() if k != "old_ids"}
 

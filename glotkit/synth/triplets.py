@@ -27,6 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 from glotkit.errors import GlotkitError
 from glotkit.generate import Generator
+from glotkit.logs import say
 
 KINDS = ("positive", "negative")
 
@@ -177,7 +178,7 @@ def local_generators(model, tokenizer, device: str = "cpu") -> dict[str, Generat
 
 
 def generate_pairs(generators: Mapping[str, Generator], anchors: Sequence[str], cfg: SynthConfig, out_dir: Path, *,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                   progress: bool = True, log: Callable[[str], None] = say) -> dict:
     """Positives and negatives for every anchor, appended to ``out_dir/generations.jsonl``;
     ``generators`` maps each kind to its generator (the local adapter of that name, see
     :func:`local_generators`, or a served one: the same prompts as text, the same sampling
@@ -186,7 +187,7 @@ def generate_pairs(generators: Mapping[str, Generator], anchors: Sequence[str], 
     path = out_dir / "generations.jsonl"
     done = _read_done(path)
     if done:
-        log(f"[glotkit] synthesis: {len(done)} generations already written, continuing")
+        log(f"synthesis: {len(done)} generations already written, continuing")
     seconds, new_tokens, n = 0.0, 0, 0
     with path.open("a", encoding="utf-8") as fh:
         for kind in KINDS:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from glotkit.config import RecipeBase
+from glotkit.logs import say
 
 Log = Callable[[str], None]
 
@@ -74,7 +75,7 @@ class Run:
 
     recipe: RecipeBase
     folder: RunFolder
-    log: Log = print
+    log: Log = say
     progress: bool = True
     parallel: Any = None  # glotkit.train.distributed.Parallel
     checked: Any = None  # what the system's check returned (e.g. data it read)

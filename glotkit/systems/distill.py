@@ -35,6 +35,7 @@ from glotkit.config import RecipeBase, _folder_name, _Section
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from glotkit.io import read_jsonl as _read_jsonl
+from glotkit.logs import say
 from glotkit.systems.base import Run, RunFolder, Stage, Verb
 
 
@@ -99,20 +100,21 @@ class DistillRecipe(RecipeBase):
     served: ClassVar[bool] = True
 
     def served_roles(self) -> list[str]:
-        d = self.distill
-        return (["base", "teacher"] + [r for st in d.students for r in (f"student.{st.name}", f"student.{st.name}.base")]
-                + [self.compare_role(m) for m in d.compare_models if m != self.model.name])
+        distill_cfg = self.distill
+        return (["base", "teacher"]
+                + [r for st in distill_cfg.students for r in (f"student.{st.name}", f"student.{st.name}.base")]
+                + [self.compare_role(m) for m in distill_cfg.compare_models if m != self.model.name])
 
     def compare_role(self, model: str) -> str:
         """The served role of a compared model: the teacher's base model is ``base``."""
         return "base" if model == self.model.name else f"compare.{model}"
 
     def served_needs(self) -> list[tuple[str, str]]:
-        d = self.distill
-        needs = [("compare", self.compare_role(m)) for m in d.compare_models]
+        distill_cfg = self.distill
+        needs = [("compare", self.compare_role(m)) for m in distill_cfg.compare_models]
         # the evaluation's rows are served where their role has a served name, else labelled
         # locally (with their own memory measured): serve the teacher, measure the students
-        needs += [("traces", "teacher"), ("traces", d.explain_with)]
+        needs += [("traces", "teacher"), ("traces", distill_cfg.explain_with)]
         return list(dict.fromkeys((st, r) for st, r in needs if st in self.stages))
 
 
@@ -158,21 +160,21 @@ def make_splits(recipe: DistillRecipe) -> dict[str, dict[str, list[dict]]]:
     """split -> language -> documents (with only the sampled pairs); seeded, by document."""
     from glotkit.hipe.data import split_by_document
 
-    d = recipe.distill
-    if not d.data:
+    distill_cfg = recipe.distill
+    if not distill_cfg.data:
         raise GlotkitError("distill.data: no gold HIPE-2026 files given")
-    docs = [doc for f in d.data for doc in _read(recipe, f)]
+    docs = [doc for f in distill_cfg.data for doc in _read(recipe, f)]
     seen: set[str] = set()
     for doc in docs:
         if doc["document_id"] in seen:
             raise GlotkitError(f"distill.data: document id '{doc['document_id']}' appears twice")
         seen.add(doc["document_id"])
     splits: dict[str, dict[str, list[dict]]] = {s: {} for s in SPLITS}
-    limits = {"train": d.train_pairs, "dev": d.dev_pairs, "test": d.test_pairs}
+    limits = {"train": distill_cfg.train_pairs, "dev": distill_cfg.dev_pairs, "test": distill_cfg.test_pairs}
     for lang, ds in sorted(_by_language(docs, "distill.data").items()):
-        rest, test = split_by_document(ds, d.test_ratio, recipe.seed)
-        if d.dev_ratio > 0:
-            train, dev = split_by_document(rest, min(0.9, d.dev_ratio / (1 - d.test_ratio)), recipe.seed + 1)
+        rest, test = split_by_document(ds, distill_cfg.test_ratio, recipe.seed)
+        if distill_cfg.dev_ratio > 0:
+            train, dev = split_by_document(rest, min(0.9, distill_cfg.dev_ratio / (1 - distill_cfg.test_ratio)), recipe.seed + 1)
         else:
             train, dev = rest, []
         for name, part in (("train", train), ("dev", dev), ("test", test)):
@@ -184,11 +186,11 @@ def make_splits(recipe: DistillRecipe) -> dict[str, dict[str, list[dict]]]:
 
 
 def _silver(recipe: DistillRecipe, gold_ids: set[str]) -> dict[str, list[dict]]:
-    d = recipe.distill
-    if not d.silver or not d.silver_pairs:
+    distill_cfg = recipe.distill
+    if not distill_cfg.silver or not distill_cfg.silver_pairs:
         return {}
-    docs = [doc for f in d.silver for doc in _read(recipe, f) if doc["document_id"] not in gold_ids]
-    return {lang: _sample_pairs(ds, d.silver_pairs, recipe.seed + 2)
+    docs = [doc for f in distill_cfg.silver for doc in _read(recipe, f) if doc["document_id"] not in gold_ids]
+    return {lang: _sample_pairs(ds, distill_cfg.silver_pairs, recipe.seed + 2)
             for lang, ds in sorted(_by_language(docs, "distill.silver").items())}
 
 
@@ -226,37 +228,38 @@ def _write_splits(recipe: DistillRecipe, run_dir: Path, splits) -> dict[str, dic
 def _settings(recipe: DistillRecipe, fmt: str):
     from glotkit.hipe.predict import Settings
 
-    d = recipe.distill
-    return Settings(fmt=fmt, max_chars=d.max_chars, label_tokens=d.label_tokens, explain_tokens=d.explain_tokens,
-                    batch_size=d.batch_size)
+    distill_cfg = recipe.distill
+    return Settings(fmt=fmt, max_chars=distill_cfg.max_chars, label_tokens=distill_cfg.label_tokens,
+                    explain_tokens=distill_cfg.explain_tokens,
+                    batch_size=distill_cfg.batch_size)
 
 
-def check_inputs(recipe: DistillRecipe, log: Callable[[str], None] = print) -> dict:
+def check_inputs(recipe: DistillRecipe, log: Callable[[str], None] = say) -> dict:
     """Fail on bad input before any model is loaded: the data (schema, empty mentions), the
     students (names, vocabularies for logit-level distillation), and warn about a student that
     is larger than its teacher.  Returns the splits (:func:`make_splits`)."""
     from glotkit.eval.memory import estimate_before_loading
 
     splits = make_splits(recipe)
-    d = recipe.distill
-    names = [s.name for s in d.students]
+    distill_cfg = recipe.distill
+    names = [s.name for s in distill_cfg.students]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise GlotkitError(f"distill.students: the name '{dup[0]}' is used twice")
     stages = set(recipe.stages)
-    if not stages & {"student", "evaluate"} or not d.students:
+    if not stages & {"student", "evaluate"} or not distill_cfg.students:
         return splits
     teacher = estimate_before_loading(recipe.model.name)
     t_params = teacher.linear_params + teacher.other_params
-    for st in d.students:
+    for st in distill_cfg.students:
         if st.trim_vocab and st.model != recipe.model.name:
-            log(f"[glotkit] note: student '{st.name}': trim_vocab trims '{st.model}', not the teacher's base")
+            log(f"note: student '{st.name}': trim_vocab trims '{st.model}', not the teacher's base")
         est = estimate_before_loading(st.model)
         params = est.linear_params + est.other_params
         if params > t_params and not st.trim_vocab:
-            log(f"[glotkit] warning: student '{st.name}' ({params:,} parameters) is larger than the teacher "
+            log(f"warning: student '{st.name}' ({params:,} parameters) is larger than the teacher "
                 f"'{recipe.model.name}' ({t_params:,}); distillation usually goes to a smaller model")
-        if d.level == "logits":
+        if distill_cfg.level == "logits":
             check_logit_level(recipe.model.name, st.model, st.name, trimmed=st.trim_vocab)
     return splits
 
@@ -290,7 +293,7 @@ def _splits(run: Run) -> dict:
         splits = run.checked if run.checked is not None else make_splits(run.recipe)
         summary = _write_splits(run.recipe, run.folder.root, splits)
         for name in ("train", "dev", "test"):
-            run.log(f"[glotkit] {name}: " + ", ".join(f"{k} {v['documents']} documents / {v['pairs']} pairs"
+            run.log(f"{name}: " + ", ".join(f"{k} {v['documents']} documents / {v['pairs']} pairs"
                                                        for k, v in sorted(summary[name].items())))
         run.shared["splits"] = splits
     return run.shared["splits"]
@@ -388,7 +391,7 @@ class DistillSystem:
                                                               run.progress)),
             _stage("student", students),
             _stage("evaluate", lambda run, splits: run_evaluate(run.recipe, run.folder.root, run.log, run.progress)),
-            _stage("report", lambda run, splits: run.log(f"[glotkit] report: {write_report(run.folder, run.recipe)}")),
+            _stage("report", lambda run, splits: run.log(f"report: {write_report(run.folder, run.recipe)}")),
         ]
 
     def check(self, recipe: DistillRecipe, folder: DistillFolder, log) -> dict:
@@ -417,14 +420,14 @@ def run_compare(recipe: DistillRecipe, run_dir: Path, log, progress) -> list[dic
     """Every compared model × prompt format on the dev split, then ``compare/table.md``."""
     from glotkit.hipe.predict import evaluate_model
 
-    d, f = recipe.distill, _folder(run_dir)
+    distill_cfg, f = recipe.distill, _folder(run_dir)
     dev = f.split_file("dev")
-    if not d.dev_ratio or not dev.is_file() or not dev.read_text().strip():
+    if not distill_cfg.dev_ratio or not dev.is_file() or not dev.read_text().strip():
         raise GlotkitError("distill.dev_ratio: the prompt comparison needs a dev split (dev_ratio > 0)")
     rows = []
-    for model in d.compare_models:
+    for model in distill_cfg.compare_models:
         server = _connector(recipe, recipe.compare_role(model), log, "compare")
-        for fmt in d.compare_formats:
+        for fmt in distill_cfg.compare_formats:
             r = evaluate_model(f"{model} / {fmt}", {"name": model}, None, dev, _settings(recipe, fmt),
                                f.compared(model, fmt), progress=progress, log=log,
                                server=server)
@@ -469,7 +472,7 @@ def _train_adapter(recipe: DistillRecipe, model_cfg, examples, out: Path, work: 
     model, tok, device = load_model(model_cfg, log=log)
     fitting = [e for e in examples if len(e.input_ids) <= cfg.max_length]
     if len(fitting) < len(examples):
-        log(f"[glotkit] warning: {what}: {len(examples) - len(fitting)} of {len(examples)} examples longer than "
+        log(f"warning: {what}: {len(examples) - len(fitting)} of {len(examples)} examples longer than "
             f"train.max_length={cfg.max_length} were dropped")
     if not fitting:
         raise GlotkitError(f"{what}: no example fits train.max_length={cfg.max_length}")
@@ -492,13 +495,13 @@ def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress) -
     f = _folder(run_dir)
     out = f.teacher_adapter
     if (out / "adapter_config.json").is_file():
-        log("[glotkit] teacher: trained before, kept")
+        log("teacher: trained before, kept")
         return
-    d = recipe.distill
+    distill_cfg = recipe.distill
     builder = PromptBuilder(_tokenizer(recipe.model.name))
     items = training_items(splits)
-    examples = [builder.example(question(doc, p, d.teacher_format, d.max_chars), d.teacher_format,
-                                response(d.teacher_format, p["at"], p["isAt"]), group=doc["document_id"])
+    examples = [builder.example(question(doc, p, distill_cfg.teacher_format, distill_cfg.max_chars), distill_cfg.teacher_format,
+                                response(distill_cfg.teacher_format, p["at"], p["isAt"]), group=doc["document_id"])
                 for doc, p in items]
     _train_adapter(recipe, recipe.model, examples, out, f.teacher_train, "teacher", log, progress)
 
@@ -519,16 +522,16 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
 
     f = _folder(run_dir)
     if f.traces_summary.is_file():
-        log("[glotkit] traces: written before, kept")
+        log("traces: written before, kept")
         return json.loads(f.traces_summary.read_text(encoding="utf-8"))
-    d = recipe.distill
-    fmt = d.student_format
+    distill_cfg = recipe.distill
+    fmt = distill_cfg.student_format
     items = training_items(splits)
     silver_ids = {doc["document_id"] for ds in splits.get("silver", {}).values() for doc in ds}
     from glotkit.generate import for_role, served
     from glotkit.generate.local import LocalGenerator
 
-    roles = ("teacher", d.explain_with)
+    roles = ("teacher", distill_cfg.explain_with)
     if all(served(recipe.generate, r) for r in roles):  # servers generate: the tokenizer is enough
         from glotkit.models.loading import tokenizer_for
 
@@ -548,23 +551,23 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
     generators = {role: for_role(recipe.generate, role, lambda role=role: LocalGenerator(
         model, tok, device, adapter_off=role == "base"), tokenizer=tok, log=log, what="traces")
         for role in sorted(set(roles))}
-    explainer, checker = generators[d.explain_with], generators["teacher"]
+    explainer, checker = generators[distill_cfg.explain_with], generators["teacher"]
     f.traces.mkdir(parents=True, exist_ok=True)
     builder = PromptBuilder(tok)
-    gen = dict(batch_size=d.batch_size, progress=progress)
+    gen = dict(batch_size=distill_cfg.batch_size, progress=progress)
 
     # 1. explanations of the gold labels
     path = f.explanations
     done = read_appended(path, lambda r: r["key"])
     todo = [(doc, p) for doc, p in items if _key(doc, p) not in done]
     if done and todo:
-        log(f"[glotkit] traces: {len(done)} explanations already written, continuing")
-    asks = [rationalization(doc, p, fmt, d.max_chars) for doc, p in todo]
+        log(f"traces: {len(done)} explanations already written, continuing")
+    asks = [rationalization(doc, p, fmt, distill_cfg.max_chars) for doc, p in todo]
     s1, n1 = _generate_appending(
         explainer, path, [builder.prompt_ids(user, fmt, turn=turn) for user, turn, _ in asks],
         lambda i, t: {"key": _key(*todo[i]), "raw": t,
                       "explanation": explanation_of(asks[i][2] + t) if _usable(t) else ""},
-        max_new_tokens=d.explain_tokens, stop=("\n", "Answer:"), desc="teacher explains", **gen)
+        max_new_tokens=distill_cfg.explain_tokens, stop=("\n", "Answer:"), desc="teacher explains", **gen)
     explained = read_appended(path, lambda r: r["key"])
 
     # 2. the teacher's own answer after its explanation, without the gold label
@@ -578,10 +581,11 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
         return {"key": _key(*todo2[i]), "raw": text, "at": r.at, "isAt": r.isAt, "parsed": r.ok}
 
     s2, n2 = _generate_appending(
-        checker, path2, [builder.prompt_ids(question(doc, p, fmt, d.max_chars), fmt,
+        checker, path2, [builder.prompt_ids(question(doc, p, fmt, distill_cfg.max_chars), fmt,
                                                after_cue=" " + explained[_key(doc, p)]["explanation"] + "\nAnswer:")
                             for doc, p in todo2],
-        checked_row, max_new_tokens=d.label_tokens, stop=decoding(fmt, d.label_tokens, d.explain_tokens).stop,
+        checked_row, max_new_tokens=distill_cfg.label_tokens,
+        stop=decoding(fmt, distill_cfg.label_tokens, distill_cfg.explain_tokens).stop,
         keep_stop=True, desc="teacher checks", **gen)
     seconds, produced = s1 + s2, n1 + n2
     checked = read_appended(path2, lambda r: r["key"])
@@ -611,7 +615,7 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
                "new_tokens": produced, "tokens_per_s": round(produced / seconds, 1) if seconds else None,
                "format": fmt}
     atomic_write_json(f.traces_summary, summary)
-    log(f"[glotkit] traces: kept {len(traces)} of {len(items)} ("
+    log(f"traces: kept {len(traces)} of {len(items)} ("
         + ", ".join(f"{k} {v['kept']}/{v['written']}" for k, v in sorted(counts.items())) + ")")
     return summary
 
@@ -631,7 +635,7 @@ def _connector(recipe: DistillRecipe, role: str, log, what: str, optional: bool 
 
     if not served(recipe.generate, role, optional):
         if served(recipe.generate, role):  # a server runs, but this optional role is not on it
-            log(f"[glotkit] {what}: no generate.models.{role}: that model answers locally")
+            log(f"{what}: no generate.models.{role}: that model answers locally")
         return None
     from functools import cache
 
@@ -671,9 +675,9 @@ def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progres
     f = _folder(run_dir)
     out = f.student_adapter(st.name)
     if (out / "adapter_config.json").is_file():
-        log(f"[glotkit] student '{st.name}': trained before, kept")
+        log(f"student '{st.name}': trained before, kept")
         return
-    d = recipe.distill
+    distill_cfg = recipe.distill
     traces_path = f.traces_file
     if not traces_path.is_file():
         raise GlotkitError(f"{traces_path}: no traces; add 'traces' to stages")
@@ -682,7 +686,7 @@ def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progres
     traces = read_jsonl(traces_path)
     if not traces:
         raise GlotkitError(f"{traces_path}: the teacher kept no trace, so there is nothing to distill")
-    if d.level == "logits":
+    if distill_cfg.level == "logits":
         check_logit_level(recipe.model.name, st.model, st.name, trimmed=st.trim_vocab)
     by_key = {_key(doc, p): (doc, p) for doc, p in training_items(splits)}
     model_name = student_model_path(recipe, run_dir, st, splits, traces, log)
@@ -690,12 +694,13 @@ def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progres
     examples = []
     for t in traces:
         doc, p = by_key[t["key"]]
-        examples.append(builder.example(question(doc, p, d.student_format, d.max_chars), d.student_format,
-                                        response(d.student_format, t["at"], t["isAt"], t["explanation"]),
+        examples.append(builder.example(question(doc, p, distill_cfg.student_format, distill_cfg.max_chars),
+                                        distill_cfg.student_format,
+                                        response(distill_cfg.student_format, t["at"], t["isAt"], t["explanation"]),
                                         group=doc["document_id"]))
     cfg = recipe.model.model_copy(update={"name": model_name, "quantization": "none"})
     _train_adapter(recipe, cfg, examples, out, f.student_train(st.name), f"student '{st.name}'", log, progress,
-                   epochs=d.student_epochs, lr=d.student_lr)
+                   epochs=distill_cfg.student_epochs, lr=distill_cfg.student_lr)
 
 
 def student_model_path(recipe: DistillRecipe, run_dir: Path, st, splits, traces, log) -> str:
@@ -717,27 +722,27 @@ def student_model_path(recipe: DistillRecipe, run_dir: Path, st, splits, traces,
     texts += [t["explanation"] for t in traces]
     texts += ['{"at": "TRUE", "isAt": "FALSE"} {"at": "PROBABLE", "isAt": "TRUE"} at: FALSE isAt: TRUE Answer:']
     info = trim_vocabulary(resolve_model_path(st.model, log=log), texts, folder, log=log)
-    log(f"[glotkit] student '{st.name}': vocabulary {info['vocab_before']:,} -> {info['vocab_after']:,}")
+    log(f"student '{st.name}': vocabulary {info['vocab_before']:,} -> {info['vocab_after']:,}")
     return str(folder)
 
 
 def _entries(recipe: DistillRecipe, run_dir: Path) -> list[dict]:
-    d, f = recipe.distill, _folder(run_dir)
+    distill_cfg, f = recipe.distill, _folder(run_dir)
     teacher = recipe.model.model_dump(mode="json")
     out = []
-    if d.untuned:
+    if distill_cfg.untuned:
         out.append({"label": "teacher (untuned)", "role": "untuned teacher", "model": teacher, "adapter": None,
-                    "format": best_format(run_dir, recipe.model.name, d.teacher_format), "served_as": "base"})
+                    "format": best_format(run_dir, recipe.model.name, distill_cfg.teacher_format), "served_as": "base"})
     out.append({"label": "teacher", "role": "teacher", "model": teacher,
-                "adapter": str(f.teacher_adapter), "format": d.teacher_format, "served_as": "teacher"})
-    for st in d.students:
+                "adapter": str(f.teacher_adapter), "format": distill_cfg.teacher_format, "served_as": "teacher"})
+    for st in distill_cfg.students:
         base = str(f.student_model(st.name)) if st.trim_vocab else st.model
-        if d.untuned:  # a trimmed base answers as its full base does: its row shows what trimming saves
+        if distill_cfg.untuned:  # a trimmed base answers as its full base does: its row shows what trimming saves
             out.append({"label": f"{st.name} (untuned)", "role": "untuned student", "model": {"name": base},
-                        "adapter": None, "format": best_format(run_dir, st.model, d.student_format),
+                        "adapter": None, "format": best_format(run_dir, st.model, distill_cfg.student_format),
                         "served_as": f"student.{st.name}.base"})
         out.append({"label": st.name, "role": "student", "model": {"name": base},
-                    "adapter": str(f.student_adapter(st.name)), "format": d.student_format,
+                    "adapter": str(f.student_adapter(st.name)), "format": distill_cfg.student_format,
                     "served_as": f"student.{st.name}"})
     return out
 
@@ -767,7 +772,7 @@ def run_evaluate(recipe: DistillRecipe, run_dir: Path, log, progress) -> dict:
     atomic_write_json(f.table_json, table)
     atomic_write_text(f.table_md, table["markdown"])
     for line in table["answer"]:
-        log(f"[glotkit] {line}")
+        log(f"{line}")
     return table
 
 
@@ -826,13 +831,13 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
     """report.md of a distillation run: splits, the prompt comparison, teacher, traces kept per
     language and label, students, the efficiency–accuracy table with ranks, and the answer to
     'does the student stay within N points of the teacher in every language'."""
-    d = recipe.distill
+    distill_cfg = recipe.distill
     lines = [f"# glotkit run `{recipe.name}` (HIPE-2026 distillation)", "",
              f"Teacher `{recipe.model.name}`{' (NF4, QLoRA)' if recipe.model.quantization == 'nf4' else ''} with LoRA "
              f"r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, targets {recipe.lora.target_modules}; "
              f"students: " + ", ".join(f"`{s.name}` = `{s.model}`{' with a trimmed vocabulary' if s.trim_vocab else ''}"
-                                        for s in d.students) + f"; {d.level}-level distillation.",
-             f"Articles longer than {d.max_chars} characters are shown as the excerpt of that length that covers "
+                                        for s in distill_cfg.students) + f"; {distill_cfg.level}-level distillation.",
+             f"Articles longer than {distill_cfg.max_chars} characters are shown as the excerpt of that length that covers "
              "the most mentions of the pair (cut at whitespace, marked with …)."]
     split = folder.read_json(folder.split_summary)
     if split:
@@ -855,7 +860,7 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
     if teach or traces:
         lines += ["", "## 2. Teacher and its traces", ""]
         if teach:
-            lines.append(f"- teacher ({d.teacher_format} answers on the gold labels): {teach['examples']} examples, "
+            lines.append(f"- teacher ({distill_cfg.teacher_format} answers on the gold labels): {teach['examples']} examples, "
                          f"{teach['steps']} steps in {teach['seconds']:.0f} s, {teach['tokens_per_s']:.0f} tokens/s, "
                          f"final loss {teach['final_loss']}")
         if traces:
@@ -872,7 +877,7 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
             if sample:
                 lines += ["", "Sample traces:", ""]
                 lines += [f"- {t['language']} {t['at']}/{t['isAt']}: {t['explanation'][:300]}" for t in sample]
-    studs = [(s.name, folder.read_json(folder.train_result(folder.student_train(s.name)))) for s in d.students]
+    studs = [(s.name, folder.read_json(folder.train_result(folder.student_train(s.name)))) for s in distill_cfg.students]
     if any(r for _, r in studs):
         lines += ["", "## 3. Students", ""]
         for name, r in studs:

@@ -201,7 +201,7 @@ def _train_stage(kind: Kind) -> Stage:
         rows, stats = kind.rows(run, state, state.prepared)
         note = stats.line(recipe.train.max_length)
         if note:
-            run.log(f"[glotkit] warning: {note}")
+            run.log(f"warning: {note}")
         encode = {"total": stats.total, "kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped}
         train_adapter(peft_model, rows, recipe.train, what="train", out=f.adapter, work_dir=f.train_dir,
                       seed=recipe.seed, pad_id=state.tok.pad_token_id, device=state.device, log=run.log,
@@ -232,7 +232,7 @@ def _memory_stage() -> Stage:
 def _report_stage(kind: Kind) -> Stage:
     def run_(run: Run) -> None:
         path = write_report(run, kind)
-        run.log(f"[glotkit] report: {path}")
+        run.log(f"report: {path}")
 
     return Stage("report", run_)
 
@@ -310,7 +310,7 @@ def run_memory_stage(run: Run) -> None:
 
     recipe, f, log = run.recipe, run.folder, run.log
     cfg = recipe.memory
-    log(f"[glotkit] memory: {', '.join(cfg.modes)}, each in a fresh process ({cfg.prompt_tokens}-token prompt)")
+    log(f"memory: {', '.join(cfg.modes)}, each in a fresh process ({cfg.prompt_tokens}-token prompt)")
     est = estimate_before_loading(recipe.model.name)
     rows = measure(recipe.model.name, cfg.modes, cfg.prompt_tokens, cfg.new_tokens)
     corpus = f.read_json(f.corpus)
@@ -322,7 +322,7 @@ def run_memory_stage(run: Run) -> None:
         out["training"] = training_estimate(recipe, est, result, row_tokens=run_row_tokens(recipe))
     out["table"] = table(rows, keep_vocab=keep)
     atomic_write_json(f.memory, out)
-    log("[glotkit] memory table:\n" + out["table"])
+    log("memory table:\n" + out["table"])
 
 
 def run_row_tokens(recipe) -> int:

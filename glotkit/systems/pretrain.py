@@ -91,7 +91,7 @@ def _prepare(run: Run, state) -> Any:
         train_tok = kept
     train_rows = pack_documents(train_tok, cfg.block_size)
     held_rows = pack_documents(held_tok, cfg.block_size)
-    log(f"[glotkit] corpus: {len(train_docs)} train documents -> {sum(len(t) for t in train_tok)} tokens in "
+    log(f"corpus: {len(train_docs)} train documents -> {sum(len(t) for t in train_tok)} tokens in "
         f"{len(train_rows)} rows of {cfg.block_size}; held out {len(held_tok)} documents, {total} tokens, {held_bytes} bytes")
     return train_rows, held_rows, held_bytes
 
@@ -114,7 +114,7 @@ def _evaluate(run: Run, state, tag: str) -> None:
         r = heldout_scores(model, held_rows, held_bytes, state.tok.pad_token_id, progress=run.progress,
                            desc=f"held-out {tag}")
     atomic_write_json(run.folder.eval_metrics(tag), r)
-    run.log(f"[glotkit] {tag} model, held-out: perplexity {r['perplexity']:.3f}, "
+    run.log(f"{tag} model, held-out: perplexity {r['perplexity']:.3f}, "
             f"bits/byte {r['bits_per_byte']:.4f} ({r['tokens']} tokens, {r['bytes']} bytes)")
 
 

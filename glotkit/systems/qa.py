@@ -39,7 +39,7 @@ def _read(recipe: QARecipe, log) -> Any:
 
     data = load_qa_data(recipe.data, recipe.seed)
     for w in data.warnings:
-        log(f"[glotkit] warning: {w}")
+        log(f"warning: {w}")
     return data
 
 
@@ -68,7 +68,7 @@ def _evaluate(run: Run, state, tag: str) -> None:
     r = evaluate_qa(state.generator(run, tag, f"eval {tag}"), state.prepared, run.checked.test, recipe.eval,
                     language=recipe.data.language, out_dir=run.folder.eval_dir(tag), desc=f"eval {tag}", log=log,
                     progress=run.progress)
-    log(f"[glotkit] {tag} model: EM {r['em']:.2f}  F1 {r['f1']:.2f}  (n={r['n']})")
+    log(f"{tag} model: EM {r['em']:.2f}  F1 {r['f1']:.2f}  (n={r['n']})")
 
 
 def _fmt(v, nd=2):

@@ -28,6 +28,7 @@ import yaml
 from glotkit.config import RecipeBase, dump_recipe
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_json, sha256_of_files
+from glotkit.logs import say
 from glotkit.systems import system_of
 from glotkit.systems.base import Run, RunFolder, Stage, System
 
@@ -170,7 +171,7 @@ def move_aside(paths: Sequence[Path], log: Callable[[str], None], why: str) -> N
     for p in existing:
         aside = p.with_name(f"{p.name}.previous-{n}")
         shutil.move(str(p), str(aside))
-        log(f"[glotkit] {p.name}: {why}; earlier outputs moved to {aside}")
+        log(f"{p.name}: {why}; earlier outputs moved to {aside}")
 
 
 def settle(folder: Path, settings: dict, restart_keys: Sequence[str] | None, log: Callable[[str], None]) -> None:
@@ -187,7 +188,7 @@ def settle(folder: Path, settings: dict, restart_keys: Sequence[str] | None, log
             move_aside([folder], log, f"settings changed ({', '.join(changed)})")
         else:
             (folder / "summary.json").unlink(missing_ok=True)
-            log(f"[glotkit] {folder.name}: settings changed ({', '.join(changed)}); continuing on the existing generations")
+            log(f"{folder.name}: settings changed ({', '.join(changed)}); continuing on the existing generations")
     elif folder.is_dir() and any(folder.iterdir()) and not path.is_file():
         return  # made before settings were recorded: keep as is
     folder.mkdir(parents=True, exist_ok=True)
@@ -233,7 +234,7 @@ def _run_stage(stage: Stage, run: Run, records: dict) -> None:
 # --------------------------------------------------------------------------- the runner
 
 
-def run_recipe(recipe: RecipeBase, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+def run_recipe(recipe: RecipeBase, log: Callable[[str], None] = say, progress: bool = True) -> Path:
     """Run every stage of the recipe that is not finished (or is stale); return the run folder."""
     from glotkit.train.distributed import Parallel, check_recipe
 
@@ -257,17 +258,17 @@ def run_recipe(recipe: RecipeBase, log: Callable[[str], None] = print, progress:
             if par.is_main:
                 prepare_folder(recipe, system)
         run = Run(recipe, folder, log=log, progress=progress, parallel=par, checked=checked)
-        log(f"[glotkit] run '{recipe.name}' in {folder.root}: {system.describe(run)}")
+        log(f"run '{recipe.name}' in {folder.root}: {system.describe(run)}")
         chosen = set(recipe.stages)
         stages = [s for s in system.stages(recipe) if s.name in chosen]
         records = folder.read_json(folder.stage_records) or {}
         try:
             if par.world > 1:
                 together = [s for s in stages if s.every_process]
-                log(f"[glotkit] {par.world} processes ({par.kind}): they train together, then process 0 runs the "
+                log(f"{par.world} processes ({par.kind}): they train together, then process 0 runs the "
                     "other stages")
                 if not any(not s.done(run) for s in together):
-                    log("[glotkit] note: training is already done; the other processes have nothing to do")
+                    log("note: training is already done; the other processes have nothing to do")
                 for s in together:
                     _run_stage(s, run, records)
                 par.end()

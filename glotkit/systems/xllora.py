@@ -158,9 +158,9 @@ class XlloraFolder(RunFolder):
 def _filters(recipe: XlloraRecipe):
     from glotkit.synth.triplets import FilterConfig
 
-    s = recipe.synth
-    return FilterConfig(min_chars=s.min_chars, max_chars=s.max_chars, copy_ratio=s.copy_ratio,
-                        language=s.language_check, reference_margin=s.reference_margin)
+    synth_cfg = recipe.synth
+    return FilterConfig(min_chars=synth_cfg.min_chars, max_chars=synth_cfg.max_chars, copy_ratio=synth_cfg.copy_ratio,
+                        language=synth_cfg.language_check, reference_margin=synth_cfg.reference_margin)
 
 
 def check_inputs(recipe: XlloraRecipe) -> None:
@@ -170,11 +170,11 @@ def check_inputs(recipe: XlloraRecipe) -> None:
     if "generators" in stages:
         from glotkit.data.pairs import read_pairs
 
-        p = recipe.pairs
-        if not p.positive or not p.negative:
+        pairs_cfg = recipe.pairs
+        if not pairs_cfg.positive or not pairs_cfg.negative:
             raise GlotkitError("pairs.positive / pairs.negative: both pair files are needed to train the generators")
-        read_pairs(p.positive, p.anchor_field, p.positive_field, where="pairs.positive", max_pairs=1)
-        read_pairs(p.negative, p.anchor_field, p.negative_field, where="pairs.negative", max_pairs=1)
+        read_pairs(pairs_cfg.positive, pairs_cfg.anchor_field, pairs_cfg.positive_field, where="pairs.positive", max_pairs=1)
+        read_pairs(pairs_cfg.negative, pairs_cfg.anchor_field, pairs_cfg.negative_field, where="pairs.negative", max_pairs=1)
     if "synth" in stages:
         from glotkit.data.pairs import read_anchors
 
@@ -249,7 +249,7 @@ def _embed_stage(run: Run) -> None:
 
 
 def _report_stage(run: Run) -> None:
-    run.log(f"[glotkit] report: {write_report(run.folder, run.recipe)}")
+    run.log(f"report: {write_report(run.folder, run.recipe)}")
 
 
 class XlloraSystem:
@@ -307,11 +307,12 @@ def _synth_settings(recipe: XlloraRecipe) -> dict:
     from glotkit.io import sha256_of_files
 
     gen = recipe.run_dir() / "generators"
-    g = recipe.generate
+    gen_cfg = recipe.generate
     return recipe.synth.model_dump(mode="json") | {
         "seed": recipe.seed, "reference_model": recipe.embed.model, "reference_prompt": recipe.embed.prompt,
         "generators": sha256_of_files(sorted(gen.glob("*/adapter_model.safetensors"))),
-        "backend": "local" if g.backend == "local" else f"openai {g.models.get('positive')} {g.models.get('negative')}"}
+        "backend": ("local" if gen_cfg.backend == "local"
+                    else f"openai {gen_cfg.models.get('positive')} {gen_cfg.models.get('negative')}")}
 
 
 def _embed_settings(recipe: XlloraRecipe, synth_dir: Path) -> dict:
@@ -329,17 +330,18 @@ def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress):
     from glotkit.synth.triplets import encode_pairs
     from glotkit.train.engine import train_adapter
 
-    p = recipe.pairs
-    for kind, path, out_field in (("positive", p.positive, p.positive_field), ("negative", p.negative, p.negative_field)):
+    pairs_cfg = recipe.pairs
+    for kind, path, out_field in (("positive", pairs_cfg.positive, pairs_cfg.positive_field),
+                                  ("negative", pairs_cfg.negative, pairs_cfg.negative_field)):
         out = gen_dir / kind
         if (out / "adapter_config.json").is_file():
-            log(f"[glotkit] generator '{kind}': done before, kept")
+            log(f"generator '{kind}': done before, kept")
             continue
-        pairs = read_pairs(path, p.anchor_field, out_field, where=f"pairs.{kind}", max_pairs=p.max_pairs,
+        pairs = read_pairs(path, pairs_cfg.anchor_field, out_field, where=f"pairs.{kind}", max_pairs=pairs_cfg.max_pairs,
                            seed=recipe.seed)
-        examples, dropped = encode_pairs(pairs, kind, p.language, tok, recipe.train.max_length)
+        examples, dropped = encode_pairs(pairs, kind, pairs_cfg.language, tok, recipe.train.max_length)
         if dropped:
-            log(f"[glotkit] warning: generator '{kind}': {dropped} of {len(pairs)} pairs longer than "
+            log(f"warning: generator '{kind}': {dropped} of {len(pairs)} pairs longer than "
                 f"train.max_length={recipe.train.max_length} were dropped")
         if not examples:
             raise GlotkitError(f"pairs.{kind}: no pair fits train.max_length={recipe.train.max_length}")
@@ -358,36 +360,36 @@ def _synthesize(recipe, generators: dict, model, synth_dir: Path, log, progress)
     from glotkit.data.pairs import read_anchors
     from glotkit.synth.triplets import SynthConfig, baseline_speed, build_triplets, generate_pairs
 
-    s = recipe.synth
-    anchors, stats = read_anchors(s.anchors, s.anchor_field, min_chars=1, limit=s.max_anchors)
-    log(f"[glotkit] synthesis: {len(anchors)} anchors ({stats['duplicate_anchors']} duplicates and "
-        f"{stats['empty_or_short']} empty lines dropped), outputs in {s.language}")
-    cfg = SynthConfig(language=s.language, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                      top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size, seed=recipe.seed,
-                      baseline_anchors=s.baseline_anchors,
+    synth_cfg = recipe.synth
+    anchors, stats = read_anchors(synth_cfg.anchors, synth_cfg.anchor_field, min_chars=1, limit=synth_cfg.max_anchors)
+    log(f"synthesis: {len(anchors)} anchors ({stats['duplicate_anchors']} duplicates and "
+        f"{stats['empty_or_short']} empty lines dropped), outputs in {synth_cfg.language}")
+    cfg = SynthConfig(language=synth_cfg.language, max_new_tokens=synth_cfg.max_new_tokens, temperature=synth_cfg.temperature,
+                      top_p=synth_cfg.top_p, top_k=synth_cfg.top_k, batch_size=synth_cfg.batch_size, seed=recipe.seed,
+                      baseline_anchors=synth_cfg.baseline_anchors,
                       filters=_filters(recipe))
     speed = generate_pairs(generators, anchors, cfg, synth_dir, progress=progress, log=log)
     local = generators["positive"]
     base = (baseline_speed(model, local.tokenizer, anchors, cfg, local.device)
-            if s.baseline_anchors and model is not None else None)
+            if synth_cfg.baseline_anchors and model is not None else None)
     reference = None
-    if s.reference_margin is not None:
+    if synth_cfg.reference_margin is not None:
         from glotkit.models.encoders import load_encoder
 
         reference = load_encoder(recipe.embed.model, pooling=recipe.embed.pooling,
                                  max_seq_length=recipe.embed.max_seq_length, log=log)
     summary = build_triplets(synth_dir, anchors, cfg.filters, stats, reference, recipe.embed.prompt)
-    summary["speed"] = {"batched": speed, "one_at_a_time": base, "batch_size": s.batch_size}
+    summary["speed"] = {"batched": speed, "one_at_a_time": base, "batch_size": synth_cfg.batch_size}
     if base and speed.get("tokens_per_s") and base.get("tokens_per_s"):
         summary["speed"]["ratio"] = round(speed["tokens_per_s"] / base["tokens_per_s"], 2)
     if speed["seconds"]:
         summary["speed"]["triplets_per_minute"] = round(60 * summary["triplets"] / speed["seconds"], 1)
     atomic_write_json(synth_dir / "summary.json", summary)
-    log(f"[glotkit] synthesis: {summary['triplets']} triplets kept of {len(anchors)} anchors; filtered: "
+    log(f"synthesis: {summary['triplets']} triplets kept of {len(anchors)} anchors; filtered: "
         + (", ".join(f"{k} {v}" for k, v in summary["filtered"].items()) or "none"))
     if summary["speed"].get("ratio"):
-        log(f"[glotkit] generation speed: batched {speed['tokens_per_s']} tokens/s vs one at a time "
-            f"{base['tokens_per_s']} tokens/s = {summary['speed']['ratio']}×")
+        log(f"generation speed: batched {speed['tokens_per_s']} tokens/s vs one at a time "
+            f"{base['tokens_per_s']} tokens/synth_cfg = {summary['speed']['ratio']}×")
 
 
 def _embed(recipe, synth_dir: Path, embed_dir: Path, log, progress) -> None:
@@ -395,38 +397,39 @@ def _embed(recipe, synth_dir: Path, embed_dir: Path, log, progress) -> None:
     from glotkit.models.encoders import load_encoder
     from glotkit.train.embeddings import read_triplets, train_embeddings
 
-    e = recipe.embed
+    embed_cfg = recipe.embed
     settle(embed_dir, _embed_settings(recipe, synth_dir), None, log)
     embed_dir.mkdir(parents=True, exist_ok=True)
-    parallel = list(e.parallel)
+    parallel = list(embed_cfg.parallel)
 
     def evaluate(model, tag: str) -> None:
         path = embed_dir / f"{tag}.json"
         if path.is_file():
             return
-        r = evaluate_embeddings(model, sts=Path(e.sts) if e.sts else None, parallel=parallel, prompt=e.prompt,
-                                limit=e.eval_limit)
+        r = evaluate_embeddings(model, sts=Path(embed_cfg.sts) if embed_cfg.sts else None, parallel=parallel,
+                                prompt=embed_cfg.prompt, limit=embed_cfg.eval_limit)
         atomic_write_json(path, r)
-        log(f"[glotkit] embeddings ({tag}): " + "; ".join(
+        log(f"embeddings ({tag}): " + "; ".join(
             f"{k} " + ", ".join(f"{m} {v:.2f}" for m, v in s.items() if m != "n") for k, s in r.items()))
 
     model_dir = embed_dir / "model"
     if not (embed_dir / "base.json").is_file() or not (embed_dir / "result.json").is_file():
-        model = load_encoder(e.model, pooling=e.pooling, max_seq_length=e.max_seq_length, log=log)
+        model = load_encoder(embed_cfg.model, pooling=embed_cfg.pooling, max_seq_length=embed_cfg.max_seq_length, log=log)
         evaluate(model, "base")
         if not (embed_dir / "result.json").is_file():
             triplets_path = synth_dir / "triplets.jsonl"
             if not triplets_path.is_file():
                 raise GlotkitError(f"{triplets_path}: no triplets; add 'synth' to stages")
             triplets = read_triplets(triplets_path)
-            log(f"[glotkit] embedding training: {len(triplets)} triplets, batch {e.batch_size}, "
-                f"{'CachedMNRL' if e.cached else 'MNRL'} scale {e.scale}, pooling {e.pooling}")
-            result = train_embeddings(model, triplets, model_dir, epochs=e.epochs, batch_size=e.batch_size, lr=e.lr,
-                                      warmup_ratio=e.warmup_ratio, scale=e.scale, cached=e.cached,
-                                      mini_batch_size=e.mini_batch_size, seed=recipe.seed, prompt=e.prompt,
-                                      max_steps=e.max_steps, progress=progress, log=log)
+            log(f"embedding training: {len(triplets)} triplets, batch {embed_cfg.batch_size}, "
+                f"{'CachedMNRL' if embed_cfg.cached else 'MNRL'} scale {embed_cfg.scale}, pooling {embed_cfg.pooling}")
+            result = train_embeddings(model, triplets, model_dir, epochs=embed_cfg.epochs,
+                                      batch_size=embed_cfg.batch_size, lr=embed_cfg.lr,
+                                      warmup_ratio=embed_cfg.warmup_ratio, scale=embed_cfg.scale, cached=embed_cfg.cached,
+                                      mini_batch_size=embed_cfg.mini_batch_size, seed=recipe.seed, prompt=embed_cfg.prompt,
+                                      max_steps=embed_cfg.max_steps, progress=progress, log=log)
             atomic_write_json(embed_dir / "result.json", result.to_dict())
-            log(f"[glotkit] embedding training: {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss}")
+            log(f"embedding training: {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss}")
     if not (embed_dir / "trained.json").is_file():
         from sentence_transformers import SentenceTransformer
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from glotkit.errors import GlotkitError
+from glotkit.logs import say
 
 
 @dataclass
@@ -34,7 +35,7 @@ def train_embeddings(model, triplets: Sequence[dict], out_dir: Path, *, epochs: 
                      lr: float = 2e-5, warmup_ratio: float = 0.1, scale: float = 20.0, cached: bool = False,
                      mini_batch_size: int = 16, seed: int = 42, prompt: str | None = None,
                      max_steps: int | None = None, progress: bool = True,
-                     log: Callable[[str], None] = print) -> EmbedTrainResult:
+                     log: Callable[[str], None] = say) -> EmbedTrainResult:
     """Contrastive training on (anchor, positive, hard_negative) triplets; saves the model to
     ``out_dir`` (a sentence-transformers folder).  Checkpoints go to ``out_dir.parent/checkpoints``
     and an interrupted run resumes from the last one."""
@@ -71,7 +72,7 @@ def train_embeddings(model, triplets: Sequence[dict], out_dir: Path, *, epochs: 
     trainer.remove_callback(PrinterCallback)  # the loss goes to the history, not to stdout per step
     last = _last_checkpoint(ckpt)
     if last:
-        log(f"[glotkit] resuming embedding training from {last}")
+        log(f"resuming embedding training from {last}")
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.perf_counter() - t0

@@ -28,6 +28,7 @@ from glotkit.config import TrainSection
 from glotkit.data.prompts import IGNORE, Encoded
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_jsonl
+from glotkit.logs import say
 from glotkit.models.lm import Row, SupervisedLoss, build_rows, group_key, split_by_tokens
 from glotkit.models.memory import peak_memory, reset_peak
 
@@ -148,7 +149,7 @@ class _DeferredInterrupt:
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
-        self.log("[glotkit] Ctrl-C: stopping after this step (press it again to stop at once)")
+        self.log("Ctrl-C: stopping after this step (press it again to stop at once)")
 
     def __enter__(self):
         import signal
@@ -178,7 +179,7 @@ def make_optimizer(params: list, cfg: TrainSection, device, log: Callable[[str],
             raise GlotkitError("train.optimizer: paged_adamw needs bitsandbytes (pip install 'glotkit[quant]')") from None
         return PagedAdamW(groups, lr=cfg.lr)
     if cfg.optimizer == "paged_adamw":
-        log("[glotkit] note: paged AdamW pages optimizer state between GPU and CPU memory; on CPU plain AdamW is used")
+        log("note: paged AdamW pages optimizer state between GPU and CPU memory; on CPU plain AdamW is used")
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
@@ -240,13 +241,13 @@ def _restore(ckpt_path: Path, model, total: int, par: "Parallel", log: Callable[
             named[name].copy_(value.to(named[name].device))
     rngs = state.get("torch_rngs") or [state["torch_rng"]]
     if state.get("processes", 1) != par.world:
-        log(f"[glotkit] note: the checkpoint was made by {state.get('processes', 1)} process(es), this run has "
+        log(f"note: the checkpoint was made by {state.get('processes', 1)} process(es), this run has "
             f"{par.world}; the steps are the same, random state (dropout) continues from process 0's")
     torch.set_rng_state(rngs[par.rank] if len(rngs) == par.world else rngs[0])
     run = _Counters(step=state["step"], log=list(state["log"]), tokens=state["tokens"],
                     supervised_tokens=state["supervised_tokens"], compute_tokens=state.get("compute_tokens", 0),
                     elapsed=state["elapsed"])
-    log(f"[glotkit] resuming training from step {run.step}/{total}")
+    log(f"resuming training from step {run.step}/{total}")
     return run, {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
 
 
@@ -264,7 +265,7 @@ class _Checkpoint:
         # every process's random state, when all of them are here to hand it over; sharded
         # parameters and optimizer state are gathered by all of them together
         if par.sharded and not together:
-            self.log(f"[glotkit] the processes did not stop together: the checkpoint is the last one saved, "
+            self.log(f"the processes did not stop together: the checkpoint is the last one saved, "
                      f"not step {run.step}")
             return False
         rngs = par.gather(rng_state) if together and par.world > 1 else [rng_state]
@@ -346,7 +347,7 @@ def train(
     work_dir: Path,
     pad_id: int,
     device: str = "cpu",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
     progress: bool = True,
     stop_after: int | None = None,
     parallel: "Parallel | None" = None,
@@ -441,7 +442,7 @@ def train(
         if not in_update and run.step > start_step:
             optimizer.zero_grad(set_to_none=True)
             if checkpoint.save(run, rng_at_step, together=agreed):
-                log(f"[glotkit] interrupted: checkpoint saved at step {run.step}/{total}")
+                log(f"interrupted: checkpoint saved at step {run.step}/{total}")
         raise
     bar.close()
     if run.step < total:  # stopped early on purpose (tests)
@@ -468,7 +469,7 @@ def train(
 
 
 def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *, what: str, out: Path, work_dir: Path,
-                  seed: int, pad_id: int, device: str = "cpu", log: Callable[[str], None] = print,
+                  seed: int, pad_id: int, device: str = "cpu", log: Callable[[str], None] = say,
                   progress: bool = True, info: dict | None = None, parallel: "Parallel | None" = None) -> TrainResult:
     """Train a LoRA adapter, save it to ``out`` (a PEFT folder), write ``work_dir/result.json``
     (the run's figures, the trainable-parameter count and ``info``) and drop the checkpoint: one
@@ -478,7 +479,7 @@ def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *,
     from glotkit.models.lora import count_trainable, save_adapter
 
     params = count_trainable(peft_model)
-    log(f"[glotkit] {what}: {len(examples)} examples; {params.line()}")
+    log(f"{what}: {len(examples)} examples; {params.line()}")
     result = train(peft_model, examples, cfg, seed=seed, work_dir=work_dir, pad_id=pad_id, device=device, log=log,
                    progress=progress, parallel=parallel)
     whole = parallel.trainable_state(peft_model) if parallel is not None and parallel.sharded else None  # every process
@@ -492,6 +493,6 @@ def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *,
     atomic_write_json(Path(work_dir) / "result.json", summary | counts | (info or {}))
     (Path(work_dir) / CHECKPOINT).unlink(missing_ok=True)
     peak = (result.memory or {}).get("peak_rss_mb")
-    log(f"[glotkit] {what}: {result.steps} steps in {result.seconds:.0f}s, {result.tokens_per_s:.0f} tokens/s, "
+    log(f"{what}: {result.steps} steps in {result.seconds:.0f}s, {result.tokens_per_s:.0f} tokens/s, "
         f"final loss {result.final_loss}" + (f", peak RSS {peak:.0f} MB" if peak else ""))
     return result
