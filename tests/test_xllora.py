@@ -246,6 +246,13 @@ def test_xllora_recipe_end_to_end(tmp_path, tiny_llama, tiny_encoder, capsys):
     assert main(["run", "--no-progress", str(recipe), "--set", "synth.temperature=0.9", "--set", "embed.epochs=2"]) == 0
     err = capsys.readouterr().err
     assert "synthesis:" not in err and "embedding training" in err and any(run.glob("embed.previous-*"))
+    # a sweep over an XL-LoRA recipe tabulates its system's figures (STS, retrieval)
+    import csv
+
+    assert main(["sweep", "--no-progress", str(recipe), "--grid", "embed.epochs=1,2"]) == 0
+    table = list(csv.DictReader((tmp_path / "runs" / "xl-sweep" / "sweep.csv").open()))
+    assert [(r["embed.epochs"], r["status"]) for r in table] == [("1", "ok"), ("2", "ok")]
+    assert all(r["sts.spearman"] and r["base_sts.spearman"] and r["ro→en.accuracy@1"] for r in table)
 
 
 def test_xllora_bad_input(tmp_path, tiny_llama, capsys):
