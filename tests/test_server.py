@@ -597,7 +597,8 @@ def test_llama_cpp_server_agrees_with_the_local_backend(tmp_path, llama_server, 
 
 @pytest.mark.integration
 def test_server_killed_mid_evaluation_then_resumed(tmp_path, llama_server):
-    recipe = _xquad_recipe(tmp_path, llama_server.url, "openai", "resume", concurrency=1, retries=1, timeout=10)
+    # a generous request timeout: the restarted server reads prompts one token at a time on a busy machine
+    recipe = _xquad_recipe(tmp_path, llama_server.url, "openai", "resume", concurrency=1, retries=1, timeout=120)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "glotkit", "run", "--no-progress", str(recipe)]
     partial = tmp_path / "runs" / "resume" / "eval_base" / "predictions.partial.jsonl"
