@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 
-from glotkit.config import SuiteSection
+from glotkit.config import GenerateSection, SuiteSection
 from glotkit.errors import GlotkitError
 from glotkit.logs import say
 from glotkit.runtime import quiet_libraries
@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
                          "http://127.0.0.1:8000/v1; --model then only gives the tokenizer")
     sp.add_argument("--served-model", default=None, metavar="NAME", help="with --base-url: the served model's name")
     sp.add_argument("--concurrency", type=int, default=4, help="with --base-url: requests in flight")
+    sp.add_argument("--timeout", type=float, default=GenerateSection().timeout,
+                    help="with --base-url: seconds each request may wait for the server (default %(default)g)")
+    sp.add_argument("--retries", type=int, default=GenerateSection().retries,
+                    help="with --base-url: tries after the first, with backoff (default %(default)d)")
     sp.add_argument("--no-progress", action="store_true")
     sp = sub.add_parser("memory", help="memory after loading (M1) and peak while generating (M2): fp32, bf16, NF4")
     sp.add_argument("--model", default="gemma-3-270m")
@@ -199,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except GlotkitError as err:
         print(f"glotkit: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        import errno
+
+        if err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"glotkit: error: {where}{err.strerror}; fix it and rerun the same command: what was finished is kept "
+              "and the run resumes", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nglotkit: interrupted; run the same command again to resume", file=sys.stderr)
@@ -303,9 +316,18 @@ def _eval(args) -> int:
         raise GlotkitError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
     try:
         served = GenerateSection(backend="openai", base_url=args.base_url, models={"base": args.served_model},
-                                 concurrency=args.concurrency) if args.base_url else GenerateSection()
+                                 concurrency=args.concurrency, timeout=args.timeout,
+                                 retries=args.retries) if args.base_url else GenerateSection()
     except ValidationError as e:
         raise _option_error(e) from None
+    if args.base_url:
+        import importlib.util
+
+        if importlib.util.find_spec("openai") is None:  # before the tokenizer (a model conversion) is made
+            raise GlotkitError("--base-url: needs the openai client: pip install 'glotkit[server]'")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise GlotkitError(f"--out {out}: is a file; give a folder for the results")
     quiet_libraries()
     loaded: dict = {}
 
@@ -338,8 +360,11 @@ def _eval(args) -> int:
             model(f"{args.model} + {args.adapter}")]
     else:
         models = [model(args.model)]
-    run_suite_for(cfg, models, Path(args.out), log=_log, progress=not args.no_progress)
-    print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+    from glotkit.systems.runner import owned
+
+    with owned(out, "glotkit eval", lock_name=".eval.lock"):  # one writer per results folder
+        run_suite_for(cfg, models, out, log=_log, progress=not args.no_progress)
+    print((out / "results.md").read_text(encoding="utf-8"), end="")
     return 0
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from glotkit.errors import GlotkitError
+from glotkit.languages import language_code
 
 
 def _folder_name(v: str) -> str:
@@ -55,9 +56,11 @@ class DataSection(_Section):
     answer_field: str = "answer"
     id_field: str = "id"
     test_ratio: float = Field(0.2, gt=0.0, lt=1.0)
-    language: str = "ro"
+    language: str = "ro"  # ISO 639 code or a known name: Romanian letter fixes, English articles in EM/F1
     max_train: StrictInt | None = Field(None, gt=0)
     max_test: StrictInt | None = Field(None, gt=0)
+
+    _language = field_validator("language")(classmethod(lambda cls, v: language_code(v)))
 
 
 class PromptSection(_Section):
@@ -396,17 +399,50 @@ def validate_as(schema: type[RecipeBase], raw: dict[str, Any], where: str = "rec
         raise GlotkitError(format_validation_error(err, where, raw)) from None
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's safe loader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise GlotkitError(f"{self.name}: line {line}: key '{key}' is given twice (first on line {seen[key]})")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """YAML text as plain data (safe types only; a key given twice is refused), one-line errors."""
+    loader = _RecipeLoader(text)
+    loader.name = where
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise GlotkitError(f"{where}:{line} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
+    finally:
+        loader.dispose()
+
+
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """The plain data of a recipe file (a YAML mapping), with one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise GlotkitError(f"{path}: recipe file not found")
+        raise GlotkitError(f"{path}: recipe file not found" if not path.exists() else f"{path}: not a file")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise GlotkitError(f"{path}:{line} is not valid YAML: {getattr(err, 'problem', err)}") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise GlotkitError(f"{path}: not a text file in UTF-8 (byte {err.start}: {data[err.start:err.start + 1]!r}); "
+                           "a recipe is a YAML file") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise GlotkitError(f"{path}: line {line}: NUL byte; a recipe is a YAML text file")
+    raw = load_yaml_text(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise GlotkitError(f"{path}: a recipe must be a YAML mapping")
     return copy.deepcopy(raw)
@@ -422,6 +458,17 @@ def relative_to(folder: Path) -> Callable[[Any], Any]:
     return resolve
 
 
-def dump_recipe(recipe: RecipeBase, path: Path) -> None:
-    """Write the fully resolved recipe as YAML."""
-    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+def dump_recipe(recipe: RecipeBase, path: Path) -> bool:
+    """Write the fully resolved recipe as YAML, atomically, and only when it differs from what the
+    file holds (a finished run in a read-only folder reruns as a no-op); True when written."""
+    from glotkit.io import atomic_write_text
+
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+    path = Path(path)
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+    return True

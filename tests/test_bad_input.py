@@ -158,3 +158,100 @@ def test_split_ratio_too_coarse(tmp_path):
     exs = [QAExample(str(i), "same context", "q", ["a"]) for i in range(5)]
     with pytest.raises(GlotkitError, match="distinct contexts"):
         split_by_context(exs, 0.2, 0)
+
+
+# --------------------------------------------------------------------------- issue 16
+
+
+def test_recipe_bytes_duplicate_keys_and_languages(tmp_path, capsys):
+    p = _recipe(tmp_path, "name: a\nlora:\n  r: 4\n  alpha: 8\n  r: 16\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "r.yaml: line 5: key 'r' is given twice (first on line 3)")
+    p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "r.yaml", "not a text file in UTF-8")
+    p.write_bytes(b"name: a\n\x00\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "r.yaml: line 2: NUL byte")
+    p.write_bytes("\ufeffname: bom\n".encode())  # a BOM written by a Windows editor is fine
+    assert load_recipe(p).name == "bom"
+    p = _recipe(tmp_path, "data:\n  language: Romanian\n")
+    assert load_recipe(p).data.language == "ro"  # the common name maps to the code
+    assert load_recipe(p, ["data.language=ro-RO"]).data.language == "ro-RO"
+    _assert_one_line(*_run_cli(capsys, "validate", str(p), "--set", "data.language=Klingonese"),
+                     "data.language", "'Klingonese' is not a language code")
+    pre = _recipe(tmp_path, "system: pretrain\npretrain:\n  language: German\n")
+    assert load_recipe(pre).pretrain.language == "de"
+
+
+def test_eval_out_is_a_file_a_locked_folder_or_needs_a_missing_client(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    f = tmp_path / "out.txt"
+    f.write_text("x")
+    args = ["eval", "--model", "no-such-model-anywhere/x", "--tasks", "sentiment", "--data-root", str(tmp_path)]
+    code, err = _run_cli(capsys, *args, "--out", str(f))
+    if "sentiment" in err and "out.txt" not in err:
+        pytest.skip("the task's data is checked first here")
+    _assert_one_line(code, err, "--out", "is a file")
+    held = tmp_path / "held"
+    held.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (held / ".eval.lock").write_text(json.dumps({"pid": holder.pid, "command": "glotkit eval", "since": "now"}))
+        from glotkit.systems.runner import owned
+
+        with pytest.raises(GlotkitError, match=f"in use by process {holder.pid}"):
+            with owned(held, "glotkit eval", lock_name=".eval.lock"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a))
+    code, err = _run_cli(capsys, "eval", "--model", "no-such-model/x", "--tasks", "qa", "--base-url",
+                         "http://127.0.0.1:9/v1", "--served-model", "m", "--out", str(tmp_path / "o"))
+    if code == 2 and "qa" in err and "openai" not in err:
+        pytest.skip("the task's data is checked first here")
+    _assert_one_line(code, err, "--base-url", "openai client", "glotkit[server]")
+    assert os.path.isdir(tmp_path) and not (tmp_path / "o").exists()
+
+
+def test_a_server_that_never_answers_is_bounded_and_named(tmp_path):
+    import socket
+    import threading
+
+    from glotkit.config import GenerateSection
+    from glotkit.generate.server import ServerGenerator
+
+    pytest.importorskip("openai")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections (the kernel does) and never answers
+    kept: list = []
+    stop = threading.Event()
+
+    def accept():
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                kept.append(silent.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+    said: list[str] = []
+    try:
+        cfg = GenerateSection(backend="openai", base_url=url, models={"base": "m"}, timeout=1.0, retries=0)
+        with pytest.raises(GlotkitError, match=rf"no answer from {url} after 1 try \(APITimeoutError") as err:
+            ServerGenerator.connect(cfg, "base", said.append, "task suite")
+        assert "\n" not in str(err.value)
+        assert said == [f"task suite: asking {url} for its models (each request waits up to 1 s, 1 try)"]
+    finally:
+        stop.set()
+        t.join()
+        for c in kept:
+            c.close()
+        silent.close()

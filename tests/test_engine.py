@@ -290,3 +290,77 @@ def test_chunked_lm_head_gives_the_same_loss_and_gradients(tmp_path, monkeypatch
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
     for k in out[0][1]:
         torch.testing.assert_close(out[0][1][k], out[1][1][k], rtol=1e-4, atol=1e-6)
+
+
+def _resume_case(tmp_path):
+    cfg = TrainSection(batch_size=2, grad_accum=2, max_steps=6, lr=5e-3, checkpoint_every=2, warmup_ratio=0.2)
+
+    def fresh():
+        model, tok = build_model(tmp_path / "m", "gemma3", seed=0)
+        torch.manual_seed(0)
+        return apply_lora(model, LoraSection(r=4, dropout=0.1)), tok
+
+    return cfg, fresh
+
+
+def test_truncated_checkpoint_falls_back_to_the_one_before(tmp_path):
+    from glotkit.train.engine import previous_checkpoint
+
+    cfg, fresh = _resume_case(tmp_path)
+    model, tok = fresh()
+    enc = _encoded(tok, 10)
+    full = train(model, enc, cfg, seed=7, work_dir=tmp_path / "a", pad_id=tok.pad_token_id, progress=False)
+    model, tok = fresh()
+    train(model, enc, cfg, seed=7, work_dir=tmp_path / "b", pad_id=tok.pad_token_id, progress=False, stop_after=3)
+    ckpt = tmp_path / "b" / "checkpoint.pt"
+    assert previous_checkpoint(ckpt).is_file()  # step 2's, kept when step 3's was written
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a crash mid-copy
+    said = []
+    model, tok = fresh()
+    rest = train(model, enc, cfg, seed=7, work_dir=tmp_path / "b", pad_id=tok.pad_token_id, progress=False,
+                 log=said.append)
+    assert any("cannot be read" in m for m in said) and any("step 2" in m for m in said), said
+    assert [h["loss"] for h in rest.log] == pytest.approx([h["loss"] for h in full.log], abs=1e-6)
+
+    # both unreadable: one line naming the checkpoint, not torch's traceback
+    model, tok = fresh()
+    train(model, enc, cfg, seed=7, work_dir=tmp_path / "c", pad_id=tok.pad_token_id, progress=False, stop_after=3)
+    for p in (tmp_path / "c" / "checkpoint.pt", previous_checkpoint(tmp_path / "c" / "checkpoint.pt")):
+        p.write_bytes(b"PK\x03\x04 truncated")
+    from glotkit.errors import GlotkitError
+
+    with pytest.raises(GlotkitError, match=r"checkpoint\.pt: checkpoint cannot be read") as err:
+        train(fresh()[0], enc, cfg, seed=7, work_dir=tmp_path / "c", pad_id=tok.pad_token_id, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    import glotkit.train.engine as engine
+    from glotkit.errors import GlotkitError
+
+    cfg, fresh = _resume_case(tmp_path)
+    model, tok = fresh()
+    enc = _encoded(tok, 10)
+    full = train(model, enc, cfg, seed=7, work_dir=tmp_path / "a", pad_id=tok.pad_token_id, progress=False)
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, fh, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint finds the disk full after writing a part
+            fh.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, fh, *a, **k)
+
+    monkeypatch.setattr(engine.torch, "save", full_disk)
+    model, tok = fresh()
+    with pytest.raises(GlotkitError, match="No space left on device") as err:
+        train(model, enc, cfg, seed=7, work_dir=tmp_path / "b", pad_id=tok.pad_token_id, progress=False)
+    assert "\n" not in str(err.value) and "rerun" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.endswith(".tmp")) == []
+    assert (tmp_path / "b" / "checkpoint.pt").is_file()  # step 2's
+    monkeypatch.setattr(engine.torch, "save", real_save)
+    model, tok = fresh()
+    rest = train(model, enc, cfg, seed=7, work_dir=tmp_path / "b", pad_id=tok.pad_token_id, progress=False)
+    assert [h["loss"] for h in rest.log] == pytest.approx([h["loss"] for h in full.log], abs=1e-6)

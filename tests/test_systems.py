@@ -47,6 +47,8 @@ class CountFolder(RunFolder):
 
 
 def _tally(run: Run) -> None:
+    if run.recipe.count.scale == 0:  # a failure inside a stage, after the run folder exists
+        raise GlotkitError("count.scale: 0 counts nothing")
     words = Path(run.recipe.count.text).read_text(encoding="utf-8").split()
     run.shared.setdefault("calls", []).append("tally")
     atomic_write_json(run.folder.tally, {"words": len(words) * run.recipe.count.scale})
@@ -231,3 +233,104 @@ def test_a_changed_test_file_redoes_the_base_evaluation(tmp_path, tiny_llama, ca
     assert json.loads((run / "eval_base" / "metrics.json").read_text())["n"] == 5
     assert json.loads((run / "eval_base.previous-1" / "metrics.json").read_text())["n"] == 3
     assert json.loads((run / "metrics.json").read_text())["base"]["n"] == 5
+
+
+# --------------------------------------------------------------------------- issue 16: runs that cannot go wrong
+
+
+def test_a_failed_start_is_fixed_by_fixing_the_recipe(tmp_path, count_system, capsys):
+    path = _count_recipe(tmp_path, "a b", scale=0)
+    assert main(["run", "--no-progress", str(path)]) == 2
+    assert "count.scale: 0 counts nothing" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "c" / "config.yaml").is_file()  # the folder exists, no stage made anything
+    assert main(["run", "--no-progress", str(path), "--set", "count.scale=2"]) == 0
+    err = capsys.readouterr().err
+    assert "no stage has produced output yet: the run folder takes the new recipe" in err
+    assert json.loads((tmp_path / "runs" / "c" / "tally.json").read_text()) == {"words": 4}
+    # once a stage has produced output a changed recipe is refused as before
+    assert main(["run", "--no-progress", str(path), "--set", "count.scale=3"]) == 2
+    assert "made with a different recipe (count.scale: 2 -> 3)" in capsys.readouterr().err
+
+
+def test_a_moved_run_folder_and_a_read_only_one_rerun_as_no_ops(tmp_path, count_system, capsys, monkeypatch):
+    import shutil
+
+    import glotkit.systems.runner as runner
+
+    path = _count_recipe(tmp_path, "a b c")
+    assert main(["run", "--no-progress", str(path)]) == 0
+    shutil.move(str(tmp_path / "runs"), str(tmp_path / "archive"))  # runs_dir is result-neutral
+    moved = tmp_path / "archive" / "c"
+    config = (moved / "config.yaml").read_bytes()
+    stamps = {p.name: p.stat().st_mtime_ns for p in moved.iterdir()}
+    calls: list[str] = []
+    real_access = os.access  # the folder reads as not writable (chmod does not stop root, who runs CI)
+    monkeypatch.setattr(runner.os, "access", lambda p, mode, **k: Path(p) != moved and real_access(p, mode, **k))
+    monkeypatch.setattr(sys.modules[__name__], "_tally", lambda run: calls.append("x"))  # must not run
+    capsys.readouterr()
+    assert main(["run", "--no-progress", str(path), "--set", f"runs_dir={tmp_path / 'archive'}"]) == 0
+    assert "every stage is done (the folder is read-only: nothing written)" in capsys.readouterr().err
+    assert calls == [] and (moved / "config.yaml").read_bytes() == config
+    assert {p.name: p.stat().st_mtime_ns for p in moved.iterdir()} == stamps  # not one file written
+    # a read-only folder where a stage still has to run: one line saying so
+    (moved / "tally.json").unlink()
+    assert main(["run", "--no-progress", str(path), "--set", f"runs_dir={tmp_path / 'archive'}"]) == 2
+    assert "cannot be written (read-only); stage tally still has to run there" in capsys.readouterr().err
+
+
+def test_two_runs_started_together_one_owns_the_folder(tmp_path):
+    folder = tmp_path / "run"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from pathlib import Path\n"
+            "from glotkit.errors import GlotkitError\n"
+            "from glotkit.systems.runner import owned\n"
+            "try:\n"
+            f"    with owned(Path({str(folder)!r}), 'racer'):\n"
+            "        print('owner', flush=True)\n"
+            "        sys.stdin.readline()\n"  # holds the folder until told to go
+            "except GlotkitError as e:\n"
+            "    print('refused', e, flush=True)\n")
+    racers = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        first = [r.stdout.readline().strip() for r in racers]
+        assert sorted(line.split()[0] for line in first) == ["owner", "refused"], first
+        refused = next(line for line in first if line.startswith("refused"))
+        assert "in use by process" in refused and "racer" in refused
+    finally:
+        for r in racers:
+            r.communicate("go\n", timeout=120)
+    assert not (folder / ".lock").exists()
+
+
+def test_replaced_model_weights_and_corpus_folders_make_stages_stale(tmp_path, tiny_llama, capsys):
+    import shutil
+
+    from conftest import build_model
+    from glotkit.systems.runner import hash_input
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    test = write_qa_jsonl(tmp_path / "test.jsonl", 3, offset=100)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "t", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(model)},
+                                  "data": {"train": str(test), "test": str(test)},
+                                  "eval": {"max_new_tokens": 2, "batch_size": 4}, "stages": ["eval_base"]}))
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    assert "made from other inputs" not in capsys.readouterr().err  # same weights: kept
+    other = tmp_path / "other"
+    build_model(other, "llama", seed=5)
+    shutil.copy(other / "model.safetensors", model / "model.safetensors")  # new weights, same folder
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    assert "stage eval_base was made from other inputs" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "t" / "eval_base.previous-1").is_dir()
+    # a folder (a corpus) hashes its files' names and contents; the memo skips unchanged files
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("unu", encoding="utf-8")
+    known: dict = {}
+    first = hash_input(corpus, known)
+    assert first.startswith("dir:") and hash_input(corpus, known) == first
+    (corpus / "b.txt").write_text("doi", encoding="utf-8")
+    assert hash_input(corpus, known) != first

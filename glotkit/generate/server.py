@@ -52,6 +52,10 @@ def prompt_text(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def _tries(n: int) -> str:
+    return f"{n} {'try' if n == 1 else 'tries'}"
+
+
 class _BrokenStream(Exception):
     pass
 
@@ -93,7 +97,7 @@ class ServerGenerator:
                                     timeout=cfg.timeout)
 
     def _unreachable(self, err) -> GlotkitError:
-        return GlotkitError(f"generate.base_url: no answer from {self.url} after {self.cfg.retries + 1} tries "
+        return GlotkitError(f"generate.base_url: no answer from {self.url} after {_tries(self.cfg.retries + 1)} "
                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); "
                             "start the server (or fix the URL) and rerun: finished answers are kept")
 
@@ -262,6 +266,8 @@ class ServerGenerator:
         """The server's model for ``role`` (``cfg.models[role]``, at ``cfg.url_of(role)``), checked
         to be served."""
         server = cls(cfg, cfg.models[role], cfg.url_of(role), tokenizer=tokenizer)
+        log(f"{what}: asking {server.url} for its models (each request waits up to {cfg.timeout:g} s, "
+            f"{_tries(cfg.retries + 1)})")
         server.check()
         log(f"{what}: the {role} model is served by {server.url} as '{server.model}'")
         return server

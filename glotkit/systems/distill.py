@@ -284,7 +284,8 @@ def check_logit_level(teacher: str, student: str, name: str, trimmed: bool = Fal
 
 
 def model_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if "/" in name else name).strip("_") or "model"
+    """A model name (built-in, folder or hub id) as one plain folder name: never '.', '..' or a path."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if "/" in name else name).strip("_.") or "model"
 
 
 def _splits(run: Run) -> dict:

@@ -169,6 +169,14 @@ def loaded(run: Run, kind: Kind) -> Loaded:
 # --------------------------------------------------------------------------- stages
 
 
+def model_inputs(recipe) -> list[Path]:
+    """The model as an input of a stage: a local folder's files are hashed (weights replaced in
+    place make the stages that used them stale).  A built-in model is pinned by its sha256 in the
+    registry and a hub id by ``model.revision``, both part of the recipe."""
+    path = Path(recipe.model.name).expanduser()
+    return [path] if path.is_dir() else []
+
+
 def _eval_stage(kind: Kind, tag: str) -> Stage:
     def run_(run: Run) -> None:
         f: FinetuneFolder = run.folder
@@ -178,7 +186,7 @@ def _eval_stage(kind: Kind, tag: str) -> Stage:
         write_merged_results(f)
 
     def inputs(run: Run) -> list[Path]:
-        files = [Path(p) for p in kind.data_files(run.recipe)]
+        files = [Path(p) for p in kind.data_files(run.recipe)] + model_inputs(run.recipe)
         if tag == "tuned":
             files.append(run.folder.adapter / "adapter_model.safetensors")
         return files
@@ -213,7 +221,7 @@ def _train_stage(kind: Kind) -> Stage:
             state.model, state.dropped = None, True
 
     return Stage("train", run_, done=lambda run: run.folder.train_result.is_file(),
-                 inputs=lambda run: kind.data_files(run.recipe),
+                 inputs=lambda run: [Path(p) for p in kind.data_files(run.recipe)] + model_inputs(run.recipe),
                  outputs=lambda run: [run.folder.train_dir, run.folder.adapter], every_process=True)
 
 

@@ -11,6 +11,7 @@ from pydantic import Field, StrictInt, field_validator
 from glotkit.config import MemorySection, RecipeBase, SuiteSection, _Section
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_json
+from glotkit.languages import language_code
 from glotkit.systems.base import Run, Verb
 from glotkit.systems.finetune import FinetuneSystem, Kind
 
@@ -20,13 +21,15 @@ class PretrainSection(_Section):
 
     corpus: list[str] = Field(default_factory=list)  # .txt / .jsonl / TEI .xml files or folders
     text_field: str = "text"
-    language: str = "ro"
+    language: str = "ro"  # ISO 639 code or a known name
     fix_diacritics: bool = True  # Romanian: legacy ş/ţ -> ș/ț
     block_size: StrictInt = Field(512, gt=8)
     heldout_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     max_docs: StrictInt | None = Field(None, gt=0)
     max_train_tokens: StrictInt | None = Field(None, gt=0)
     max_heldout_tokens: StrictInt | None = Field(20000, gt=0)
+
+    _language = field_validator("language")(classmethod(lambda cls, v: language_code(v)))
 
     @field_validator("corpus", mode="before")
     @classmethod

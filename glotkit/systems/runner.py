@@ -35,7 +35,7 @@ from glotkit.systems.base import Run, RunFolder, Stage, System
 # keys of every recipe that change how a run is carried out but not its results
 _RESULT_NEUTRAL = ("train.checkpoint_every", "train.max_tokens_per_forward", "generate.base_url",
                    "generate.base_urls", "generate.api_key_env", "generate.concurrency", "generate.retries",
-                   "generate.timeout", "sweep")
+                   "generate.timeout", "sweep", "runs_dir")
 # stages may be added to (or removed from) a finished run
 _ALWAYS_REDONE = ("stages",)
 
@@ -63,23 +63,49 @@ def _comparable(old: dict, recipe: RecipeBase) -> dict:
     return {k: v for k, v in old.items() if k in type(recipe).model_fields}
 
 
-def prepare_folder(recipe: RecipeBase, system: System) -> RunFolder:
-    """Create the run folder, or check that an existing one was made with the same recipe."""
+# what a run folder holds before any stage has produced something
+_BOOKKEEPING = {"config.yaml", "versions.json", "stages.json", ".lock"}
+
+
+def has_outputs(root: Path) -> bool:
+    """Whether any stage has written something in the run folder (files other than the recipe, the
+    versions, the stage records, the lock and temporary files; empty folders do not count)."""
+    for path in root.rglob("*"):
+        if path.is_file() and not (path.parent == root and path.name in _BOOKKEEPING) \
+                and not (path.name.startswith(".") and path.name.endswith(".tmp")):
+            return True
+    return False
+
+
+def prepare_folder(recipe: RecipeBase, system: System, log: Callable[[str], None] = say) -> RunFolder:
+    """Create the run folder, or check that an existing one was made with the same recipe.  A
+    changed recipe is taken while no stage has produced output yet (a failed start is fixed by
+    fixing the recipe); after that it is refused unless the change is result-neutral."""
     folder = system.folder_type(recipe.run_dir())
     saved = folder.config
     if saved.is_file():
-        old = _comparable(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, recipe)
+        try:
+            old = _comparable(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, recipe)
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            raise GlotkitError(f"{saved}: cannot be read ({type(err).__name__}); "
+                               "delete the run folder or give the run a new name (--set name=...)") from None
         changes = _diff(old, recipe.to_dict(), set(_RESULT_NEUTRAL) | set(system.result_neutral),
                         _ALWAYS_REDONE + tuple(system.redone_by_settings))
-        if changes:
+        if changes and has_outputs(folder.root):
             raise GlotkitError(
                 f"{saved}: this run folder was made with a different recipe ({changes[0]}"
                 f"{f' and {len(changes) - 1} more' if len(changes) > 1 else ''}); "
                 "give the run a new name (--set name=...) or delete the folder"
             )
+        if changes:
+            log(f"the recipe changed ({changes[0]}{f' and {len(changes) - 1} more' if len(changes) > 1 else ''}) "
+                "but no stage has produced output yet: the run folder takes the new recipe")
     else:
         folder.root.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, saved)  # (refreshes result-neutral keys)
+    try:
+        dump_recipe(recipe, saved)  # when it changed (result-neutral keys, a failed start's fix)
+    except OSError as err:
+        raise GlotkitError(f"{saved}: cannot write the run's recipe ({err.strerror or err})") from None
     return folder
 
 
@@ -114,12 +140,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class ReadOnlyFolder(GlotkitError):
+    """The folder to own cannot be written (a read-only folder or file system)."""
+
+
 @contextlib.contextmanager
 def owned(root: Path, what: str, lock_name: str = ".lock") -> Iterator[None]:
     """Hold the folder ``root`` for this process while the block runs.  A folder held by a live
-    process is refused with one line naming it; a lock of a process that is gone is taken over."""
-    root.mkdir(parents=True, exist_ok=True)
+    process is refused with one line naming it; a lock of a process that is gone is taken over;
+    a folder that cannot be written raises :class:`ReadOnlyFolder`."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GlotkitError(f"{root}: cannot be made ({err.strerror or err})") from None
     path = root / lock_name
+    if not os.access(root, os.W_OK):
+        raise ReadOnlyFolder(f"{root}: cannot be written (read-only)")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
           "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(50):
@@ -195,7 +231,34 @@ def settle(folder: Path, settings: dict, restart_keys: Sequence[str] | None, log
     atomic_write_json(path, settings)
 
 
-def _fingerprint(stage: Stage, run: Run) -> dict | None:
+def _file_hash(path: Path, known: dict) -> str:
+    """sha256 of a file, taken from ``known`` (path -> [size, mtime_ns, hash], the stage records'
+    memo) when its size and time are unchanged, so that large inputs are read once."""
+    st = path.stat()
+    memo = known.get(str(path))
+    if memo and memo[:2] == [st.st_size, st.st_mtime_ns]:
+        return memo[2]
+    digest = sha256_of_files([path])
+    known[str(path)] = [st.st_size, st.st_mtime_ns, digest]
+    return digest
+
+
+def hash_input(path: Path, known: dict) -> str | None:
+    """The content hash of an input: a file's sha256, a folder's over its files' relative names
+    and hashes (sorted; hidden files left out), None when it does not exist."""
+    import hashlib
+
+    if path.is_file():
+        return _file_hash(path, known)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            h.update(f"{f.relative_to(path).as_posix()}\0{_file_hash(f, known)}\n".encode())
+        return "dir:" + h.hexdigest()
+    return None
+
+
+def _fingerprint(stage: Stage, run: Run, known: dict) -> dict | None:
     if stage.settings is None and stage.inputs is None:
         return None
     out: dict[str, Any] = {}
@@ -203,28 +266,42 @@ def _fingerprint(stage: Stage, run: Run) -> dict | None:
         out["settings"] = stage.settings(run)
     if stage.inputs is not None:
         files = [Path(p) for p in stage.inputs(run) if p]
-        out["inputs"] = {str(p): sha256_of_files([p]) if p.is_file() else None for p in files}
+        out["inputs"] = {str(p): hash_input(p, known) for p in files}
     return json.loads(json.dumps(out))
 
 
-def _what_changed(old: dict, new: dict) -> str:
-    keys = [f"{part} {k}" for part in ("settings", "inputs")
-            for k in sorted(set(old.get(part) or {}) | set(new.get(part) or {}))
-            if (old.get(part) or {}).get(k) != (new.get(part) or {}).get(k)]
+def _changed(old: dict, new: dict) -> list[str]:
+    """The recorded things that differ now (``part key``).  A key the record does not have yet
+    (recorded by an older glotkit), or an input that did not exist when it was recorded (a model
+    converted by the stage itself), is not a change: the record is completed."""
+    was, now = old.get("settings") or {}, new.get("settings") or {}
+    out = [f"settings {k}" for k in sorted(set(was) & set(now)) if was[k] != now[k]]
+    was, now = old.get("inputs") or {}, new.get("inputs") or {}
+    return out + [f"inputs {k}" for k in sorted(set(was) & set(now)) if was[k] is not None and was[k] != now[k]]
+
+
+def _what_changed(keys: list[str]) -> str:
     shown = [k if len(k) < 80 else "…" + k[-77:] for k in keys[:2]]
     return ", ".join(shown) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "") or "its record"
 
 
 def _run_stage(stage: Stage, run: Run, records: dict) -> None:
-    fp = _fingerprint(stage, run)
+    known = records.setdefault("_file_hashes", {})
+    fp = _fingerprint(stage, run, known)
     if stage.done(run):
         old = records.get(stage.name)
         if fp is None or old is None or old == fp:
             return
+        changed = _changed(old, fp)
+        if not changed:  # a record of an older glotkit: completed, nothing to redo
+            if run.parallel.is_main:
+                records[stage.name] = fp
+                atomic_write_json(run.folder.stage_records, records)
+            return
         if stage.outputs is None:
-            raise GlotkitError(f"stage {stage.name}: made from other inputs ({_what_changed(old, fp)})")
+            raise GlotkitError(f"stage {stage.name}: made from other inputs ({_what_changed(changed)})")
         move_aside(list(stage.outputs(run)), run.log, f"stage {stage.name} was made from other inputs "
-                                                        f"({_what_changed(old, fp)})")
+                                                        f"({_what_changed(changed)})")
     stage.run(run)
     if fp is not None and stage.done(run) and run.parallel.is_main:
         records[stage.name] = fp
@@ -253,10 +330,16 @@ def run_recipe(recipe: RecipeBase, log: Callable[[str], None] = say, progress: b
     checked = system.check(recipe, folder, log)
     lock = owned(folder.root, f"glotkit {recipe.system} run '{recipe.name}'") if par.is_main \
         else contextlib.nullcontext()
-    with lock:
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(lock)
+    except ReadOnlyFolder as err:
+        _finished_read_only(recipe, system, folder, log, checked, err)
+        return folder.root
+    with held:
         with par.main_first():  # process 0 makes or checks the folder; the others wait and only read
             if par.is_main:
-                prepare_folder(recipe, system)
+                prepare_folder(recipe, system, log)
         run = Run(recipe, folder, log=log, progress=progress, parallel=par, checked=checked)
         log(f"run '{recipe.name}' in {folder.root}: {system.describe(run)}")
         chosen = set(recipe.stages)
@@ -281,3 +364,27 @@ def run_recipe(recipe: RecipeBase, log: Callable[[str], None] = say, progress: b
         finally:
             run.shared.clear()  # models loaded for the stages
     return folder.root
+
+
+def _finished_read_only(recipe: RecipeBase, system: System, folder: RunFolder, log: Callable[[str], None],
+                        checked: Any, err: ReadOnlyFolder) -> None:
+    """A run folder that cannot be written: fine when the recipe is the one that made it and every
+    stage asked for is done (a rerun is then a no-op); else one line saying what would run."""
+    saved = folder.config
+    if not saved.is_file():
+        raise GlotkitError(f"{err}; the run cannot start there") from None
+    old = _comparable(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, recipe)
+    changes = _diff(old, recipe.to_dict(), set(_RESULT_NEUTRAL) | set(system.result_neutral),
+                    _ALWAYS_REDONE + tuple(system.redone_by_settings))
+    if changes:
+        raise GlotkitError(f"{err}, and the recipe differs from the one that made it ({changes[0]})") from None
+    run = Run(recipe, folder, log=log, progress=False, parallel=None, checked=checked)
+    records = folder.read_json(folder.stage_records) or {}
+    for stage in [s for s in system.stages(recipe) if s.name in set(recipe.stages)]:
+        done = stage.done(run) or (stage.name == "report" and folder.report.is_file())
+        if done and stage.name in records and _changed(records[stage.name],
+                                                        _fingerprint(stage, run, dict(records.get("_file_hashes", {})))):
+            done = False
+        if not done:
+            raise GlotkitError(f"{err}; stage {stage.name} still has to run there") from None
+    log(f"run '{recipe.name}' in {folder.root}: every stage is done (the folder is read-only: nothing written)")

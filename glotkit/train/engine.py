@@ -114,13 +114,59 @@ class TrainResult:
         return asdict(self)
 
 
+def previous_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before ``path``'s last one is kept (``checkpoint.previous.pt``)."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary file; the checkpoint it replaces is kept as
+    :func:`previous_checkpoint` (the fallback when the new one cannot be read).  A failed write
+    (a full disk) removes the temporary file and is one line; the earlier checkpoints stay."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.is_file():
+            os.replace(path, previous_checkpoint(path))
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        kept = path if path.is_file() else previous_checkpoint(path)
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise GlotkitError(f"{path}: could not write the checkpoint ({why})"
+                           + (f"; {kept.name} is kept" if kept.is_file() else "")
+                           + ": free space (or fix the folder) and rerun the same command to resume") from None
+
+
+def _load_checkpoint(path: Path, log: Callable[[str], None]) -> dict | None:
+    """The state saved in ``path``, or in the checkpoint before it when ``path`` cannot be read
+    (truncated by a crash, say); None when there is none.  Unreadable everywhere: one line."""
+    import pickle
+    import zipfile
+
+    tried = []
+    for candidate in (path, previous_checkpoint(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "trainable" not in state or "step" not in state:
+                raise ValueError("not a glotkit checkpoint")
+        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            tried.append(f"{candidate.name}: {str(err).splitlines()[0][:120] if str(err) else type(err).__name__}")
+            log(f"{candidate}: cannot be read ({tried[-1].split(': ', 1)[1]})"
+                + ("; trying the checkpoint before it" if candidate == path else ""))
+            continue
+        if candidate != path:
+            log(f"resuming from the checkpoint before it ({candidate.name}, step {state['step']})")
+        return state
+    if tried:
+        raise GlotkitError(f"{path}: checkpoint cannot be read ({'; '.join(tried)}); delete {path.parent} "
+                           "to start this training over")
+    return None
 
 
 class _LossModule(torch.nn.Module):
@@ -227,9 +273,9 @@ def _restore(ckpt_path: Path, model, total: int, par: "Parallel", log: Callable[
     """Resume from ``ckpt_path`` when it exists: the trainable weights and this process's random
     state are set now; returns the counters and, for once the optimizer exists, the optimizer and
     scheduler state (None: no checkpoint, a fresh start)."""
-    if not ckpt_path.is_file():
+    state = _load_checkpoint(ckpt_path, log)
+    if state is None:
         return _Counters(), None
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if state.get("total_steps") != total:
         raise GlotkitError(
             f"{ckpt_path}: checkpoint was made for {state.get('total_steps')} steps, this run plans {total}; "
@@ -492,6 +538,7 @@ def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *,
               "trainable_percent": round(params.percent, 4), "trainable_line": params.line()}
     atomic_write_json(Path(work_dir) / "result.json", summary | counts | (info or {}))
     (Path(work_dir) / CHECKPOINT).unlink(missing_ok=True)
+    previous_checkpoint(Path(work_dir) / CHECKPOINT).unlink(missing_ok=True)
     peak = (result.memory or {}).get("peak_rss_mb")
     log(f"{what}: {result.steps} steps in {result.seconds:.0f}s, {result.tokens_per_s:.0f} tokens/s, "
         f"final loss {result.final_loss}" + (f", peak RSS {peak:.0f} MB" if peak else ""))
