@@ -20,7 +20,38 @@ from glotkit.errors import GlotkitError
 from glotkit.languages import language_code
 
 
-def _folder_name(v: str) -> str:
+def template_fields(text: str) -> list[str]:
+    """The placeholders of a ``str.format`` template, in order; a lone brace, an empty ``{}`` or a
+    placeholder that is not a plain field name (``{a.b}``, ``{0}``) is a ValueError that says so."""
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as err:
+        raise ValueError(f"{err} (write '{{{{' or '}}}}' for a literal brace)") from None
+    out = []
+    for _, name, spec, _conv in parts:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise ValueError(f"placeholder {{{name}}} is not a field name (write '{{{{' or '}}}}' for a literal brace)")
+        if spec and ("{" in spec):
+            raise ValueError(f"placeholder {{{name}}}: nested braces in its format are not supported")
+        out.append(name)
+    return out
+
+
+def _check_template(v: str, allowed: tuple[str, ...], needed: str) -> str:
+    fields = template_fields(v)
+    unknown = [f for f in fields if f not in allowed]
+    if unknown:
+        raise ValueError(f"unknown placeholder {{{unknown[0]}}} (known: {', '.join('{' + a + '}' for a in allowed)})")
+    if needed not in fields:
+        raise ValueError(f"must contain {{{needed}}}")
+    return v
+
+
+def folder_name(v: str) -> str:
     """A name that becomes a folder: plain characters only."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", v):
         raise ValueError(f"must be a plain folder name (letters, digits, . _ - = , +), got {v!r}")
@@ -73,16 +104,12 @@ class PromptSection(_Section):
     @field_validator("template")
     @classmethod
     def _needs_question(cls, v: str) -> str:
-        if "{question}" not in v:
-            raise ValueError("must contain {question}")
-        return v
+        return _check_template(v, ("context", "question"), "question")
 
     @field_validator("target")
     @classmethod
     def _needs_answer(cls, v: str) -> str:
-        if "{answer}" not in v:
-            raise ValueError("must contain {answer}")
-        return v
+        return _check_template(v, ("answer",), "answer")
 
 
 class LoraSection(_Section):
@@ -248,7 +275,7 @@ class RecipeBase(_Section):
     path_keys: ClassVar[tuple[tuple[str, str], ...]] = ()  # (section, key) of file paths: relative to the recipe
     served: ClassVar[bool] = False  # whether generate.backend 'openai' serves some of its stages
 
-    _safe_name = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
+    _safe_name = field_validator("name")(classmethod(lambda cls, v: folder_name(v)))
 
     def model_post_init(self, __context) -> None:
         if not self.stages:

@@ -71,7 +71,11 @@ def _value_tag(v: Any) -> str:
 
 def trial_recipes(recipe: RecipeBase, grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any], RecipeBase]]:
     keys = list(grid)
+    fixed = [k for k in keys if k.split(".")[0] in ("name", "runs_dir", "sweep")]
+    if fixed:
+        raise GlotkitError(f"sweep: {fixed[0]}: cannot be swept (the sweep names its trials and their folder)")
     out = []
+    seen: dict[str, str] = {}
     base = recipe.to_dict()
     base["sweep"] = {}
     for combo in itertools.product(*(grid[k] for k in keys)):
@@ -80,6 +84,10 @@ def trial_recipes(recipe: RecipeBase, grid: dict[str, list[Any]]) -> list[tuple[
             apply_override(raw, k.split("."), v)
         tag = ",".join(f"{k.split('.')[-1]}={_value_tag(v)}" for k, v in zip(keys, combo))
         raw["name"] = f"{recipe.name}--{tag}"
+        if raw["name"] in seen:  # two values that differ only in characters a folder name cannot hold
+            raise GlotkitError(f"sweep: trials {seen[raw['name']]} and {combo!r} would share the folder "
+                               f"'{raw['name']}'; give values that differ in letters or digits")
+        seen[raw["name"]] = repr(combo)
         raw["runs_dir"] = str(Path(recipe.runs_dir) / f"{recipe.name}-sweep")
         out.append((raw["name"], dict(zip(keys, combo)), validate_recipe(raw, where=f"sweep trial {tag}")))
     return out

@@ -255,3 +255,69 @@ def test_a_server_that_never_answers_is_bounded_and_named(tmp_path):
         for c in kept:
             c.close()
         silent.close()
+
+
+def test_templates_are_checked_when_the_recipe_is_validated(tmp_path, capsys):
+    p = _recipe(tmp_path, "prompt:\n  template: 'Topic: {topic}\\nQuestion: {question}\\nAnswer:'\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "prompt.template", "unknown placeholder {topic}",
+                     "{context}, {question}")
+    p = _recipe(tmp_path, "prompt:\n  template: 'Q {question} {'\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "prompt.template", "Single '{'", "'{{'")
+    p = _recipe(tmp_path, "prompt:\n  target: ' {answer.upper}'\n")
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "prompt.target", "{answer.upper} is not a field name")
+    p = _recipe(tmp_path, "prompt:\n  template: 'Q {question} {{literal}}'\n")
+    assert load_recipe(p).prompt.template.endswith("{{literal}}")  # doubled braces are text
+
+
+@pytest.mark.parametrize("name, template, needle", [
+    ("x/../../escape", "{text}", "name: must be a plain folder name"),
+    ("..", "{text}", "name: must be a plain folder name"),
+    ("ok", "Text: {text} {", "template: Single '{'"),
+    ("ok", "Text: {0}", "template: placeholder {0} is not a field name"),
+])
+def test_task_file_names_and_templates(tmp_path, capsys, name, template, needle):
+    from glotkit.eval.suite import load_task_file
+
+    (tmp_path / "rows.jsonl").write_text('{"text": "a", "label": "x"}\n', encoding="utf-8")
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text(json.dumps({"tasks": [{"name": name, "kind": "classification", "labels": ["x"],
+                                           "template": template, "answer": "label",
+                                           "data": {"file": "rows.jsonl"}}]}), encoding="utf-8")
+    with pytest.raises(GlotkitError) as err:
+        load_task_file(spec)
+    assert needle in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_sweep_trials_that_would_share_a_folder(tmp_path):
+    from glotkit.sweep import trial_recipes
+
+    r = load_recipe(_recipe(tmp_path, "name: s\n"))
+    with pytest.raises(GlotkitError, match=r"would share the folder 's--revision=a_b'"):
+        trial_recipes(r, {"model.revision": ["a/b", "a b"]})
+    with pytest.raises(GlotkitError, match="sweep: name: cannot be swept"):
+        trial_recipes(r, {"name": ["a", "b"]})
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import os
+
+    from glotkit.io import atomic_write_text
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old", encoding="utf-8")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text(encoding="utf-8") == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_xllora_language_check_must_be_one_the_check_knows(tmp_path, capsys):
+    p = _recipe(tmp_path, "system: xllora\nsynth:\n  language_check: English\n")
+    assert load_recipe(p).synth.language_check == "en"  # a name maps to its code
+    p = _recipe(tmp_path, "system: xllora\nsynth:\n  language_check: ja\n")  # would drop every output
+    _assert_one_line(*_run_cli(capsys, "validate", str(p)), "synth.language_check", "knows en, ro")

@@ -483,7 +483,7 @@ def test_unreachable_server_names_the_url_after_the_retries(tmp_path, qa_files, 
     assert main(["run", "--no-progress", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"glotkit: error: generate.base_url: no answer from {url} after 2 tries")
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 300  # bounded (a hang would be minutes per try); not a speed test
 
 
 def test_server_recipe_errors_name_the_field(tmp_path, qa_files, tiny_llama, capsys):
@@ -531,7 +531,7 @@ class LlamaServer:
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         import urllib.request
 
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # only bounds a hang: readiness is the health request below
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"llama.cpp server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
@@ -541,7 +541,7 @@ class LlamaServer:
                         return
             except OSError:
                 time.sleep(0.3)
-        pytest.fail("llama.cpp server did not answer within 120 s")
+        pytest.fail("llama.cpp server did not answer /models within 600 s")
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 from glotkit.data.prompts import IGNORE
 from glotkit.data.text import fix_romanian_diacritics
 from glotkit.errors import GlotkitError
-from glotkit.io import iter_jsonl_objects
+from glotkit.io import iter_jsonl_objects, read_user_text
 
 TEI_NS = "{http://www.tei-c.org/ns/1.0}"
 _TEXT_SUFFIXES = {".txt", ".jsonl", ".xml"}
@@ -103,9 +103,7 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text", langua
                         raise GlotkitError(f"{f}: line {n}: missing field '{text_field}' (set pretrain.text_field)")
                     docs.append(Document(f"{f.stem}:{n}", str(rec[text_field])))
             else:
-                docs.append(Document(f.stem, f.read_text(encoding="utf-8")))
-        except UnicodeDecodeError as err:
-            raise GlotkitError(f"{f}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+                docs.append(Document(f.stem, read_user_text(f)))
         except OSError as err:
             raise GlotkitError(f"{f}: cannot read ({err.strerror})") from None
     lang = (language or "").lower()

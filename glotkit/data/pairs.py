@@ -48,7 +48,9 @@ def read_anchors(path: Path, field: str = "text", *, min_chars: int = 1,
             raise GlotkitError(f"{path}: anchors: no field '{field}' (fields: {', '.join(fields) or 'none'})")
         texts = [str(r.get(field) or "") for r in rows]
     else:
-        texts = path.read_text(encoding="utf-8").splitlines()
+        from glotkit.io import read_user_text
+
+        texts = read_user_text(path).splitlines()
     texts = [" ".join(t.split()) for t in texts]
     usable = [t for t in texts if len(t) >= max(min_chars, 1)]
     if not usable:

@@ -6,8 +6,6 @@ malformed line is a :class:`GlotkitError` naming the file, the line and the fiel
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any, Iterable
 
 from glotkit.config import DataSection
 from glotkit.errors import GlotkitError
-from glotkit.io import iter_jsonl_objects
+from glotkit.io import check_unique, iter_jsonl_objects, read_csv_records, read_json_file
 
 
 @dataclass
@@ -72,10 +70,13 @@ def _answers_of(value: Any, where: str, field_name: str) -> list[str]:
 
 
 def _from_records(records: Iterable[tuple[str, dict[str, Any]]], path: Path, cfg: DataSection) -> list[QAExample]:
-    """Build examples from ``(location, record)`` pairs using the configured field names."""
+    """Build examples from ``(location, record)`` pairs using the configured field names; ids
+    (the id field, or the record's number when it has none) must be unique."""
     needed = (cfg.context_field, cfg.question_field, cfg.answer_field)
     out: list[QAExample] = []
-    for n, (where, rec) in enumerate(records):
+    locations: list[tuple[str, str]] = []
+    for n, (loc, rec) in enumerate(records):
+        where = f"{path}: {loc}"
         missing = [f for f in needed if f not in rec]
         if missing:
             present = ", ".join(sorted(map(str, rec))) or "none"
@@ -90,6 +91,8 @@ def _from_records(records: Iterable[tuple[str, dict[str, Any]]], path: Path, cfg
         ex_id = str(rec.get(cfg.id_field, n))
         meta = {k: v for k, v in rec.items() if k not in needed and k != cfg.id_field}
         out.append(QAExample(ex_id, rec[cfg.context_field], rec[cfg.question_field], answers, meta))
+        locations.append((loc, ex_id))
+    check_unique(locations, path, "id", f"; ids (field '{cfg.id_field}', set by data.id_field) must be unique")
     return out
 
 
@@ -101,13 +104,10 @@ def _role_of(field_name: str, cfg: DataSection) -> str:
 
 
 def _read_squad(path: Path) -> list[QAExample]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise GlotkitError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    doc = read_json_file(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise GlotkitError(f"{path}: not SQuAD v1.1 JSON (no top-level 'data' list); set data.format")
-    out = []
+    out, locations = [], []
     for a, article in enumerate(doc["data"]):
         for p, para in enumerate(article.get("paragraphs", [])):
             context = para.get("context")
@@ -120,19 +120,20 @@ def _read_squad(path: Path) -> list[QAExample]:
                 answers = _answers_of(qa["answers"], where, "answers")
                 title = article.get("title", "")
                 out.append(QAExample(str(qa.get("id", f"{a}-{p}-{q}")), context, qa["question"], answers, {"title": title}))
+                locations.append((f"data[{a}].paragraphs[{p}].qas[{q}]", out[-1].id))
+    check_unique(locations, path, "id", "; question ids must be unique")
     return out
 
 
 def _jsonl_records(path: Path):
     for lineno, rec in iter_jsonl_objects(path):
-        yield f"{path}: line {lineno}", rec
+        yield f"line {lineno}", rec
 
 
 def _csv_records(path: Path):
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        for lineno, rec in enumerate(reader, 2):
-            yield f"{path}: line {lineno}", rec
+    records, _ = read_csv_records(path)
+    for lineno, rec in records:
+        yield f"line {lineno}", rec
 
 
 def _hf_records(path: Path, role: str):
@@ -147,7 +148,7 @@ def _hf_records(path: Path, role: str):
             raise GlotkitError(f"{path}: DatasetDict has no '{role}' split (splits: {', '.join(ds)})")
         ds = ds[role]
     for i, rec in enumerate(ds):
-        yield f"{path}: row {i}", rec
+        yield f"row {i}", rec
 
 
 def read_examples(path: str | Path, cfg: DataSection, role: str = "train") -> list[QAExample]:

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from glotkit.config import SuiteSection
+from glotkit.config import SuiteSection, folder_name, template_fields
 from glotkit.errors import GlotkitError
 from glotkit.generate import Generator
+from glotkit.io import read_json_file, read_table_records, read_user_text
 from glotkit.logs import say
 
 # max new tokens per task type, as in the RoQLlama paper; summaries stop at a blank line
@@ -74,7 +75,7 @@ class Task:
             self.stop = DEFAULT_STOP.get(self.kind, ("\n",))
 
     def fields(self) -> set[str]:
-        return set(re.findall(r"{(\w+)}", self.template))
+        return set(template_fields(self.template))
 
     @property
     def main_metric(self) -> str:
@@ -143,7 +144,7 @@ def _need(path: Path) -> Path:
 
 
 def _load_laroseda(root: Path) -> dict[str, list[dict]]:
-    doc = json.loads(_need(root / "laroseda" / "laroseda_train.json").read_text(encoding="utf-8"))
+    doc = read_json_file(_need(root / "laroseda" / "laroseda_train.json"))
     rows = []
     for r in doc["reviews"]:
         stars = int(r["starRating"])
@@ -158,7 +159,7 @@ _RONLI = ["contrast", "implicare", "consecință", "fără legătură"]  # label
 
 
 def _load_ronli(root: Path) -> dict[str, list[dict]]:
-    doc = json.loads(_need(root / "ronli" / "validation.json").read_text(encoding="utf-8"))
+    doc = read_json_file(_need(root / "ronli" / "validation.json"))
     rows = [{"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": _RONLI[int(r["label"])]} for r in doc]
     return _seeded_split(rows, 1000)
 
@@ -166,7 +167,7 @@ def _load_ronli(root: Path) -> dict[str, list[dict]]:
 def _load_rosts(root: Path) -> dict[str, list[dict]]:
     def read(name):
         out = []
-        for line in _need(root / "ro-sts" / "text-similarity" / name).read_text(encoding="utf-8").splitlines():
+        for line in read_user_text(_need(root / "ro-sts" / "text-similarity" / name)).splitlines():
             parts = line.split("\t")
             if len(parts) == 3:
                 out.append({"score": float(parts[0]), "s1": parts[1], "s2": parts[2]})
@@ -182,7 +183,7 @@ _RED = ["tristețe", "surpriză", "frică", "furie", "neutru", "încredere", "bu
 def _load_red(root: Path) -> dict[str, list[dict]]:
     """REDv2 tweets whose agreed labels (≥ 2 of 3 annotators) name exactly one emotion: 477 of 543
     (62 with two and 4 with three agreed emotions are left out); 100 seeded ones are the shot pool."""
-    doc = json.loads(_need(root / "red" / "REDv2" / "valid.json").read_text(encoding="utf-8"))
+    doc = read_json_file(_need(root / "red" / "REDv2" / "valid.json"))
     rows = [{"text": " ".join(r["text"].split()), "label": _RED[r["agreed_labels"].index(1)]}
             for r in doc if sum(r["agreed_labels"]) == 1]
     split = _seeded_split(rows, len(rows) - 100)
@@ -191,19 +192,22 @@ def _load_red(root: Path) -> dict[str, list[dict]]:
 
 def _read_juro_folder(folder: Path) -> list[dict]:
     import csv
+    import io
 
     rows = []
     for path in sorted(_need(folder).rglob("*.csv")):
-        with path.open(encoding="utf-8", newline="") as fh:
-            for lineno, rec in enumerate(csv.reader(fh), 1):
-                if not rec or not any(c.strip() for c in rec):
-                    continue
-                if len(rec) != 4:
-                    raise GlotkitError(f"{path}: line {lineno}: expected 4 columns (subject, question, options, answer)")
-                subject, question, options, answer = (c.strip() for c in rec)
-                question = re.sub(r"^\d+\.\s*", "", " ".join(question.split()))
-                opts = "\n".join(" ".join(line.split()) for line in options.splitlines() if line.strip())
-                rows.append({"subject": subject, "question": question, "options": opts, "answer": ", ".join(answer)})
+        reader = csv.reader(io.StringIO(read_user_text(path), newline=""))
+        start = 1
+        for rec in reader:
+            lineno, start = start, reader.line_num + 1
+            if not rec or not any(c.strip() for c in rec):
+                continue
+            if len(rec) != 4:
+                raise GlotkitError(f"{path}: line {lineno}: expected 4 columns (subject, question, options, answer)")
+            subject, question, options, answer = (c.strip() for c in rec)
+            question = re.sub(r"^\d+\.\s*", "", " ".join(question.split()))
+            opts = "\n".join(" ".join(line.split()) for line in options.splitlines() if line.strip())
+            rows.append({"subject": subject, "question": question, "options": opts, "answer": ", ".join(answer)})
     return rows
 
 
@@ -227,14 +231,18 @@ def _load_xquad_ro(root: Path) -> dict[str, list[dict]]:
     return {"train": [rec(e) for e in train], "test": [rec(e) for e in test]}
 
 
+def read_located_records(path: Path, where: str) -> list[tuple[str, dict]]:
+    """``(location, record)`` of a user's task file: JSONL, CSV or TSV (header row), or a JSON list;
+    the location ("line N", or "record N" in a JSON list) is what errors name."""
+    recs, _ = read_table_records(path, where)
+    if not recs:
+        raise GlotkitError(f"{path}: {where}: no records")
+    return recs
+
+
 def read_records(path: Path, where: str) -> list[dict]:
     """Records of a user's task file: JSONL, CSV or TSV (header row), or a JSON list."""
-    from glotkit.io import read_table
-
-    rows, _ = read_table(path, where)
-    if not rows:
-        raise GlotkitError(f"{path}: {where}: no records")
-    return rows
+    return [r for _, r in read_located_records(path, where)]
 
 
 def _load_summaries(path: Path) -> dict[str, list[dict]]:
@@ -242,11 +250,13 @@ def _load_summaries(path: Path) -> dict[str, list[dict]]:
     if path.is_dir():
         raise GlotkitError("task 'summarization' needs your data: --task-data summarization=FILE "
                            "(JSONL/CSV/TSV with fields 'text' and 'summary')")
-    rows = read_records(path, "task 'summarization'")
-    for i, r in enumerate(rows):
+    located = read_located_records(path, "task 'summarization'")
+    rows = [r for _, r in located]
+    for i, (loc, r) in enumerate(located):
         missing = [f for f in ("text", "summary") if not str(r.get(f) or "").strip()]
         if missing:
-            raise GlotkitError(f"{path}: record {i + 1}: missing or empty field '{missing[0]}' "
+            where = loc if loc.startswith("record") else f"{loc}, record {i + 1}"
+            raise GlotkitError(f"{path}: {where}: missing or empty field '{missing[0]}' "
                                f"(fields: {', '.join(map(str, r))})")
     pool = min(50, len(rows) // 5)
     return _seeded_split([{"text": r["text"], "summary": r["summary"]} for r in rows], len(rows) - pool)
@@ -276,10 +286,37 @@ BUILTIN_TASKS: dict[str, Task] = {
 }
 
 
+_DATA_KEYS = ("file", "train", "test", "shots_pool", "seed")
+
+
+def _whole_number(value, where: str, setting: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise GlotkitError(f"{where}: data.{setting}: expected a whole number ≥ 0, got {value!r}")
+    return int(value)
+
+
+def _regression_gold(value, path: Path, loc: str, where: str, field_name: str) -> float:
+    """A regression task's gold value as a number ("3.5", 3.5, and the decimal comma "3,5")."""
+    import math
+
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and re.fullmatch(r"-?\d+,\d+", text):
+        text = text.replace(",", ".")
+    try:
+        number = float(text) if not isinstance(text, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise GlotkitError(f"{path}: {loc}: field '{field_name}': {value!r} is not a number "
+                           f"({where} is a regression task: its gold values are numbers)")
+    return number
+
+
 def task_from_spec(spec: dict, base_dir: Path = Path(".")) -> Task:
     """A user task from a mapping (YAML ``--task-file``): name, kind, template, answer (a field),
     labels, max_new_tokens, stop, and data: {file} (seeded split, ``shots_pool`` records) or
-    {train, test}."""
+    {train, test}.  Loading checks every record: the answer and template fields are there, a
+    regression task's gold values are numbers, ``shots_pool`` leaves a test split."""
     known = {"name", "kind", "description", "template", "answer", "labels", "max_new_tokens", "stop", "data"}
     where = f"task '{spec.get('name', '?')}'"
     unknown = sorted(set(spec) - known)
@@ -291,38 +328,59 @@ def task_from_spec(spec: dict, base_dir: Path = Path(".")) -> Task:
     data = spec["data"]
     if not isinstance(data, dict) or not ({"file"} <= set(data) or {"train", "test"} <= set(data)):
         raise GlotkitError(f"{where}: data must give 'file' (split with a seed) or 'train' and 'test'")
+    unknown = sorted(set(map(str, data)) - set(_DATA_KEYS))
+    if unknown:
+        raise GlotkitError(f"{where}: data: unknown key '{unknown[0]}' (known: {', '.join(_DATA_KEYS)})")
+    pool_setting = _whole_number(data["shots_pool"], where, "shots_pool") if "shots_pool" in data else None
+    seed = _whole_number(data.get("seed", 0), where, "seed")
     answer_field = str(spec["answer"])
+    kind = str(spec["kind"])
+    try:
+        folder_name(str(spec["name"]))  # it names the predictions file
+    except ValueError as err:
+        raise GlotkitError(f"{where}: name: {err}") from None
+    try:
+        fields_of_template = sorted(set(template_fields(str(spec["template"]))))
+    except ValueError as err:
+        raise GlotkitError(f"{where}: template: {err}") from None
+
+    def check(path: Path, loc: str, r: dict) -> None:
+        for f in [answer_field] + fields_of_template:
+            if f not in r:
+                role = "the answer field" if f == answer_field else "the template uses it"
+                raise GlotkitError(f"{path}: {loc}: {where}: no field '{f}' ({role}; fields: {', '.join(map(str, r))})")
+        if kind == "regression":
+            r["score"] = _regression_gold(r[answer_field], path, loc, where, answer_field)
+        elif kind == "qa":
+            r["answers"] = r[answer_field] if isinstance(r[answer_field], list) else [r[answer_field]]
+        elif kind == "summarization":
+            r["summary"] = r[answer_field]
 
     def load(_root: Path) -> dict[str, list[dict]]:
         if "file" in data:
-            rows = read_records(base_dir / data["file"], where)
-            pool = int(data.get("shots_pool", min(50, len(rows) // 5)))
-            split = _seeded_split(rows, len(rows) - pool, int(data.get("seed", 0)))
+            path = base_dir / str(data["file"])
+            recs = [(path, loc, r) for loc, r in read_located_records(path, where)]
+            pool = min(50, len(recs) // 5) if pool_setting is None else pool_setting
+            if pool >= len(recs):
+                raise GlotkitError(f"{path}: {where}: data.shots_pool={pool} is too large: the file has {len(recs)} "
+                                   f"records, and the pool must leave some for the test split (at most {len(recs) - 1})")
+            split = _seeded_split(recs, len(recs) - pool, seed)
         else:
-            split = {k: read_records(base_dir / data[k], where) for k in ("train", "test")}
-        for part, rows in split.items():
-            if rows and answer_field not in rows[0]:
-                raise GlotkitError(f"{where}: the {part} data has no field '{answer_field}' "
-                                   f"(fields: {', '.join(map(str, rows[0]))})")
-        kind = spec["kind"]
+            split = {k: [(base_dir / str(data[k]), loc, r) for loc, r in read_located_records(base_dir / str(data[k]), where)]
+                     for k in ("train", "test")}
         for rows in split.values():  # the kind's scorer reads fixed fields
-            for r in rows:
-                if kind == "regression":
-                    r["score"] = float(r[answer_field])
-                elif kind == "qa" and not isinstance(r[answer_field], list):
-                    r["answers"] = [r[answer_field]]
-                elif kind == "qa":
-                    r["answers"] = r[answer_field]
-                elif kind == "summarization":
-                    r["summary"] = r[answer_field]
-        return split
+            for path, loc, r in rows:
+                check(path, loc, r)
+        return {part: [r for _, _, r in rows] for part, rows in split.items()}
 
     def answer(r: dict) -> str:
+        if kind == "regression":
+            return f"{r['score']:.1f}"
         v = r[answer_field]
-        return v[0] if isinstance(v, list) else (f"{float(v):.1f}" if spec["kind"] == "regression" else str(v))
+        return v[0] if isinstance(v, list) else str(v)
 
     stop = spec.get("stop")
-    return Task(str(spec["name"]), str(spec["kind"]), str(spec.get("description", "")), load, str(spec["template"]),
+    return Task(str(spec["name"]), kind, str(spec.get("description", "")), load, str(spec["template"]),
                 answer, [str(x) for x in spec.get("labels", [])], spec.get("max_new_tokens"),
                 tuple(stop) if isinstance(stop, list) else ((stop,) if stop else None))
 
@@ -335,7 +393,7 @@ def load_task_file(path: str | Path) -> list[Task]:
     if not path.is_file():
         raise GlotkitError(f"{path}: task file not found")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        doc = yaml.safe_load(read_user_text(path)) or {}
     except yaml.YAMLError as err:
         raise GlotkitError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     specs = doc.get("tasks") if isinstance(doc, dict) else None
@@ -389,7 +447,21 @@ def resolve_suite(cfg: SuiteSection) -> tuple[list[Task], dict[str, Path], Path]
     extra = [t for f in cfg.task_files for t in load_task_file(f)]
     tasks = get_tasks(cfg.tasks, extra)
     task_data = parse_task_data(cfg.task_data, tasks)
-    return tasks, task_data, Path(cfg.data_root) if cfg.data_root else shared_data_root()
+    root = Path(cfg.data_root) if cfg.data_root else shared_data_root()
+    for task in tasks:  # the user's data is read now, so that a bad record stops the run before a model loads
+        if task.needs_file or task.name in task_data or any(task is t for t in extra):
+            check_task_data(task, task.load(Path(task_data.get(task.name, root))), cfg.shots)
+    return tasks, task_data, root
+
+
+def check_task_data(task: Task, data: dict[str, list[dict]], shots: Sequence[int]) -> None:
+    """A task's loaded data fits the suite: a test split, and a train split for the most shots."""
+    if not data.get("test"):
+        raise GlotkitError(f"task '{task.name}': empty test split")
+    k, n = max(shots, default=0), len(data.get("train") or [])
+    if k > n:
+        raise GlotkitError(f"task '{task.name}': shots: k={k} is larger than the task's train split ({n} examples): "
+                           "ask for fewer shots, or give the task more demonstrations")
 
 
 def run_suite_for(cfg: SuiteSection, models: Sequence[tuple[str, Callable[[], Generator]]], out_dir: Path, *,

@@ -9,7 +9,6 @@ is an error.  Every error is one line naming the file, the line and the field.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -28,10 +27,13 @@ def _validator(schema: Path | None):
         return None
     from jsonschema import Draft202012Validator
 
-    try:
-        doc = json.loads(Path(schema).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise GlotkitError(f"{schema}: cannot read the HIPE schema ({err})") from None
+    from glotkit.io import read_json_file
+
+    if not Path(schema).is_file():
+        raise GlotkitError(f"{schema}: HIPE schema file not found")
+    doc = read_json_file(Path(schema))
+    if not isinstance(doc, dict):
+        raise GlotkitError(f"{schema}: not a JSON schema (expected a JSON object)")
     return Draft202012Validator(doc)
 
 
@@ -43,14 +45,18 @@ def _where(error) -> str:
 
 
 def read_hipe(path: str | Path, schema: str | Path | None = "default") -> list[dict]:
-    """Documents of a HIPE-2026 JSONL file, validated; ``schema=None`` skips the schema check."""
-    from glotkit.io import iter_jsonl_objects
+    """Documents of a HIPE-2026 JSONL file, validated; ``schema=None`` skips the schema check.
+
+    Pairs are keyed by (document_id, pers_entity_id, loc_entity_id) in predictions and scores, so a
+    document id that appears twice in the file, or a (person, location) pair twice in a document,
+    is an error naming the line."""
+    from glotkit.io import check_unique, iter_jsonl_objects
 
     path = Path(path)
     if not path.is_file():
         raise GlotkitError(f"{path}: HIPE file not found")
     validator = _validator(default_schema() if schema == "default" else (Path(schema) if schema else None))
-    docs = []
+    docs, doc_ids = [], []
     for lineno, doc in iter_jsonl_objects(path):
         if validator is not None:
             err = next(iter(sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))), None)
@@ -60,7 +66,14 @@ def read_hipe(path: str | Path, schema: str | Path | None = "default") -> list[d
             for field in ("pers_mentions_list", "loc_mentions_list"):
                 if not [m for m in pair.get(field) or [] if str(m).strip()]:
                     raise GlotkitError(f"{path}: line {lineno}: sampled_pairs[{i}].{field}: empty (a pair needs its mentions)")
+        pairs = [(f"line {lineno}: sampled_pairs[{i}]", (p.get("pers_entity_id"), p.get("loc_entity_id")))
+                 for i, p in enumerate(doc.get("sampled_pairs") or [])
+                 if isinstance(p, dict) and p.get("pers_entity_id") is not None]
+        check_unique(pairs, path, "(pers_entity_id, loc_entity_id) pair", " in the document")
+        if doc.get("document_id") is not None:
+            doc_ids.append((f"line {lineno}", doc["document_id"]))
         docs.append(doc)
+    check_unique(doc_ids, path, "document_id", "; document ids must be unique in a file")
     if not docs:
         raise GlotkitError(f"{path}: no documents")
     return docs

@@ -43,8 +43,14 @@ def _verify_folder(folder: Path) -> bool:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return False
-    data = json.loads(manifest.read_text())
-    for name, expected in data.get("files", {}).items():
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        files = data["files"]
+        if not isinstance(files, dict):
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # a damaged manifest: the folder is converted again
+    for name, expected in files.items():
         f = folder / name
         if not f.is_file() or sha256_file(f) != expected:
             return False

@@ -85,6 +85,10 @@ def save_adapter(peft_model, out_dir, state: dict | None = None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     if state is None:
         state = {k: v.detach() for k, v in peft_model.named_parameters() if v.requires_grad}
-    peft_model.save_pretrained(tmp, state_dict=state)
+    try:
+        peft_model.save_pretrained(tmp, state_dict=state)
+    except BaseException:  # a full disk: no half-written folder is left to fill it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

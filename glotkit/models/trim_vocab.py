@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 from glotkit.errors import GlotkitError
 from glotkit.logs import say
+from glotkit.models.safety import check_remote_code, check_weights
 
 CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>")
 
@@ -105,16 +106,24 @@ def trim_vocabulary(model_dir: str | Path, texts: Sequence[str], out_dir: str | 
     import tempfile
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not model_dir.is_dir():
+        raise GlotkitError(f"{model_dir}: not a local model folder (trim-vocab needs one; download a hub model first)")
+    # refuse pickle-only weights, truncated safetensors and model code here too, as load_model does
+    check_weights(model_dir)
+    check_remote_code(model_dir, trust_remote_code=False, key=None)
     if not (model_dir / "tokenizer.json").is_file():
         raise GlotkitError(f"{model_dir}: no tokenizer.json (trim-vocab needs a fast tokenizer's file)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise GlotkitError(f"{out_dir}: exists and is not empty")
     if not texts:
         raise GlotkitError("trim-vocab: no text to take the vocabulary from")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as err:
+        raise GlotkitError(f"{model_dir}: the tokenizer cannot be loaded ({_first_line(err)})") from None
     tok_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     specials = [s for s in list(tok.all_special_tokens) + list(CHAT_MARKERS)]
     used = used_ids(tok, texts)
@@ -122,7 +131,7 @@ def trim_vocabulary(model_dir: str | Path, texts: Sequence[str], out_dir: str | 
     new_json, old_ids = trimmed_tokenizer_json(tok_json, keep)
     log(f"trim-vocab: {len(used):,} token ids used by the text; keeping {len(old_ids):,} of {len(tok):,}")
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = _load(model_dir)
     before = sum(p.numel() for p in model.parameters())
     index = torch.tensor(old_ids)
     emb = model.get_input_embeddings()
@@ -159,8 +168,7 @@ def trim_vocabulary(model_dir: str | Path, texts: Sequence[str], out_dir: str | 
             new_tok.chat_template = tok.chat_template
         new_tok.save_pretrained(str(tmp))
         model.save_pretrained(str(tmp))
-        stats = _check(tok, new_tok, AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
-                       AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32), texts[:check_texts], new_id)
+        stats = _check(tok, new_tok, _load(model_dir), _load(tmp), texts[:check_texts], new_id)
         info = {"source": str(model_dir), "vocab_before": len(tok), "vocab_after": len(old_ids),
                 "ids_used_by_text": len(used), "params_before": before, "params_after": after,
                 "size_on_disk_mb": round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 2**20, 1),
@@ -175,6 +183,22 @@ def trim_vocabulary(model_dir: str | Path, texts: Sequence[str], out_dir: str | 
     log(f"trim-vocab: {before:,} -> {after:,} parameters; tokenization and logits checked on "
         f"{stats['texts']} texts (max |Δlogit| {stats['max_abs_logit_diff']:.2e})")
     return {k: v for k, v in info.items() if k != "old_ids"}
+
+
+def _first_line(err: BaseException) -> str:
+    return next((s.strip() for s in str(err).splitlines() if s.strip()), type(err).__name__)[:300]
+
+
+def _load(folder: Path):
+    """The model in ``folder`` in fp32, from safetensors only; what transformers refuses is one line."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise GlotkitError(f"{folder}: the model cannot be loaded ({_first_line(err)})") from None
 
 
 def _check(old_tok, new_tok, old_model, new_model, texts: Sequence[str], new_id: dict[int, int]) -> dict:

@@ -80,6 +80,7 @@ _STOPWORDS = {
           "ha questo".split(),
 }
 _SHARED = {w: sum(w in set(v) for v in _STOPWORDS.values()) for ws in _STOPWORDS.values() for w in ws}
+CHECKABLE_LANGUAGES = tuple(_STOPWORDS)  # what guess_language can tell apart
 LANGUAGE_NAMES = {"english": "en", "romanian": "ro", "german": "de", "french": "fr", "spanish": "es", "italian": "it"}
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import Field, StrictInt, field_validator
 
-from glotkit.config import RecipeBase, _folder_name, _Section
+from glotkit.config import RecipeBase, _Section, folder_name
 from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from glotkit.io import read_jsonl as _read_jsonl
@@ -47,7 +47,7 @@ class DistillStudent(_Section):
     model: str
     trim_vocab: bool = False
 
-    _plain = field_validator("name")(classmethod(lambda cls, v: _folder_name(v)))
+    _plain = field_validator("name")(classmethod(lambda cls, v: folder_name(v)))
 
 
 class DistillSection(_Section):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, StrictInt
+from pydantic import Field, StrictInt, field_validator
 
 from glotkit.config import RecipeBase, _Section
 from glotkit.errors import GlotkitError
@@ -62,6 +62,21 @@ class SynthSection(_Section):
     max_chars: StrictInt = Field(400, gt=0)
     copy_ratio: float = 0.9  # similarity to the anchor (difflib) at or above which an output is a copy
     language_check: str | None = "en"  # language code the outputs must be in; null: no check
+
+    @field_validator("language_check")
+    @classmethod
+    def _checkable(cls, v: str | None) -> str | None:
+        """A language the stopword check knows (a name maps to its code), else the check would drop every output."""
+        if v is None:
+            return None
+        from glotkit.languages import language_code
+        from glotkit.synth.triplets import CHECKABLE_LANGUAGES
+
+        code = language_code(v).split("-")[0].lower()
+        if code not in CHECKABLE_LANGUAGES:
+            raise ValueError(f"the output language check knows {', '.join(CHECKABLE_LANGUAGES)}, not {v!r} "
+                             "(set null to keep outputs in any language)")
+        return code
     reference_margin: float | None = 0.0  # cos(anchor, positive) - cos(anchor, negative) must exceed it; null: off
     baseline_anchors: StrictInt = Field(8, ge=0)  # one-at-a-time generate() for the speed ratio
 

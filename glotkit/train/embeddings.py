@@ -80,15 +80,16 @@ def train_embeddings(model, triplets: Sequence[dict], out_dir: Path, *, epochs: 
         raise GlotkitError(f"embedding training made no step: {len(triplets)} triplets give no batch of {bs} "
                            "without repeated texts; lower embed.batch_size or add triplets")
     history = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    import shutil
+
     tmp = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save(str(tmp))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save(str(tmp))
+    except BaseException:  # a full disk: no half-written folder is left to fill it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if Path(out_dir).exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return EmbedTrainResult(trainer.state.global_step, round(seconds, 1), len(triplets),

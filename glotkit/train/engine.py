@@ -147,6 +147,8 @@ def _load_checkpoint(path: Path, log: Callable[[str], None]) -> dict | None:
     import pickle
     import zipfile
 
+    from glotkit.models.safety import unpickling_reason
+
     tried = []
     for candidate in (path, previous_checkpoint(path)):
         if not candidate.is_file():
@@ -156,7 +158,11 @@ def _load_checkpoint(path: Path, log: Callable[[str], None]) -> dict | None:
             if not isinstance(state, dict) or "trainable" not in state or "step" not in state:
                 raise ValueError("not a glotkit checkpoint")
         except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            tried.append(f"{candidate.name}: {str(err).splitlines()[0][:120] if str(err) else type(err).__name__}")
+            if isinstance(err, pickle.UnpicklingError):  # torch's own advice would be to unpickle code
+                why = f"refused: not plain weights ({unpickling_reason(err)})"
+            else:
+                why = str(err).splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            tried.append(f"{candidate.name}: {why}")
             log(f"{candidate}: cannot be read ({tried[-1].split(': ', 1)[1]})"
                 + ("; trying the checkpoint before it" if candidate == path else ""))
             continue
