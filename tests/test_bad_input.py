@@ -321,3 +321,13 @@ def test_xllora_language_check_must_be_one_the_check_knows(tmp_path, capsys):
     assert load_recipe(p).synth.language_check == "en"  # a name maps to its code
     p = _recipe(tmp_path, "system: xllora\nsynth:\n  language_check: ja\n")  # would drop every output
     _assert_one_line(*_run_cli(capsys, "validate", str(p)), "synth.language_check", "knows en, ro")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--prompt-tokens", "-5"], "--prompt-tokens -5: must be a positive number"),
+    (["--new-tokens", "0"], "--new-tokens 0: must be a positive number"),
+    (["--modes", ","], "--modes: no mode given"),
+    (["--json", "."], "--json .: is a folder"),
+])
+def test_memory_arguments_are_checked_before_any_model_loads(capsys, argv, needle):
+    _assert_one_line(*_run_cli(capsys, "memory", "--model", "no-model-needed", *argv), needle)

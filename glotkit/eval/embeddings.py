@@ -5,10 +5,12 @@ when it ranks in the top 10; tests compare these with scikit-learn's ``ndcg_scor
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
 from glotkit.errors import GlotkitError
+from glotkit.io import read_user_text
 
 
 def read_sts(path: Path) -> tuple[list[str], list[str], list[float]]:
@@ -17,12 +19,14 @@ def read_sts(path: Path) -> tuple[list[str], list[str], list[float]]:
     if not path.is_file():
         raise GlotkitError(f"{path}: STS file not found")
     a, b, scores = [], [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_user_text(path).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
         try:
             score = float(parts[0])
+            if not math.isfinite(score):
+                raise ValueError
         except ValueError:
             raise GlotkitError(f"{path}: line {lineno}: expected score<TAB>sentence1<TAB>sentence2") from None
         if len(parts) != 3:
@@ -40,8 +44,8 @@ def read_parallel(src: Path, tgt: Path, limit: int | None = None) -> tuple[list[
     for p in (src, tgt):
         if not Path(p).is_file():
             raise GlotkitError(f"{p}: parallel file not found")
-    xs = Path(src).read_text(encoding="utf-8").splitlines()
-    ys = Path(tgt).read_text(encoding="utf-8").splitlines()
+    xs = read_user_text(Path(src)).splitlines()
+    ys = read_user_text(Path(tgt)).splitlines()
     if len(xs) != len(ys):
         raise GlotkitError(f"{src} and {tgt}: not line-aligned ({len(xs)} vs {len(ys)} lines)")
     seen, out_x, out_y = set(), [], []
