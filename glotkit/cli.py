@@ -5,6 +5,7 @@
     glotkit pretrain RECIPE                    (system: pretrain)
     glotkit synth triplets | embed RECIPE      (system: xllora; one or two of its stages)
     glotkit distill compare | teach | student RECIPE  (system: distill)
+    glotkit distill score GOLD.jsonl PRED.jsonl [--json] [--targets at|at,isAt]  (the official HIPE-2026 figures)
     glotkit eval --suite ro [--adapter DIR --compare-base] [--tasks ...] [--shots 0,1,3,5] [--limit N]
                  [--base-url URL --served-model NAME]   (a model on an OpenAI-compatible server)
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from glotkit.config import GenerateSection, SuiteSection
 from glotkit.errors import GlotkitError
@@ -67,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
                 continue
             seen.add(verb.name)
             sp = sub.add_parser(verb.name, help=verb.help)
+            if verb.tools:  # commands without a recipe beside the stage choices: one parser each
+                whats = sp.add_subparsers(dest="what", required=True, metavar="{" + ",".join([*verb.choices, *verb.tools]) + "}")
+                for what, stages in verb.choices.items():
+                    wp = whats.add_parser(what, help=f"stages {', '.join(stages)} of a recipe")
+                    recipe_args(wp)
+                    if verb.launchable:
+                        launcher_args(wp)
+                for what, tool in verb.tools.items():
+                    tool.arguments(wp := whats.add_parser(what, help=tool.help, description=tool.help))
+                    wp.set_defaults(tool=tool)
+                continue
             if verb.choices:
                 sp.add_argument("what", choices=list(verb.choices))
             recipe_args(sp)
@@ -167,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             bad = [m for m in modes if m not in MODES]
             if bad:
                 raise GlotkitError(f"--modes: unknown mode '{bad[0]}' (known: {', '.join(MODES)})")
+            if not modes:
+                raise GlotkitError(f"--modes: no mode given (known: {', '.join(MODES)})")
+            for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens),
+                                ("--keep-vocab", args.keep_vocab)):
+                if value is not None and value < 1:
+                    raise GlotkitError(f"{flag} {value}: must be a positive number")
+            if args.json_out and Path(args.json_out).is_dir():  # said now, not after the measurements
+                raise GlotkitError(f"--json {args.json_out}: is a folder; give a file name")
             from glotkit.models.loading import resolve_model_path
 
             resolve_model_path(args.model, log=_log)  # convert once, before the workers start
@@ -177,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 atomic_write_json(args.json_out, rows)
             return 0
+        if getattr(args, "tool", None) is not None:  # a system's command that takes no recipe
+            return args.tool.run(args)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             import yaml
@@ -277,8 +300,6 @@ def _option_error(err) -> GlotkitError:
 def _eval(args) -> int:
     """``glotkit eval``: its options make a suite configuration (the recipes' ``suite:``, same
     defaults) and run through the same code as a recipe's suite stage."""
-    from pathlib import Path
-
     from pydantic import ValidationError
 
     from glotkit.config import GenerateSection, ModelSection, SuiteSection

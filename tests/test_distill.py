@@ -205,6 +205,9 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     real_parse = formats.parse
     monkeypatch.setattr(formats, "parse", lambda fmt, text: Parsed("FALSE", "FALSE", True)
                         if text.startswith("Answer:") else real_parse(fmt, text))
+    import glotkit.hipe.predict as predict
+
+    monkeypatch.setattr(predict, "choose_labels", lambda scores: ("FALSE", "FALSE"))  # the check, in this process
     recipe = tmp_path / "d.yaml"
     recipe.write_text(json.dumps({
         "name": "d", "task": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_gemma)},
@@ -231,7 +234,8 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     test_docs = [json.loads(x) for x in (run / "split" / "test.jsonl").read_text().splitlines()]
     test_ids = {d["document_id"] for d in test_docs}
     assert not test_ids & {d["document_id"] for d in train_docs}
-    for r in table["rows"]:
+    for r in table["rows"]:  # labels chosen by log-likelihood (in the worker processes): nothing to parse
+        assert r["parse_failure_rate"] == 0.0
         assert r["peak_rss_mb"] > 0 and r["params"] > 0 and r["pairs_per_s"] > 0 and set(r["languages"]) == {"de", "en"}
     pred = [json.loads(x) for x in (run / "evaluate" / "trimmed" / "predictions-de.jsonl").read_text().splitlines()]
     assert [d["document_id"] for d in pred] == [d["document_id"] for d in test_docs if d["language"] == "de"]
@@ -284,3 +288,102 @@ def test_distill_bad_input(tmp_path, tiny_llama, tiny_gemma, capsys):
         validate_recipe({"task": "distill", "stages": ["train"]})
     assert main(["distill", "compare", str(tmp_path / "none.yaml")]) == 2
     assert labels_text("TRUE", "FALSE", "plain") == "at: TRUE\nisAt: FALSE"
+
+
+class _ScriptedGenerator:
+    """A generator whose explanations and option scores are given: option i of prompt j scores scores[j][i]."""
+
+    def __init__(self, tokenizer, scores, explanation="Meier was in Bern."):
+        self.tokenizer, self.scores, self.explanation = tokenizer, scores, explanation
+        self.scored_prompts, self.sampled = [], 0
+
+    def sample(self, prompts, **kw):
+        from glotkit.generate import Generations
+
+        self.sampled += len(prompts)
+        return Generations([self.explanation] * len(prompts), 5 * len(prompts))
+
+    def option_logliks(self, prompts, options, **kw):
+        assert options == [" " + labels_text(a, i, "json") for a, i in
+                           [("TRUE", "TRUE"), ("PROBABLE", "TRUE"), ("TRUE", "FALSE"), ("PROBABLE", "FALSE"),
+                            ("FALSE", "FALSE")]]
+        self.scored_prompts += [self.tokenizer.decode(p) for p in prompts]
+        return [self.scores[len(self.scored_prompts) - len(prompts) + k] for k in range(len(prompts))]
+
+
+@pytest.mark.parametrize("fmt", ["json", "explain-json"])
+def test_loglik_labels_are_the_likeliest_valid_combination(tiny_llama, fmt):
+    from transformers import AutoTokenizer
+
+    from glotkit.hipe.parse import VALID_LABELS
+    from glotkit.hipe.predict import Settings, predict_pairs, score_rows
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    doc = _doc("d1", "de", 5, seed=3)
+    items = [(doc, p) for p in doc["sampled_pairs"]]
+    # prompt k prefers valid combination k (one of each)
+    scores = [[-5.0 + (4.0 if i == k else 0.0) for i in range(5)] for k in range(5)]
+    gen = _ScriptedGenerator(tok, scores)
+    rows, timing = predict_pairs(gen, items, Settings(fmt=fmt, batch_size=2), progress=False)
+    assert [(r["at"], r["isAt"]) for r in rows] == list(VALID_LABELS)
+    assert all(r["parsed"] and r["logliks"] for r in rows)
+    assert score_rows({"de": [doc]}, rows)["parse_failures"] == 0
+    if fmt == "explain-json":  # the explanation is generated, then the labels scored after it
+        assert gen.sampled == 5 and all(p.endswith("Meier was in Bern.\nAnswer:") for p in gen.scored_prompts)
+        assert rows[0]["raw"] == ' Meier was in Bern.\nAnswer: {"at": "TRUE", "isAt": "TRUE"}'
+        assert parse(fmt, rows[0]["raw"]).at == "TRUE"
+    else:
+        assert gen.sampled == 0 and all(p.endswith("Answer:") for p in gen.scored_prompts)
+
+
+def test_loglik_labels_on_a_real_tiny_model_match_full_sequence_scores(tiny_llama):
+    """The option scores are the summed log-probabilities of each option's tokens after the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from glotkit.generate.local import LocalGenerator
+    from glotkit.hipe.formats import label_options
+    from glotkit.hipe.predict import Settings, choose_labels, predict_pairs
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    doc = _doc("d2", "en", 3, seed=4)
+    items = [(doc, p) for p in doc["sampled_pairs"]]
+    rows, _ = predict_pairs(LocalGenerator(model, tok, "cpu"), items, Settings(fmt="plain", batch_size=4),
+                            progress=False)
+    builder = PromptBuilder(tok)
+    for (d, p), r in zip(items, rows):
+        prompt = builder.prompt_ids(question(d, p, "plain", 1200), "plain")
+        want = []
+        for opt in label_options("plain"):
+            ids = tok(opt, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            want.append(float(logp[range(len(ids)), ids].sum()))
+        got = list(r["logliks"].values())
+        assert got == pytest.approx(want, abs=2e-3)
+        assert (r["at"], r["isAt"]) == choose_labels(want)
+
+
+def test_article_layout_shares_the_prompt_start_within_a_document():
+    from glotkit.hipe.formats import question
+
+    doc = _doc("d3", "de", 3, seed=5)
+    a, b = (question(doc, p, "json", 60, layout="article") for p in doc["sampled_pairs"][:2])
+    cut = a.index("Person:")
+    assert a[:cut] == b[:cut] and a[cut:] != b[cut:]  # the pair comes last, after the same article
+    assert a.endswith("Person: Meier 0\nPlace: Bern") and "Meier 1" not in a[cut:]
+    old = question(doc, doc["sampled_pairs"][0], "json", 60)  # the pair layout keeps its order
+    assert old.index("Person:") < old.index("at: TRUE if")
+    with pytest.raises(GlotkitError, match="unknown 'sideways'"):
+        question(doc, doc["sampled_pairs"][0], "json", 60, layout="sideways")
+
+
+def test_label_repeats_soften_the_imbalance():
+    from glotkit.systems.distill import label_repeats
+
+    def items(n, at, is_at):
+        return [({}, {"at": at, "isAt": is_at})] * n
+
+    got = label_repeats(items(690, "FALSE", "FALSE") + items(245, "TRUE", "TRUE") + items(34, "PROBABLE", "TRUE"))
+    assert got == {"FALSE/FALSE": 1, "TRUE/TRUE": 2, "PROBABLE/TRUE": 5}  # round(sqrt(690/34)) = round(4.5) = 5

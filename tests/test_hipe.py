@@ -132,3 +132,195 @@ def test_excerpt_keeps_the_mentions():
     assert excerpt("short", ["x"], 300) == "short"
     p = question(_hipe_line(), _hipe_line()["sampled_pairs"][0], "explain-json", 2000)
     assert "published 1900-01-02" in p and "Person: Smith" in p and "Place: Bern" in p and '"isAt"' in p
+
+
+# ----------------------------------------------------------------- official targets, precision, intervals
+
+
+def _full_doc(doc_id, labels, source_type="Newspaper", language="en"):
+    """A schema-valid document whose pairs carry ``labels`` [(at, isAt), ...]."""
+    doc = _hipe_line(document_id=doc_id, language=language,
+                     media={"publication_title": "T", "time_period": "1900", "source_type": source_type})
+    pair = doc["sampled_pairs"][0]
+    doc["sampled_pairs"] = [dict(pair, pers_entity_id=f"{doc_id}-p{i}", loc_entity_id=f"{doc_id}-l{i}", at=a, isAt=b)
+                            for i, (a, b) in enumerate(labels)]
+    return doc
+
+
+def _random_docs(rng, n_docs, pairs=8, source_type="Newspaper", language="en", noise=0.5):
+    """(gold, predictions): random gold labels; each predicted label is gold, or with ``noise`` random."""
+    gold, pred = [], []
+    for i in range(n_docs):
+        g = [(rng.choice(["TRUE", "PROBABLE", "FALSE", "FALSE"]), rng.choice(["TRUE", "FALSE", "FALSE"]))
+             for _ in range(pairs)]
+        p = [(rng.choice(["TRUE", "PROBABLE", "FALSE"]) if rng.random() < noise else a,
+              rng.choice(["TRUE", "FALSE"]) if rng.random() < noise else b) for a, b in g]
+        gold.append(_full_doc(f"d{i}", g, source_type, language))
+        pred.append(_full_doc(f"d{i}", p, source_type, language))
+    return gold, pred
+
+
+def test_literary_works_are_scored_on_at_alone():
+    from glotkit.hipe.score import targets_for
+
+    labels = [("TRUE", "FALSE"), ("PROBABLE", "FALSE"), ("FALSE", "FALSE"), ("FALSE", "FALSE")]
+    guess = [("TRUE", "TRUE"), ("FALSE", "FALSE"), ("FALSE", "FALSE"), ("TRUE", "FALSE")]
+    gold = [_full_doc("v1", labels, "Literary text", "fr")]
+    pred = [_full_doc("v1", guess, "Literary text", "fr")]
+    assert targets_for(gold) == (("at",), "literary works (media.source_type)")
+    r = score_file(gold, pred)
+    at = (1 + 0 + 1 / 2) / 3  # TRUE 1/1, PROBABLE 0/1, FALSE 1/2
+    assert r["targets"] == ["at"] and r["isAt_macro_recall"] is None and "isAt" not in r["confusion"]
+    assert r["at_macro_recall"] == pytest.approx(at, abs=1e-12) and r["score"] == r["at_macro_recall"]
+    assert r["binary"]["score"] == r["binary"]["at_macro_recall"] == pytest.approx((1 / 2 + 1 / 2) / 2, abs=1e-12)
+    # scored on both, the all-FALSE gold isAt would count (that is why the campaign leaves it out)
+    both = score_file(gold, pred, targets="at,isAt")
+    assert both["isAt_macro_recall"] == pytest.approx(3 / 4 / 2) and both["score"] == pytest.approx((at + 3 / 8) / 2)
+    # the campaign's file names decide first: 'surprise' is at alone, 'impresso' both
+    news = [_full_doc("n1", labels)]
+    assert targets_for(news)[0] == ("at", "isAt")
+    assert targets_for(news, "x/HIPE-2026-v1.0-surprise-test_masked-fr.jsonl")[0] == ("at",)
+    assert targets_for(gold, "HIPE-2026-v1.0-impresso-test-fr.jsonl")[0] == ("at", "isAt")
+    assert score_file(news, news, name="HIPE-2026-v1.0-surprise-test-fr.jsonl")["targets"] == ["at"]
+    with pytest.raises(GlotkitError, match="1 of 2 documents are literary works"):
+        targets_for(gold + news)
+    with pytest.raises(GlotkitError, match="targets at,where: give at or at,isAt"):
+        score_file(gold, pred, targets="at,where")
+    # the profile averages the file scores as defined: a literary file contributes its at recall
+    p = profile({"fr-lit": r, "en": score_file(news, news)})
+    assert p["score"] == pytest.approx((at + 1) / 2, abs=1e-12)
+
+
+def test_scores_keep_full_precision_and_equal_sklearn_on_random_labels():
+    import random
+
+    from sklearn.metrics import recall_score
+
+    gold = [_doc("d1", [("TRUE", "TRUE"), ("PROBABLE", "FALSE"), ("FALSE", "FALSE"), ("TRUE", "FALSE")])]
+    r = score_file(gold, [_doc("d1", [("TRUE", "TRUE"), ("TRUE", "FALSE"), ("FALSE", "TRUE")])])
+    assert r["isAt_macro_recall"] == pytest.approx(5 / 6, abs=1e-12) != round(5 / 6, 4)  # not rounded
+    rng = random.Random(3)
+    for trial in range(60):
+        n = rng.randint(1, 30)
+        at_classes = rng.choice([["TRUE", "PROBABLE", "FALSE"], ["TRUE", "FALSE"], ["FALSE"], ["PROBABLE", "FALSE"]])
+        g = [(rng.choice(at_classes), rng.choice(["TRUE", "FALSE"])) for _ in range(n)]
+        p = [(rng.choice(["TRUE", "PROBABLE", "FALSE", "MAYBE"][: rng.randint(1, 4)]), rng.choice(["TRUE", "FALSE"]))
+             for _ in range(n)]
+        keep = [i for i in range(n) if rng.random() > 0.1]  # some pairs missing: FALSE/FALSE
+        gold, pred = [_doc("d", g)], [_doc("d", [])]
+        pred[0]["sampled_pairs"] = [dict(_doc("d", p)["sampled_pairs"][i]) for i in keep]
+        full = [p[i] if i in keep else ("FALSE", "FALSE") for i in range(n)]
+        r = score_file(gold, pred, targets="at,isAt")
+        at = recall_score([x[0] for x in g], [x[0] for x in full], average="macro", zero_division=0)
+        is_at = recall_score([x[1] for x in g], [x[1] for x in full], average="macro", zero_division=0)
+        b = {"PROBABLE": "TRUE"}
+        at_bin = recall_score([b.get(x[0], x[0]) for x in g], [b.get(x[0], x[0]) for x in full], average="macro",
+                              zero_division=0)
+        assert r["at_macro_recall"] == pytest.approx(at, abs=1e-12), trial
+        assert r["isAt_macro_recall"] == pytest.approx(is_at, abs=1e-12), trial
+        assert r["score"] == pytest.approx((at + is_at) / 2, abs=1e-12)
+        assert r["binary"]["at_macro_recall"] == pytest.approx(at_bin, abs=1e-12), trial
+        assert r["missing_pairs"] == n - len(keep)
+
+
+def test_bootstrap_intervals_are_seeded_contain_the_score_and_narrow_with_more_documents():
+    import random
+
+    from glotkit.hipe.score import bootstrap_intervals
+
+    rng = random.Random(0)
+    small = _random_docs(rng, 12)
+    large = _random_docs(rng, 300)
+    lit = _random_docs(rng, 20, source_type="Literary text", language="fr")
+    gold = {"en": small[0], "fr": lit[0]}
+    pred = {"en": small[1], "fr": lit[1]}
+    ci = bootstrap_intervals(gold, pred, resamples=400, seed=5)
+    assert ci == bootstrap_intervals(gold, pred, resamples=400, seed=5)  # seeded
+    assert ci != bootstrap_intervals(gold, pred, resamples=400, seed=6)
+    assert (ci["level"], ci["resamples"], ci["seed"]) == (0.95, 400, 5)
+    per = {k: score_file(gold[k], pred[k]) for k in gold}
+    for k, r in per.items():
+        for key in ("at_macro_recall", "score"):
+            lo, hi = ci["files"][k][key]
+            assert lo <= r[key] <= hi and lo < hi, (k, key)
+        lo, hi = ci["files"][k]["binary"]["score"]
+        assert lo <= r["binary"]["score"] <= hi
+    assert ci["files"]["fr"]["isAt_macro_recall"] is None and ci["files"]["fr"]["score"] == ci["files"]["fr"]["at_macro_recall"]
+    lo, hi = ci["profile"]["score"]
+    assert lo <= profile(per)["score"] <= hi
+    # a file's interval does not depend on the other files scored with it
+    assert bootstrap_intervals({"en": gold["en"]}, {"en": pred["en"]}, resamples=400, seed=5)["files"]["en"] == ci["files"]["en"]
+    wide = ci["files"]["en"]["score"]
+    narrow = bootstrap_intervals({"en": large[0]}, {"en": large[1]}, resamples=400, seed=5)["files"]["en"]["score"]
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 2
+    assert bootstrap_intervals(gold, gold, resamples=50)["files"]["en"]["score"] == [1.0, 1.0]
+
+
+def test_score_rows_carry_intervals_for_the_tables():
+    import random
+
+    from glotkit.hipe.predict import score_rows
+    from glotkit.systems.distill import compare_table, efficiency_table
+
+    gold, pred = _random_docs(random.Random(1), 10)
+    rows = [{"key": [d["document_id"], p["pers_entity_id"], p["loc_entity_id"]], "at": p["at"], "isAt": p["isAt"],
+             "parsed": True, "corrected": False} for d in pred for p in d["sampled_pairs"]]
+    r = score_rows({"en": gold}, rows, resamples=200)
+    lo, hi = r["languages"]["en"]["ci"]["score"]
+    assert lo <= r["languages"]["en"]["score"] <= hi and r["profile"]["ci"]["resamples"] == 200
+    row = r | {"model": "m", "format": "json", "timing": {"seconds": 1.0, "pairs": 80}}
+    s = f"{r['profile']['score'] * 100:.2f} [{lo * 100:.1f}, {hi * 100:.1f}]"
+    assert f"| m | json | {s} |" in compare_table([row])
+    eff = row | {"label": "teacher", "role": "teacher", "size": {"params": 1, "disk_mb": 1},
+                 "memory": {"peak_rss_mb": 1.0}, "timing": {"pairs_per_s": 1.0}}
+    assert f"| **{s}** |" in efficiency_table([eff], 3.0)["markdown"]
+
+
+def test_distill_score_command(tmp_path, capsys):
+    import random
+
+    from glotkit.cli import main
+    from glotkit.hipe.data import default_schema
+
+    gold, pred = _random_docs(random.Random(2), 8)
+    del pred[0]["sampled_pairs"][:2]  # two gold pairs without a prediction
+
+    def write(name, docs):
+        f = tmp_path / name
+        f.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+        return str(f)
+
+    g, p = write("HIPE-2026-v1.0-impresso-test-en.jsonl", gold), write("pred.jsonl", pred)
+    r = score_file(gold, pred)
+    assert main(["distill", "score", g, p]) == 0
+    out = capsys.readouterr().out
+    assert f"at macro recall         {r['at_macro_recall']:.4f} [" in out
+    assert f"file score              {r['score']:.4f} [" in out and "binary file score" in out
+    assert "targets at, isAt (data set 'impresso' in the file name)" in out
+    assert "note: 2 of 64 gold pairs are not in the predictions: counted FALSE/FALSE" in out
+    assert main(["distill", "score", g, p, "--json", "--targets", "at", "--resamples", "100"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    en = got["languages"]["en"]
+    assert en["targets"] == ["at"] and en["isAt_macro_recall"] is None and en["score"] == en["at_macro_recall"]
+    assert en["at_macro_recall"] == r["at_macro_recall"] and got["profile"]["ci"]["resamples"] == 100
+    assert len(en["ci"]["score"]) == 2 and en["missing_pairs"] == 2
+    lit = write("HIPE-2026-v1.0-surprise-test-fr.jsonl", gold)
+    assert main(["distill", "score", lit, g, "--resamples", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "isAt macro recall         null" in out and "[" not in out and "targets at (data set 'surprise'" in out
+
+    bad_pred = [dict(pred[0], document_id="nobody")]
+    masked = [dict(d, sampled_pairs=[dict(x, at=None, isAt=None) for x in d["sampled_pairs"]]) for d in gold]
+    cases = [([str(tmp_path / "none.jsonl"), p], "none.jsonl: HIPE file not found"),
+             ([g, write("unknown.jsonl", bad_pred)], "unknown document id 'nobody'"),
+             ([g, p, "--targets", "isat"], "--targets isat: give at or at,isAt"),
+             ([g, p, "--resamples", "-1"], "--resamples -1"),
+             ([write("masked.jsonl", masked), p], "no gold labels")]
+    if default_schema() is not None:
+        wrong = json.loads(json.dumps(pred))
+        wrong[1]["sampled_pairs"][0]["at"] = "MAYBE"
+        cases.append(([g, write("wrong.jsonl", wrong)], "wrong.jsonl: line 2: sampled_pairs[0].at: 'MAYBE' is not one of"))
+    for argv, message in cases:
+        assert main(["distill", "score", *argv]) == 2, message
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

@@ -409,14 +409,15 @@ def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server, c
     tok.save_pretrained(model_dir)
     files = _write_gold(tmp_path, docs=6, pairs=3)
 
-    def recipe(backend: str, **more) -> Path:
-        raw = {"name": backend, "task": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(model_dir)},
+    def recipe(backend: str, labels: str = "generate", **more) -> Path:
+        name = backend if labels == "generate" else f"{backend}-{labels}"
+        raw = {"name": name, "task": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(model_dir)},
                "distill": {"data": files, "train_pairs": None, "dev_pairs": 6, "max_chars": 200, "label_tokens": 8,
                            "explain_tokens": 12, "batch_size": 4, "compare_models": [str(model_dir)],
-                           "compare_formats": ["json", "explain-plain"]},
+                           "compare_formats": ["json", "explain-plain"], "labels": labels},
                "stages": ["compare"], "generate": {"backend": backend, "base_url": url, "models": {"base": "m"},
                                                    "retries": 0}, **more}
-        path = tmp_path / f"{backend}.yaml"
+        path = tmp_path / f"{name}.yaml"
         path.write_text(json.dumps(raw), encoding="utf-8")
         return path
 
@@ -443,6 +444,17 @@ def test_distillation_compare_and_evaluate_on_a_server(tmp_path, model_server, c
         assert result["backend"] == f"openai {url} m" and result["memory"]["peak_rss_mb"] is None
         assert result["timing"]["resumed_pairs"] == (2 if fmt == "json" else 0)
         assert not (folder / "answers.partial.jsonl").exists()
+    # labels chosen by log-likelihood: the server scores the same five options after the same prompts
+    for backend in ("local", "openai"):
+        assert main(["distill", "compare", "--no-progress", str(recipe(backend, "loglik"))]) == 0
+    for fmt in ("json", "explain-plain"):
+        local, remote = ([json.loads(x) for x in (tmp_path / "runs" / name / "compare" / f"{slug}--{fmt}" /
+                                                  "answers.jsonl").read_text().splitlines()]
+                         for name in ("local-loglik", "openai-loglik"))
+        assert [(r["at"], r["isAt"]) for r in remote] == [(r["at"], r["isAt"]) for r in local], fmt
+        for a, b in zip(local, remote):
+            assert list(b["logliks"].values()) == pytest.approx(list(a["logliks"].values()), abs=1e-3)
+            assert a["parsed"] and b["parsed"]
     _ModelServer.requests = []  # done: kept, without connecting (the server may be gone), from anywhere
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     assert main(["distill", "compare", "--no-progress", str(recipe("openai")),

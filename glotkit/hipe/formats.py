@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 
 from glotkit.errors import GlotkitError
-from glotkit.hipe.parse import AT_LABELS, ISAT_LABELS, Parsed, parse_answer
+from glotkit.hipe.parse import AT_LABELS, ISAT_LABELS, VALID_LABELS, Parsed, parse_answer
 
 FORMATS = ("json", "explain-json", "plain", "explain-plain")
 
@@ -59,28 +59,42 @@ def labels_text(at: str, is_at: str, fmt: str) -> str:
     return f"at: {at}\nisAt: {is_at}"
 
 
-def question(doc: dict, pair: dict, fmt: str, max_chars: int) -> str:
-    """The user's text for one pair."""
+LAYOUTS = ("pair", "article")
+
+
+def question(doc: dict, pair: dict, fmt: str, max_chars: int, layout: str = "pair") -> str:
+    """The user's text for one pair.
+
+    ``layout="pair"``: the excerpt around this pair's mentions, the pair, then the definitions
+    and the request.  ``layout="article"``: the excerpt around the mentions of all the document's
+    pairs, the definitions and the request, then the pair last — every pair of a document then
+    starts with the same text, which training computes once per document (shared-prefix rows)."""
     from glotkit.hipe.data import excerpt
 
+    head = f"Article (published {doc.get('date') or 'at an unknown date'}):\n"
+    pair_text = f"Person: {_mention(pair, 'pers_mentions_list')}\nPlace: {_mention(pair, 'loc_mentions_list')}"
+    if layout == "article":
+        mentions = [m for p in doc.get("sampled_pairs") or [pair]
+                    for m in list(p["pers_mentions_list"]) + list(p["loc_mentions_list"])]
+        return (f"{head}{excerpt(doc['text'], mentions, max_chars)}\n\n{DEFINITIONS}\n{_ASK[fmt]}\n\n"
+                f"{pair_text}")
+    if layout != "pair":
+        raise GlotkitError(f"prompt layout: unknown '{layout}' (layouts: {', '.join(LAYOUTS)})")
     mentions = list(pair["pers_mentions_list"]) + list(pair["loc_mentions_list"])
-    return (f"Article (published {doc.get('date') or 'at an unknown date'}):\n"
-            f"{excerpt(doc['text'], mentions, max_chars)}\n\n"
-            f"Person: {_mention(pair, 'pers_mentions_list')}\nPlace: {_mention(pair, 'loc_mentions_list')}\n\n"
-            f"{DEFINITIONS}\n{_ASK[fmt]}")
+    return f"{head}{excerpt(doc['text'], mentions, max_chars)}\n\n{pair_text}\n\n{DEFINITIONS}\n{_ASK[fmt]}"
 
 
 def _mention(pair: dict, field: str) -> str:
     return " / ".join(" ".join(m.split()) for m in pair[field])
 
 
-def rationalization(doc: dict, pair: dict, fmt: str, max_chars: int) -> tuple[str, str, str]:
+def rationalization(doc: dict, pair: dict, fmt: str, max_chars: int, layout: str = "pair") -> tuple[str, str, str]:
     """The question with the gold answer written at the start of the model's turn, followed by
     "Explanation: According to the article, <person>" for the model to go on: (user text, turn
     start, the explanation's first words).  Without that start a 270M model copies instructions
     or worked examples instead of explaining."""
     opening = f"According to the article, {' '.join(pair['pers_mentions_list'][0].split())}"
-    return (question(doc, pair, fmt, max_chars),
+    return (question(doc, pair, fmt, max_chars, layout),
             f"Answer: {labels_text(pair['at'], pair['isAt'], fmt)}\nExplanation: {opening}", opening)
 
 
@@ -134,6 +148,12 @@ def parse(fmt: str, text: str) -> Parsed:
     if is_at == "TRUE" and at == "FALSE":
         return Parsed("TRUE", is_at, True, corrected=True)
     return Parsed(at, is_at, True)
+
+
+def label_options(fmt: str) -> list[str]:
+    """What log-likelihood decoding compares after "Answer:": each valid (at, isAt) combination
+    written as the training target writes it (:func:`response`), in :data:`VALID_LABELS` order."""
+    return [f" {labels_text(at, is_at, fmt)}" for at, is_at in VALID_LABELS]
 
 
 def explanation_of(text: str) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 AT_LABELS = ("TRUE", "PROBABLE", "FALSE")
 ISAT_LABELS = ("TRUE", "FALSE")
+# the (at, isAt) combinations that can be true: isAt TRUE says the person was there, so at is TRUE or PROBABLE
+VALID_LABELS = (("TRUE", "TRUE"), ("PROBABLE", "TRUE"), ("TRUE", "FALSE"), ("PROBABLE", "FALSE"), ("FALSE", "FALSE"))
 
 
 @dataclass

@@ -1,7 +1,12 @@
 """Label HIPE-2026 pairs with a model, and measure what that costs.
 
-:func:`predict_pairs` runs one prompt format over a list of (document, pair) items with greedy
-decoding (our own loop: finished rows leave the batch) on any generator, and parses every answer.
+:func:`predict_pairs` runs one prompt format over a list of (document, pair) items on any
+generator.  With ``labels="loglik"`` (the default) the labels are chosen, never parsed: the five
+valid (at, isAt) combinations are scored by log-likelihood after "Answer:" and the likeliest is
+taken, so there is no parse failure by construction (an explain format first writes its
+explanation freely, greedy, up to "Answer:").  With ``labels="generate"`` the whole answer is
+generated greedily and parsed (for served models that cannot score options), and parse failures
+are counted.
 :func:`evaluate_model` does that in a fresh process for one model (+ adapter) so that its peak
 resident memory is that model's alone, writes the official predictions files (one per
 language, the gold documents with our labels) and scores them against gold.  Given a
@@ -21,7 +26,8 @@ from typing import Callable, Sequence
 
 from glotkit.errors import GlotkitError
 from glotkit.generate import Generator
-from glotkit.hipe.formats import PromptBuilder, decoding, parse, question
+from glotkit.hipe.formats import PromptBuilder, decoding, explains, label_options, parse, question
+from glotkit.hipe.parse import VALID_LABELS
 from glotkit.logs import say
 
 Item = tuple[dict, dict]  # (document, pair)
@@ -38,6 +44,15 @@ class Settings:
     label_tokens: int = 32
     explain_tokens: int = 128
     batch_size: int = 16
+    labels: str = "loglik"  # "loglik": choose among the valid labels; "generate": generate and parse
+    layout: str = "pair"  # the prompt's layout (glotkit.hipe.formats.question)
+
+    def __post_init__(self):
+        if self.labels not in LABEL_MODES:
+            raise GlotkitError(f"labels: unknown mode '{self.labels}' (known: {', '.join(LABEL_MODES)})")
+
+
+LABEL_MODES = ("loglik", "generate")
 
 
 def predict_pairs(generator: Generator, items: Sequence[Item], s: Settings, *, partial: Path | None = None,
@@ -55,21 +70,44 @@ def predict_pairs(generator: Generator, items: Sequence[Item], s: Settings, *, p
     todo = [(d, p) for d, p in items if pair_key(d, p) not in done]
     if done and todo:
         log(f"{desc}: {len(items) - len(todo)} of {len(items)} answers already written, continuing")
-    prompts = [builder.prompt_ids(question(d, p, s.fmt, s.max_chars), s.fmt) for d, p in todo]
+    questions = [question(d, p, s.fmt, s.max_chars, s.layout) for d, p in todo]
+    prompts = [builder.prompt_ids(q, s.fmt) for q in questions]
     rows: dict[tuple, dict] = dict(done)
     t0 = time.perf_counter()
     produced = 0
     with (partial.open("a", encoding="utf-8") if partial is not None else contextlib.nullcontext()) as fh:
-        def keep(idx: list[int], texts: list[str]) -> None:
-            new = [answer_row(*todo[i], s.fmt, t) for i, t in zip(idx, texts)]
+        def keep_rows(new: list[dict]) -> None:
             rows.update((tuple(r["key"]), r) for r in new)
             if fh is not None:
                 append_rows(fh, new)
 
-        if todo:
-            produced = generator.sample(prompts, max_new_tokens=dec.max_new_tokens, batch_size=s.batch_size,
-                                        temperature=0.0, stop=dec.stop, keep_stop=True, progress=progress, desc=desc,
-                                        on_batch=keep).new_tokens
+        if todo and s.labels == "generate":
+            produced = generator.sample(
+                prompts, max_new_tokens=dec.max_new_tokens, batch_size=s.batch_size, temperature=0.0, stop=dec.stop,
+                keep_stop=True, progress=progress, desc=desc,
+                on_batch=lambda idx, texts: keep_rows([answer_row(*todo[i], s.fmt, t) for i, t in zip(idx, texts)])
+            ).new_tokens
+        elif todo:
+            explanations = [""] * len(todo)
+            if explains(s.fmt):  # the explanation is free text, up to where the labels begin
+                gen = generator.sample(prompts, max_new_tokens=s.explain_tokens, batch_size=s.batch_size,
+                                       temperature=0.0, stop=("Answer:",), keep_stop=False, progress=progress,
+                                       desc=f"{desc} (explanations)")
+                produced = gen.new_tokens
+                explanations = [" ".join(t.split()) for t in gen.texts]
+                prompts = [builder.prompt_ids(q, s.fmt, after_cue=f" {e}\nAnswer:")
+                           for q, e in zip(questions, explanations)]
+            from tqdm.auto import tqdm
+
+            chunk = max(1, s.batch_size) * 4  # appended chunk by chunk, so an interrupted run keeps its answers
+            with tqdm(total=len(todo), desc=f"{desc} (labels)", unit="pair", disable=not progress,
+                      dynamic_ncols=True) as bar:
+                for start in range(0, len(todo), chunk):
+                    part = range(start, min(len(todo), start + chunk))
+                    scores = generator.option_logliks([prompts[i] for i in part], label_options(s.fmt),
+                                                      batch_size=s.batch_size, progress=False, desc=desc)
+                    keep_rows([chosen_row(*todo[i], s.fmt, sc, explanations[i]) for i, sc in zip(part, scores)])
+                    bar.update(len(part))
     seconds = time.perf_counter() - t0
     timing = {"pairs": len(todo), "seconds": round(seconds, 2), "new_tokens": produced,
               "prompt_tokens": sum(map(len, prompts))}
@@ -79,6 +117,23 @@ def predict_pairs(generator: Generator, items: Sequence[Item], s: Settings, *, p
     return [rows[pair_key(d, p)] for d, p in items], timing
 
 
+def choose_labels(scores: Sequence[float]) -> tuple[str, str]:
+    """The valid (at, isAt) combination with the highest log-likelihood (ties: the first)."""
+    best = max(range(len(VALID_LABELS)), key=lambda i: (scores[i], -i))
+    return VALID_LABELS[best]
+
+
+def chosen_row(doc: dict, pair: dict, fmt: str, scores: Sequence[float], explanation: str = "") -> dict:
+    """A pair labelled by log-likelihood: the likeliest valid labels, with every option's score."""
+    from glotkit.hipe.formats import labels_text
+
+    at, is_at = choose_labels(scores)
+    raw = (f" {explanation}\nAnswer: " if explains(fmt) else " ") + labels_text(at, is_at, fmt)
+    return {"key": list(pair_key(doc, pair)), "language": doc.get("language"), "raw": raw, "at": at,
+            "isAt": is_at, "parsed": True, "corrected": False, "error": None,
+            "logliks": {f"{a}/{i}": round(float(x), 4) for (a, i), x in zip(VALID_LABELS, scores)}}
+
+
 def answer_row(doc: dict, pair: dict, fmt: str, text: str) -> dict:
     """A model's answer for one pair, parsed."""
     r = parse(fmt, text)
@@ -86,16 +141,25 @@ def answer_row(doc: dict, pair: dict, fmt: str, text: str) -> dict:
             "isAt": r.isAt, "parsed": r.ok, "corrected": r.corrected, "error": r.error}
 
 
-def score_rows(gold_by_language: dict[str, list[dict]], rows: Sequence[dict]) -> dict:
-    """Per-language official scores of the rows' labels, the profile, and parse failures."""
+def score_rows(gold_by_language: dict[str, list[dict]], rows: Sequence[dict], resamples: int = 1000) -> dict:
+    """Per-language official scores of the rows' labels (each language's file on the targets of
+    its data set), the profile, their bootstrap 95 % intervals over documents (``ci``; seeded)
+    and parse failures."""
     from glotkit.hipe.data import predictions_docs
-    from glotkit.hipe.score import profile, score_file
+    from glotkit.hipe.score import bootstrap_intervals, profile, score_file
 
     labels = {tuple(r["key"]): (r["at"], r["isAt"]) for r in rows}
-    per = {lang: score_file(docs, predictions_docs(docs, labels), where=f"predictions ({lang})")
+    preds = {lang: predictions_docs(docs, labels) for lang, docs in gold_by_language.items()}
+    per = {lang: score_file(docs, preds[lang], where=f"predictions ({lang})")
            for lang, docs in sorted(gold_by_language.items())}
+    prof = profile(per)
+    if resamples:
+        ci = bootstrap_intervals(gold_by_language, preds, {k: v["targets"] for k, v in per.items()}, resamples=resamples)
+        for lang, r in per.items():
+            r["ci"] = ci["files"].get(lang)
+        prof["ci"] = ci["profile"] | {k: ci[k] for k in ("level", "resamples", "seed")}
     fails = sum(not r["parsed"] for r in rows)
-    return {"languages": per, "profile": profile(per), "pairs": len(rows), "parse_failures": fails,
+    return {"languages": per, "profile": prof, "pairs": len(rows), "parse_failures": fails,
             "parse_failure_rate": round(fails / len(rows), 4) if rows else 0.0,
             "corrected": sum(bool(r["corrected"]) for r in rows)}
 

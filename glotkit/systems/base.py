@@ -83,15 +83,28 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Tool:
+    """A command under a system's verb that takes no recipe (``glotkit distill score GOLD PRED``):
+    ``arguments`` adds its arguments to its argparse parser, ``run`` runs it on the parsed
+    arguments and returns the exit status (errors the user can fix: raise GlotkitError)."""
+
+    help: str
+    arguments: Callable[[Any], None]
+    run: Callable[[Any], int]
+
+
+@dataclass(frozen=True)
 class Verb:
     """A CLI verb of a system: ``glotkit NAME [WHAT] RECIPE`` runs these stages of the recipe.
-    ``choices`` maps WHAT to stages for verbs that take one (``glotkit distill compare``)."""
+    ``choices`` maps WHAT to stages for verbs that take one (``glotkit distill compare``);
+    ``tools`` maps WHAT to commands that need no recipe (``glotkit distill score``)."""
 
     name: str
     help: str
     stages: tuple[str, ...] = ()
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
     launchable: bool = False  # takes --launcher accelerate
+    tools: dict[str, Tool] = field(default_factory=dict)
 
 
 class System(Protocol):

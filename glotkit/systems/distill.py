@@ -36,7 +36,7 @@ from glotkit.errors import GlotkitError
 from glotkit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from glotkit.io import read_jsonl as _read_jsonl
 from glotkit.logs import say
-from glotkit.systems.base import Run, RunFolder, Stage, Verb
+from glotkit.systems.base import Run, RunFolder, Stage, Tool, Verb
 
 
 class DistillStudent(_Section):
@@ -67,6 +67,17 @@ class DistillSection(_Section):
     label_tokens: StrictInt = Field(32, gt=0)  # new tokens for a label-only answer
     explain_tokens: StrictInt = Field(128, gt=0)  # ... for explanation + answer
     batch_size: StrictInt = Field(16, gt=0)  # generation batch
+    # how a model's labels are decided: "loglik" scores the five valid (at, isAt) combinations after
+    # "Answer:" and takes the likeliest (no parse failure by construction; explanations stay free
+    # text); "generate" generates the answer and parses it (for served models that cannot score options)
+    labels: Literal["loglik", "generate"] = "loglik"
+    # the prompt: "pair" (an excerpt around the pair's mentions, then the pair) or "article" (an
+    # excerpt around all the document's pairs first and the pair last: a document's pairs share
+    # their prompt's start, which training computes once per document)
+    prompt_layout: Literal["pair", "article"] = "pair"
+    # the teacher's label imbalance (most gold pairs are FALSE/FALSE): "oversample" repeats the
+    # pairs of each (at, isAt) combination round(sqrt(largest / its count)) times
+    balance: Literal["none", "oversample"] = "none"
     compare_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
     compare_formats: list[Literal["json", "explain-json", "plain", "explain-plain"]] = Field(
         default_factory=lambda: ["json", "explain-json", "plain", "explain-plain"])
@@ -231,7 +242,8 @@ def _settings(recipe: DistillRecipe, fmt: str):
     distill_cfg = recipe.distill
     return Settings(fmt=fmt, max_chars=distill_cfg.max_chars, label_tokens=distill_cfg.label_tokens,
                     explain_tokens=distill_cfg.explain_tokens,
-                    batch_size=distill_cfg.batch_size)
+                    batch_size=distill_cfg.batch_size, labels=distill_cfg.labels,
+                    layout=distill_cfg.prompt_layout)
 
 
 def check_inputs(recipe: DistillRecipe, log: Callable[[str], None] = say) -> dict:
@@ -373,7 +385,11 @@ class DistillSystem:
                              "'teach' (teacher adapter + explanation traces), 'student' (students + the "
                              "efficiency–accuracy table + report)",
                   choices={"compare": ("compare",), "teach": ("teacher", "traces"),
-                           "student": ("student", "evaluate", "report")}))
+                           "student": ("student", "evaluate", "report")},
+                  tools={"score": Tool("the official HIPE-2026 figures of a predictions file against its gold file "
+                                       "(at and isAt macro recall, the file score, the binary view; bootstrap "
+                                       "intervals over documents)",
+                                       lambda p: score_arguments(p), lambda args: score_command(args))}))
     result_neutral = ()
     # stages that record their own settings and are redone when these change
     redone_by_settings = ("distill.compare_", "distill.untuned", "distill.within_points")
@@ -423,7 +439,7 @@ def run_compare(recipe: DistillRecipe, run_dir: Path, log, progress) -> list[dic
 
     distill_cfg, f = recipe.distill, _folder(run_dir)
     dev = f.split_file("dev")
-    if not distill_cfg.dev_ratio or not dev.is_file() or not dev.read_text().strip():
+    if not distill_cfg.dev_ratio or not dev.is_file() or not dev.read_text(encoding="utf-8").strip():
         raise GlotkitError("distill.dev_ratio: the prompt comparison needs a dev split (dev_ratio > 0)")
     rows = []
     for model in distill_cfg.compare_models:
@@ -437,15 +453,31 @@ def run_compare(recipe: DistillRecipe, run_dir: Path, log, progress) -> list[dic
     return rows
 
 
+def with_ci(value: float | None, ci: Sequence[float] | None = None) -> str:
+    """A score ×100 with two decimals, and its interval when there is one: ``45.56 [39.1, 52.0]``."""
+    if value is None:
+        return "–"
+    return f"{value * 100:.2f}" + (f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]" if ci else "")
+
+
+def _ci(r: dict, *path: str):
+    """The interval at ``path`` of a result's ``ci`` (None in results made before intervals)."""
+    node = r.get("ci")
+    for k in path:
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
 def compare_table(rows: Sequence[dict]) -> str:
     langs = sorted({lang for r in rows for lang in r["languages"]})
     head = ["model", "format", "score", "binary", *langs, "parse failures", "s / pair"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in rows:
-        t = r["timing"]
-        out.append(f"| {r['model']} | {r['format']} | {r['profile']['score'] * 100:.2f} | "
-                   f"{r['profile']['binary_score'] * 100:.2f} | "
-                   + " | ".join(f"{r['languages'][x]['score'] * 100:.2f}" if x in r["languages"] else "–" for x in langs)
+        t, p = r["timing"], r["profile"]
+        out.append(f"| {r['model']} | {r['format']} | {with_ci(p['score'], _ci(p, 'score'))} | "
+                   f"{with_ci(p['binary_score'], _ci(p, 'binary_score'))} | "
+                   + " | ".join(with_ci(r["languages"][x]["score"], _ci(r["languages"][x], "score"))
+                                if x in r["languages"] else "–" for x in langs)
                    + f" | {r['parse_failure_rate'] * 100:.1f} % | {t['seconds'] / max(1, t['pairs']):.2f} |")
     return "\n".join(out) + "\n"
 
@@ -500,11 +532,31 @@ def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress) -
         return
     distill_cfg = recipe.distill
     builder = PromptBuilder(_tokenizer(recipe.model.name))
+    fmt = distill_cfg.teacher_format
     items = training_items(splits)
-    examples = [builder.example(question(doc, p, distill_cfg.teacher_format, distill_cfg.max_chars), distill_cfg.teacher_format,
-                                response(distill_cfg.teacher_format, p["at"], p["isAt"]), group=doc["document_id"])
-                for doc, p in items]
+    repeats = label_repeats(items) if distill_cfg.balance == "oversample" else {}
+    counts: dict[str, int] = {}
+    for _, p in items:
+        counts[f"{p['at']}/{p['isAt']}"] = counts.get(f"{p['at']}/{p['isAt']}", 0) + 1
+    log("teacher: gold labels " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        + (" ; oversampled " + ", ".join(f"{k} ×{v}" for k, v in repeats.items()) if repeats else ""))
+    examples = [builder.example(question(doc, p, fmt, distill_cfg.max_chars, distill_cfg.prompt_layout), fmt,
+                                response(fmt, p["at"], p["isAt"]), group=doc["document_id"])
+                for doc, p in items for _ in range(repeats.get(f"{p['at']}/{p['isAt']}", 1))]
     _train_adapter(recipe, recipe.model, examples, out, f.teacher_train, "teacher", log, progress)
+
+
+def label_repeats(items: Sequence[tuple[dict, dict]]) -> dict[str, int]:
+    """How often each (at, isAt) combination's pairs are repeated to soften the imbalance:
+    round(sqrt(largest count / its count)), at least once (square-root balancing: the rare labels
+    are seen more often without learning a handful of pairs by heart)."""
+    import math
+
+    counts: dict[str, int] = {}
+    for _, p in items:
+        counts[f"{p['at']}/{p['isAt']}"] = counts.get(f"{p['at']}/{p['isAt']}", 0) + 1
+    top = max(counts.values(), default=0)
+    return {k: max(1, round(math.sqrt(top / n))) for k, n in sorted(counts.items())}
 
 
 def _key(doc: dict, pair: dict) -> str:
@@ -563,7 +615,7 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
     todo = [(doc, p) for doc, p in items if _key(doc, p) not in done]
     if done and todo:
         log(f"traces: {len(done)} explanations already written, continuing")
-    asks = [rationalization(doc, p, fmt, distill_cfg.max_chars) for doc, p in todo]
+    asks = [rationalization(doc, p, fmt, distill_cfg.max_chars, distill_cfg.prompt_layout) for doc, p in todo]
     s1, n1 = _generate_appending(
         explainer, path, [builder.prompt_ids(user, fmt, turn=turn) for user, turn, _ in asks],
         lambda i, t: {"key": _key(*todo[i]), "raw": t,
@@ -581,13 +633,18 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
         r = parse(fmt, "Answer:" + text)
         return {"key": _key(*todo2[i]), "raw": text, "at": r.at, "isAt": r.isAt, "parsed": r.ok}
 
-    s2, n2 = _generate_appending(
-        checker, path2, [builder.prompt_ids(question(doc, p, fmt, distill_cfg.max_chars), fmt,
-                                               after_cue=" " + explained[_key(doc, p)]["explanation"] + "\nAnswer:")
-                            for doc, p in todo2],
-        checked_row, max_new_tokens=distill_cfg.label_tokens,
-        stop=decoding(fmt, distill_cfg.label_tokens, distill_cfg.explain_tokens).stop,
-        keep_stop=True, desc="teacher checks", **gen)
+    layout = distill_cfg.prompt_layout
+    check_prompts = [builder.prompt_ids(question(doc, p, fmt, distill_cfg.max_chars, layout), fmt,
+                                        after_cue=" " + explained[_key(doc, p)]["explanation"] + "\nAnswer:")
+                     for doc, p in todo2]
+    if distill_cfg.labels == "loglik":  # the checker's labels are chosen among the valid ones, as in evaluation
+        s2, n2 = _choose_appending(checker, path2, check_prompts, fmt, lambda i: _key(*todo2[i]),
+                                   batch_size=distill_cfg.batch_size, progress=progress, desc="teacher checks")
+    else:
+        s2, n2 = _generate_appending(
+            checker, path2, check_prompts, checked_row, max_new_tokens=distill_cfg.label_tokens,
+            stop=decoding(fmt, distill_cfg.label_tokens, distill_cfg.explain_tokens).stop,
+            keep_stop=True, desc="teacher checks", **gen)
     seconds, produced = s1 + s2, n1 + n2
     checked = read_appended(path2, lambda r: r["key"])
 
@@ -664,6 +721,39 @@ def _generate_appending(generator, path: Path, prompts, row: Callable[[int, str]
     return time.perf_counter() - t0, n
 
 
+def _choose_appending(generator, path: Path, prompts, fmt: str, key: Callable[[int], Any], *, batch_size: int,
+                      progress: bool, desc: str) -> tuple[float, int]:
+    """The likeliest valid labels after each prompt (log-likelihood of the five combinations),
+    appended (fsynced) to ``path`` chunk by chunk; returns (seconds, 0 new tokens)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from glotkit.hipe.formats import label_options
+    from glotkit.hipe.parse import VALID_LABELS
+    from glotkit.hipe.predict import choose_labels
+    from glotkit.io import append_rows
+
+    if not prompts:
+        return 0.0, 0
+    t0 = time.perf_counter()
+    chunk = max(1, batch_size) * 4
+    with path.open("a", encoding="utf-8") as fh, tqdm(total=len(prompts), desc=desc, unit="pair",
+                                                      disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), chunk):
+            part = range(start, min(len(prompts), start + chunk))
+            scores = generator.option_logliks([prompts[i] for i in part], label_options(fmt), batch_size=batch_size,
+                                              progress=False, desc=desc)
+            rows = []
+            for i, sc in zip(part, scores):
+                at, is_at = choose_labels(sc)
+                rows.append({"key": key(i), "raw": None, "at": at, "isAt": is_at, "parsed": True,
+                             "logliks": {f"{a}/{b}": round(float(x), 4) for (a, b), x in zip(VALID_LABELS, sc)}})
+            append_rows(fh, rows)
+            bar.update(len(part))
+    return time.perf_counter() - t0, 0
+
+
 def _usable(text: str) -> bool:
     """An explanation worth learning from: a few words of the model's own, not a label dump."""
     return len(text.split()) >= 3 and "{" not in text
@@ -695,7 +785,8 @@ def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progres
     examples = []
     for t in traces:
         doc, p = by_key[t["key"]]
-        examples.append(builder.example(question(doc, p, distill_cfg.student_format, distill_cfg.max_chars),
+        examples.append(builder.example(question(doc, p, distill_cfg.student_format, distill_cfg.max_chars,
+                                                 distill_cfg.prompt_layout),
                                         distill_cfg.student_format,
                                         response(distill_cfg.student_format, t["at"], t["isAt"], t["explanation"]),
                                         group=doc["document_id"]))
@@ -719,7 +810,8 @@ def student_model_path(recipe: DistillRecipe, run_dir: Path, st, splits, traces,
 
     items = training_items(splits)
     texts = list({doc["document_id"]: doc["text"] for doc, _ in items}.values())
-    texts += [question(items[0][0], items[0][1], fmt, recipe.distill.max_chars) for fmt in FORMATS]
+    texts += [question(items[0][0], items[0][1], fmt, recipe.distill.max_chars, recipe.distill.prompt_layout)
+              for fmt in FORMATS]
     texts += [t["explanation"] for t in traces]
     texts += ['{"at": "TRUE", "isAt": "FALSE"} {"at": "PROBABLE", "isAt": "TRUE"} at: FALSE isAt: TRUE Answer:']
     info = trim_vocabulary(resolve_model_path(st.model, log=log), texts, folder, log=log)
@@ -799,6 +891,8 @@ def efficiency_table(results: Sequence[dict], within: float) -> dict:
                      "pairs_per_s": r["timing"]["pairs_per_s"], "backend": r.get("backend", "local"),
                      "languages": {x: r["languages"][x]["score"] for x in langs if x in r["languages"]},
                      "score": r["profile"]["score"], "binary": r["profile"]["binary_score"],
+                     "ci": {"score": _ci(r["profile"], "score"), "binary": _ci(r["profile"], "binary_score"),
+                            "languages": {x: _ci(r["languages"][x], "score") for x in langs if x in r["languages"]}},
                      "parse_failure_rate": r["parse_failure_rate"],
                      "rank": {"accuracy": acc[i], "params": par[i], "size": size[i], "mean": round(mean[i], 2),
                               "overall": overall[i]}})
@@ -809,8 +903,10 @@ def efficiency_table(results: Sequence[dict], within: float) -> dict:
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "served"
         md.append(f"| {r['label']} | {r['format']} | {r['params'] / 1e6:.1f}M | {r['disk_mb']:.0f} | "
                   f"{rss} | {r['pairs_per_s']} | "
-                  + " | ".join(f"{r['languages'][x] * 100:.2f}" if x in r["languages"] else "–" for x in langs)
-                  + f" | **{r['score'] * 100:.2f}** | {r['binary'] * 100:.2f} | {r['parse_failure_rate'] * 100:.1f} % | "
+                  + " | ".join(with_ci(r["languages"][x], r["ci"]["languages"].get(x)) if x in r["languages"] else "–"
+                               for x in langs)
+                  + f" | **{with_ci(r['score'], r['ci']['score'])}** | {with_ci(r['binary'], r['ci']['binary'])} | "
+                  f"{r['parse_failure_rate'] * 100:.1f} % | "
                   f"{r['rank']['accuracy']} | {r['rank']['params']} | {r['rank']['size']} | {r['rank']['overall']} |")
     answer = []
     teacher = next((r for r in rows if r["role"] == "teacher"), None)
@@ -826,6 +922,12 @@ def efficiency_table(results: Sequence[dict], within: float) -> dict:
                          f" -> NOT within {within:g} points (worst {worst:+.2f})"))
     return {"rows": rows, "languages": langs, "within_points": within, "answer": answer,
             "markdown": "\n".join(md) + "\n"}
+
+
+SCORE_NOTE = ("Score: mean over languages of each file's score, ×100: the mean of the macro recalls of at and isAt "
+              "(literary works: of at alone, as the campaign scores them). Binary: PROBABLE counted as TRUE. "
+              "In brackets: 95 % bootstrap interval over documents (1000 seeded resamples). A parse failure counts "
+              "as FALSE/FALSE.")
 
 
 def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
@@ -854,8 +956,7 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
     table = folder.compare_table
     if table.is_file():
         lines += ["", "## 1. Prompt comparison (dev split, untuned models)", "", table.read_text(encoding="utf-8").rstrip(),
-                  "", "Score: mean over languages of (macro recall of at + macro recall of isAt) / 2, ×100. Binary: "
-                  "PROBABLE counted as TRUE. A parse failure counts as FALSE/FALSE."]
+                  "", SCORE_NOTE]
     teach = folder.read_json(folder.train_result(folder.teacher_train))
     traces = folder.read_json(folder.traces_summary)
     if teach or traces:
@@ -895,7 +996,8 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
                   "adapter). Peak RSS: a process that loads only this model and labels the test pairs (`served`: the "
                   "model answered from a server (`generate.backend: openai`), whose memory is not measured here; its "
                   "pairs/s is the server's, with `generate.concurrency` requests in flight). Ranks as in "
-                  "HIPE-2026: by accuracy, by parameters, by size, and by the mean of the three (1 = best).", "",
+                  "HIPE-2026: by accuracy, by parameters, by size, and by the mean of the three (1 = best). "
+                  + SCORE_NOTE, "",
                   f"**Does the student stay within {eff['within_points']:g} points of the teacher in every language?**", ""]
         lines += [f"- {a}" for a in eff["answer"]] or ["- no student was evaluated"]
         lines += _confusions(folder, [r["label"] for r in eff["rows"] if r["role"] in ("teacher", "student")])
@@ -912,11 +1014,115 @@ def _confusions(folder: DistillFolder, labels) -> list[str]:
         if not r:
             continue
         for rel in ("at", "isAt"):
-            names = next(iter(r["languages"].values()))["confusion"][rel]["labels"]
-            total = [[sum(v["confusion"][rel]["matrix"][i][j] for v in r["languages"].values()) for j in range(len(names))]
+            scored = [v for v in r["languages"].values() if rel in v["confusion"]]  # isAt: not on literary works
+            if not scored:
+                continue
+            names = scored[0]["confusion"][rel]["labels"]
+            total = [[sum(v["confusion"][rel]["matrix"][i][j] for v in scored) for j in range(len(names))]
                      for i in range(len(names))]
             out += [f"`{label}`, {rel}:", "", "| gold \\ predicted | " + " | ".join(names) + " |",
                     "|---|" + "---:|" * len(names)]
             out += [f"| {g} | " + " | ".join(str(x) for x in row) + " |" for g, row in zip(names, total)]
             out.append("")
     return out
+
+
+# --------------------------------------------------------------------------- glotkit distill score
+
+
+def score_arguments(p) -> None:
+    p.add_argument("gold", help="the gold HIPE-2026 JSONL file (e.g. HIPE-2026-v1.0-impresso-test-de.jsonl)")
+    p.add_argument("predictions", help="the predictions JSONL file: the same documents and pairs, labels filled in")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON, full precision")
+    p.add_argument("--targets", default=None, metavar="at|at,isAt",
+                   help="the labels scored (default: the campaign's for the data set: at and isAt for the "
+                        "newspapers, at alone for the literary works of the surprise set)")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples of the documents for the 95 %% intervals (0: none; default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
+    p.add_argument("--schema", default=None, metavar="FILE",
+                   help="the release's JSON schema (default: ../shared/data/hipe-2026/schemas)")
+
+
+def score_command(args) -> int:
+    """``glotkit distill score GOLD PRED``: print the official figures (text or ``--json``)."""
+    from glotkit.hipe.score import parse_targets, score_prediction_files
+
+    if args.resamples < 0:
+        raise GlotkitError(f"--resamples {args.resamples}: give 0 (no intervals) or more")
+    targets = parse_targets(args.targets, "--targets") if args.targets is not None else None
+    r = score_prediction_files(args.gold, args.predictions, targets, resamples=args.resamples, seed=args.seed,
+                               schema=args.schema or "default")
+    notes = score_notes(r)
+    if args.json:
+        for n in notes:
+            say(f"note: {n}")
+        print(json.dumps(r, indent=2, ensure_ascii=False))
+    else:
+        print(score_text(r, notes))
+    return 0
+
+
+def score_notes(r: dict) -> list[str]:
+    """What the scorer filled in or left out, in words."""
+    per = r["languages"].values()
+    missing, pairs = sum(x["missing_pairs"] for x in per), sum(x["pairs"] for x in per)
+    whole = sum(x["missing_documents"] for x in per)
+    nulls, extra = sum(x["null_labels"] for x in per), sum(x["extra_pairs"] for x in per)
+    notes = []
+    if missing:
+        notes.append(f"{missing} of {pairs} gold pairs are not in the predictions"
+                     + (f" ({whole} whole documents missing)" if whole else "")
+                     + ": counted FALSE/FALSE, as the official scorer does")
+    if nulls:
+        notes.append(f"{nulls} predicted labels are null: counted FALSE")
+    if extra:
+        notes.append(f"{extra} predicted pairs are not in the gold file: not scored")
+    if not r["schema_checked"]:
+        notes.append("no HIPE-2026 schema found (give --schema): the files were not checked against it")
+    return notes
+
+
+def score_text(r: dict, notes: Sequence[str] = ()) -> str:
+    """The figures of :func:`glotkit.hipe.score.score_prediction_files`: one column per language
+    (and the profile, the mean over languages, when there are several), each value with its
+    interval."""
+    per = r["languages"]
+
+    def cell(value, interval) -> str:
+        if value is None:
+            return "null"
+        return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+
+    def ci(x: dict, *path: str):
+        node = x.get("ci")
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        return node
+
+    figures = [("at macro recall", lambda x: (x["at_macro_recall"], ci(x, "at_macro_recall"))),
+               ("isAt macro recall", lambda x: (x["isAt_macro_recall"], ci(x, "isAt_macro_recall"))),
+               ("file score", lambda x: (x["score"], ci(x, "score"))),
+               ("binary at macro recall", lambda x: (x["binary"]["at_macro_recall"], ci(x, "binary", "at_macro_recall"))),
+               ("binary file score", lambda x: (x["binary"]["score"], ci(x, "binary", "score")))]
+    cols = [(lang, [cell(*f(x)) for _, f in figures]) for lang, x in per.items()]
+    if len(per) > 1:
+        p = r["profile"]
+        cols.append(("profile (mean)", ["", "", cell(p["score"], ci(p, "score")), "",
+                                        cell(p["binary_score"], ci(p, "binary_score"))]))
+    widths = [max(len(name), *(len(v) for v in vals)) for name, vals in cols]
+    lines = [f"gold:        {r['gold']}", f"predictions: {r['predictions']}"]
+    for lang, x in per.items():
+        lines.append(f"{lang}: {x['documents']} documents, {x['pairs']} pairs; targets {', '.join(x['targets'])} "
+                     f"({x['targets_from']})")
+    meta = r["profile"].get("ci")
+    lines.append("")
+    if meta:
+        lines.append(f"{meta['level'] * 100:g} % intervals: percentile bootstrap over documents, {meta['resamples']} "
+                     f"resamples, seed {meta['seed']}")
+    lines.append(f"{'':<24}" + "  ".join(f"{name:>{w}}" for (name, _), w in zip(cols, widths)))
+    for i, (name, _) in enumerate(figures):
+        lines.append(f"{name:<24}" + "  ".join(f"{vals[i]:>{w}}" for (_, vals), w in zip(cols, widths)))
+    if any(x["isAt_macro_recall"] is None for x in per.values()):
+        lines.append("null: not a target of this data set (the literary works are scored on at alone)")
+    return "\n".join([x.rstrip() for x in lines] + [f"note: {n}" for n in notes])
