@@ -387,3 +387,53 @@ def test_label_repeats_soften_the_imbalance():
 
     got = label_repeats(items(690, "FALSE", "FALSE") + items(245, "TRUE", "TRUE") + items(34, "PROBABLE", "TRUE"))
     assert got == {"FALSE/FALSE": 1, "TRUE/TRUE": 2, "PROBABLE/TRUE": 5}  # round(sqrt(690/34)) = round(4.5) = 5
+
+
+def test_predict_labels_a_masked_file_and_resumes(tmp_path, tiny_llama, capsys):
+    """`glotkit distill predict`: every document and pair id kept in order, labels filled in (valid
+    combinations), the file passes the schema, answers already written are kept."""
+    files = _write_gold(tmp_path, docs=6, pairs=3)
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(json.dumps({
+        "name": "p", "system": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
+        "distill": {"data": files, "train_pairs": None, "dev_ratio": 0.0, "max_chars": 200, "batch_size": 4,
+                    "students": []},
+        "lora": {"r": 2, "alpha": 4, "target_modules": "all-linear"},
+        "train": {"max_steps": 1, "batch_size": 4, "max_length": 4096}}), encoding="utf-8")
+    assert main(["train", "--no-progress", str(recipe)]) == 0
+    run = tmp_path / "runs" / "p"
+    masked = tmp_path / "masked-de.jsonl"
+    docs = [json.loads(x) for x in open(files[0], encoding="utf-8")]
+    for d in docs:
+        for p in d["sampled_pairs"]:
+            p["at"] = p["isAt"] = None
+    masked.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    out = tmp_path / "sub" / "pred-de.jsonl"
+    # an interrupted earlier run answered the first pair (marked: it must be kept as it is)
+    first = docs[0]["sampled_pairs"][0]
+    out.parent.mkdir()
+    partial = out.with_name(out.name + ".partial.jsonl")
+    partial.write_text(json.dumps({"key": [docs[0]["document_id"], first["pers_entity_id"], first["loc_entity_id"]],
+                                   "language": "de", "raw": "kept", "at": "PROBABLE", "isAt": "TRUE", "parsed": True,
+                                   "corrected": False, "error": None}) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["distill", "predict", str(run), "--input", str(masked), "--output", str(out), "--no-progress"]) == 0
+    assert "1 of 18 answers already written, continuing" in capsys.readouterr().err
+    from glotkit.hipe.data import read_hipe
+    from glotkit.hipe.parse import VALID_LABELS
+
+    got = read_hipe(out)  # passes the schema
+    assert [d["document_id"] for d in got] == [d["document_id"] for d in docs]
+    for g, d in zip(got, docs):
+        assert [(p["pers_entity_id"], p["loc_entity_id"]) for p in g["sampled_pairs"]] == \
+            [(p["pers_entity_id"], p["loc_entity_id"]) for p in d["sampled_pairs"]]
+        assert all((p["at"], p["isAt"]) in VALID_LABELS for p in g["sampled_pairs"])
+    assert (got[0]["sampled_pairs"][0]["at"], got[0]["sampled_pairs"][0]["isAt"]) == ("PROBABLE", "TRUE")
+    assert not partial.exists()
+    for argv, needle in [(["--model", "student.nobody"], "--model student.nobody: not a model of this run"),
+                         (["--output", str(masked)], "is the input file")]:
+        argv = ["distill", "predict", str(run), "--input", str(masked), "--output", str(out), *argv]
+        assert main(argv) == 2
+        assert needle in capsys.readouterr().err
+    assert main(["distill", "predict", str(tmp_path), "--input", str(masked), "--output", str(out)]) == 2
+    assert "not a run folder (no config.yaml)" in capsys.readouterr().err

@@ -389,7 +389,11 @@ class DistillSystem:
                   tools={"score": Tool("the official HIPE-2026 figures of a predictions file against its gold file "
                                        "(at and isAt macro recall, the file score, the binary view; bootstrap "
                                        "intervals over documents)",
-                                       lambda p: score_arguments(p), lambda args: score_command(args))}))
+                                       lambda p: score_arguments(p), lambda args: score_command(args)),
+                         "predict": Tool("label any HIPE-2026 file (e.g. a campaign's masked test file) with a "
+                                         "run's teacher or student and write a predictions file the campaign "
+                                         "accepts; resumable",
+                                         lambda p: predict_arguments(p), lambda args: predict_command(args))}))
     result_neutral = ()
     # stages that record their own settings and are redone when these change
     redone_by_settings = ("distill.compare_", "distill.untuned", "distill.within_points")
@@ -1126,3 +1130,92 @@ def score_text(r: dict, notes: Sequence[str] = ()) -> str:
     if any(x["isAt_macro_recall"] is None for x in per.values()):
         lines.append("null: not a target of this data set (the literary works are scored on at alone)")
     return "\n".join([x.rstrip() for x in lines] + [f"note: {n}" for n in notes])
+
+
+# --------------------------------------------------------------------------- submissions
+
+
+def predict_arguments(p) -> None:
+    p.add_argument("run", help="a distillation run folder (its config.yaml and adapters)")
+    p.add_argument("--model", default="teacher", metavar="ROLE",
+                   help="teacher (default), student.NAME, or base / student.NAME.base for an untuned model")
+    p.add_argument("--input", required=True, metavar="FILE.jsonl", help="a HIPE-2026 file (labels may be null)")
+    p.add_argument("--output", required=True, metavar="FILE.jsonl", help="the predictions file to write")
+    p.add_argument("--schema", default=None, help="the HIPE-2026 JSON schema (default: the one in ../shared/data)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def predict_command(args, log: Callable[[str], None] = say) -> int:
+    """``glotkit distill predict RUN --model ROLE --input FILE --output FILE``: every pair of the
+    input labelled by one of the run's models (its format and label decision from the run's
+    recipe), written as the input's documents with the labels filled in (same document and pair
+    ids, same order) and checked against the schema.  Answers are appended to
+    ``OUTPUT.partial.jsonl`` as they come, so an interrupted run continues; the predictions file
+    is written whole at the end.  A role with a served name in the run's ``generate`` answers from
+    the server."""
+    import time
+
+    from glotkit.config import ModelSection
+    from glotkit.hipe.data import read_hipe, write_predictions
+    from glotkit.hipe.predict import predict_pairs
+    from glotkit.systems import load_recipe
+    from glotkit.systems.runner import owned
+
+    run_dir, src, out = Path(args.run), Path(args.input), Path(args.output)
+    if not (run_dir / "config.yaml").is_file():
+        raise GlotkitError(f"{run_dir}: not a run folder (no config.yaml)")
+    recipe = load_recipe(run_dir / "config.yaml")
+    if not isinstance(recipe, DistillRecipe):
+        raise GlotkitError(f"{run_dir}: a run of system '{recipe.system}', not of distill")
+    entries = {e["served_as"]: e for e in _entries(recipe.model_copy(
+        update={"distill": recipe.distill.model_copy(update={"untuned": True})}), run_dir)}
+    if args.model not in entries:
+        raise GlotkitError(f"--model {args.model}: not a model of this run (models: {', '.join(entries)})")
+    e = entries[args.model]
+    if e["adapter"] and not (Path(e["adapter"]) / "adapter_config.json").is_file():
+        raise GlotkitError(f"{e['adapter']}: no adapter for '{e['label']}' in {run_dir}; run its stages first")
+    if out.resolve() == src.resolve():
+        raise GlotkitError(f"--output {out}: is the input file; give another name")
+    if out.is_dir():
+        raise GlotkitError(f"--output {out}: is a folder; give a file name")
+    docs = read_hipe(src, schema=args.schema or "default")
+    items = [(d, p) for d in docs for p in d["sampled_pairs"]]
+    if not items:
+        raise GlotkitError(f"{src}: no pairs to label")
+    settings = _settings(recipe, e["format"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial.jsonl")
+    with owned(out.parent, f"glotkit distill predict -> {out.name}", lock_name=f".{out.name}.lock"):
+        connect = _connector(recipe, e["served_as"], log, "predict", optional=True)
+        if connect is not None:
+            generator = connect()
+            from glotkit.models.loading import tokenizer_for
+
+            generator.tokenizer = tokenizer_for(ModelSection(**e["model"]), log=log)
+        else:
+            from glotkit.generate.local import LocalGenerator
+            from glotkit.models.loading import load_model
+
+            model, tok, device = load_model(ModelSection(**e["model"]), log=log)  # as the evaluation loads it
+            if e["adapter"]:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, e["adapter"])
+            generator = LocalGenerator(model, tok, device)
+        log(f"predict: {len(items)} pairs of {len(docs)} documents with '{e['label']}' ({e['format']}, labels by "
+            f"{settings.labels})")
+        t0 = time.perf_counter()
+        rows, timing = predict_pairs(generator, items, settings, partial=partial, progress=not args.no_progress,
+                                     desc=f"predict ({e['label']})", log=log)
+        labels = {tuple(r["key"]): (r["at"], r["isAt"]) for r in rows}
+        write_predictions(out, docs, labels)
+        read_hipe(out, schema=args.schema or "default")  # what is sent must pass the campaign's schema
+        partial.unlink(missing_ok=True)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[f"{r['at']}/{r['isAt']}"] = counts.get(f"{r['at']}/{r['isAt']}", 0) + 1
+    fails = sum(not r["parsed"] for r in rows)
+    log(f"predict: wrote {out} ({len(docs)} documents, {len(rows)} pairs) in {time.perf_counter() - t0:.0f} s; "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        + (f"; {fails} answers not parsed (FALSE/FALSE)" if fails else ""))
+    return 0
