@@ -212,7 +212,7 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     recipe.write_text(json.dumps({
         "name": "d", "task": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_gemma)},
         "distill": {"data": files, "train_pairs": None, "dev_pairs": 2, "test_pairs": 3, "max_chars": 200,
-                    "label_tokens": 4, "explain_tokens": 6, "batch_size": 4,
+                    "label_tokens": 4, "explain_tokens": 6, "batch_size": 4, "trace_check": False,
                     "compare_models": [str(tiny_llama)], "compare_formats": ["json", "explain-plain"],
                     "students": [{"name": "llama", "model": str(tiny_llama)},
                                  {"name": "trimmed", "model": str(tiny_gemma), "trim_vocab": True}]},
@@ -437,3 +437,18 @@ def test_predict_labels_a_masked_file_and_resumes(tmp_path, tiny_llama, capsys):
         assert needle in capsys.readouterr().err
     assert main(["distill", "predict", str(tmp_path), "--input", str(masked), "--output", str(out)]) == 2
     assert "not a run folder (no config.yaml)" in capsys.readouterr().err
+
+
+def test_rationale_checks():
+    from glotkit.hipe.rationale import check, grounded, names
+
+    doc = {"text": "Herr Meier kam gestern mit dem Zug nach Bern und sprach im Rathaus über die Steuern."}
+    pair = {"pers_mentions_list": ["Herr Meier"], "loc_mentions_list": ["Bern"]}
+    quote = "According to the article, Meier kam gestern mit dem Zug nach Bern."
+    assert check(quote, doc, pair) == {"person": True, "place": True, "grounded": True}
+    invented = "According to the article, Meier was appointed the first cardinal of the new diocese in Rome."
+    assert check(invented, doc, pair) == {"person": True, "place": False, "grounded": False}
+    assert grounded("Meier sprach gestern Rathaus Steuern Bern", doc["text"])  # a paraphrase: its words
+    assert not names("He went to Bernhardsthal", ["Bern"])  # whole words only
+    assert names("MEIER spoke", ["Herr Meier"])  # a title is not required
+    assert names("the UN met", ["UN"]) and not names("unless", ["UN"])

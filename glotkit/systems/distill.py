@@ -87,6 +87,9 @@ class DistillSection(_Section):
     # switched off (a small teacher tuned on label-only answers answers with labels when asked
     # to explain), or the tuned teacher itself; the tuned teacher checks them in both cases
     explain_with: Literal["base", "teacher"] = "base"
+    # keep a trace only when its explanation names the person and the place and quotes or
+    # paraphrases the article (glotkit.hipe.rationale); false: count these, keep regardless
+    trace_check: bool = True
     students: list[DistillStudent] = Field(default_factory=lambda: [
         DistillStudent(name="smollm2", model="smollm2-135m-instruct"),
         DistillStudent(name="gemma-trimmed", model="gemma-3-270m", trim_vocab=True)])
@@ -652,13 +655,25 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
     seconds, produced = s1 + s2, n1 + n2
     checked = read_appended(path2, lambda r: r["key"])
 
+    from glotkit.hipe.rationale import check as rationale_check
+
     traces, counts = [], {}
+    rationales = {"checked": 0, "person": 0, "place": 0, "grounded": 0}
     for doc, p in items:
         k = _key(doc, p)
         e, c = explained[k], checked.get(k)
-        reason = ("no usable explanation" if not _usable(e["explanation"]) else
+        r = rationale_check(e["explanation"], doc, p) if _usable(e["explanation"]) else None
+        if r is not None:
+            rationales["checked"] += 1
+            for part, ok in r.items():
+                rationales[part] += ok
+        reason = ("no usable explanation" if r is None else
                   "answer not parsed" if not c["parsed"] else
-                  "answer differs from gold" if (c["at"], c["isAt"]) != (p["at"], p["isAt"]) else None)
+                  "answer differs from gold" if (c["at"], c["isAt"]) != (p["at"], p["isAt"]) else
+                  "explanation does not name the person and the place"
+                  if distill_cfg.trace_check and not (r["person"] and r["place"]) else
+                  "explanation neither quotes nor paraphrases the article"
+                  if distill_cfg.trace_check and not r["grounded"] else None)
         lang = doc.get("language")
         kind = "silver" if doc["document_id"] in silver_ids else "gold"
         cell = counts.setdefault(f"{kind}:{lang}", {"written": 0, "kept": 0, "by_label": {}, "dropped": {}})
@@ -673,12 +688,17 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
         traces.append({"key": k, "language": lang, "source": kind, "at": p["at"], "isAt": p["isAt"],
                        "explanation": e["explanation"]})
     atomic_write_jsonl(f.traces_file, traces)
-    summary = {"written": len(items), "kept": len(traces), "counts": counts, "seconds": round(seconds, 1),
+    informative = sum((t["at"], t["isAt"]) != ("FALSE", "FALSE") for t in traces)
+    summary = {"written": len(items), "kept": len(traces), "kept_not_false_false": informative,
+               "rationales": rationales, "counts": counts, "seconds": round(seconds, 1),
                "new_tokens": produced, "tokens_per_s": round(produced / seconds, 1) if seconds else None,
                "format": fmt}
     atomic_write_json(f.traces_summary, summary)
     log(f"traces: kept {len(traces)} of {len(items)} ("
-        + ", ".join(f"{k} {v['kept']}/{v['written']}" for k, v in sorted(counts.items())) + ")")
+        + ", ".join(f"{k} {v['kept']}/{v['written']}" for k, v in sorted(counts.items())) + f"); "
+        f"{informative} of the kept are not FALSE/FALSE; of {rationales['checked']} explanations "
+        f"{rationales['person']} name the person, {rationales['place']} the place, {rationales['grounded']} "
+        "quote or paraphrase the article")
     return summary
 
 
@@ -973,6 +993,12 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
             lines.append(f"- traces: the teacher explains each gold label (given in the prompt), then answers again "
                          f"after its explanation without it; **{traces['kept']} of {traces['written']} kept** "
                          f"({traces['new_tokens']} tokens in {traces['seconds']:.0f} s, {traces['tokens_per_s']} tokens/s)")
+            if "kept_not_false_false" in traces:
+                ra = traces["rationales"]
+                lines.append(f"- {traces['kept_not_false_false']} of the {traces['kept']} kept traces are not FALSE/FALSE; "
+                             f"of {ra['checked']} usable explanations {ra['person']} name the person, {ra['place']} the "
+                             f"place and {ra['grounded']} quote or paraphrase the article"
+                             + (" (traces failing these checks are dropped)" if distill_cfg.trace_check else ""))
             lines += ["", "| source:language | written | kept | dropped | kept per label (at/isAt) |", "|---|---:|---:|---|---|"]
             for k, v in sorted(traces["counts"].items()):
                 lines.append(f"| {k} | {v['written']} | {v['kept']} | "
