@@ -372,7 +372,7 @@ def test_distillation_traces_on_a_server(tmp_path, tiny_llama, fake_server, monk
     files = _write_gold(tmp_path, docs=6, pairs=3)
     recipe = validate_recipe({"task": "distill", "seed": 1, "model": {"name": str(tiny_llama)}, "distill": {
         "data": files, "train_pairs": None, "test_ratio": 0.2, "dev_ratio": 0.0, "batch_size": 3,
-        "explain_tokens": 6, "label_tokens": 6, "max_chars": 200}, "stages": ["traces"],
+        "explain_tokens": 6, "label_tokens": 6, "max_chars": 200, "labels": "generate"}, "stages": ["traces"],
         "generate": {"backend": "openai", "base_url": fake_server, "models": {"teacher": "m", "base": "m"},
                      "retries": 0}})
     splits = distill.make_splits(recipe)

@@ -194,12 +194,14 @@ class ServerGenerator:
         tokens = list(getattr(lp, "tokens", None) or [])
         if not offsets or len(offsets) != len(values) or len(tokens) != len(values):
             raise GlotkitError(f"generate: {self.url} returned no prompt log-probabilities for model '{self.model}' "
-                               "(the loglik mode needs echo with logprobs and text offsets; use suite.mode: generate)")
+                               "(the loglik mode needs echo with logprobs and text offsets; use suite.mode: generate, "
+                               "or distill.labels: generate)")
         # the offsets count characters of the echoed text, which may start with the BOS token's text
         shift = (r.choices[0].text or "").find(text)
         if shift < 0:
             raise GlotkitError(f"generate: {self.url} echoed another text than the prompt for model '{self.model}'; "
-                               "cannot place the continuation's tokens (use suite.mode: generate)")
+                               "cannot place the continuation's tokens (use suite.mode: generate, or distill.labels: "
+                               "generate)")
         return [o - shift for o in offsets], tokens, values
 
     def _loglik(self, context: str, continuation: str) -> float:
