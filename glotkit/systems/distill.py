@@ -1124,11 +1124,7 @@ def score_text(r: dict, notes: Sequence[str] = ()) -> str:
             return "null"
         return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
-    def ci(x: dict, *path: str):
-        node = x.get("ci")
-        for k in path:
-            node = node.get(k) if isinstance(node, dict) else None
-        return node
+    ci = _ci
 
     figures = [("at macro recall", lambda x: (x["at_macro_recall"], ci(x, "at_macro_recall"))),
                ("isAt macro recall", lambda x: (x["isAt_macro_recall"], ci(x, "isAt_macro_recall"))),
