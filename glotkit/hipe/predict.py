@@ -123,15 +123,21 @@ def choose_labels(scores: Sequence[float]) -> tuple[str, str]:
     return VALID_LABELS[best]
 
 
+def chosen_labels(scores: Sequence[float]) -> dict:
+    """``at``, ``isAt`` (the likeliest valid combination) and every option's score, as answer rows hold them."""
+    at, is_at = choose_labels(scores)
+    return {"at": at, "isAt": is_at,
+            "logliks": {f"{a}/{i}": round(float(x), 4) for (a, i), x in zip(VALID_LABELS, scores)}}
+
+
 def chosen_row(doc: dict, pair: dict, fmt: str, scores: Sequence[float], explanation: str = "") -> dict:
     """A pair labelled by log-likelihood: the likeliest valid labels, with every option's score."""
     from glotkit.hipe.formats import labels_text
 
-    at, is_at = choose_labels(scores)
-    raw = (f" {explanation}\nAnswer: " if explains(fmt) else " ") + labels_text(at, is_at, fmt)
-    return {"key": list(pair_key(doc, pair)), "language": doc.get("language"), "raw": raw, "at": at,
-            "isAt": is_at, "parsed": True, "corrected": False, "error": None,
-            "logliks": {f"{a}/{i}": round(float(x), 4) for (a, i), x in zip(VALID_LABELS, scores)}}
+    chosen = chosen_labels(scores)
+    raw = (f" {explanation}\nAnswer: " if explains(fmt) else " ") + labels_text(chosen["at"], chosen["isAt"], fmt)
+    return {"key": list(pair_key(doc, pair)), "language": doc.get("language"), "raw": raw, "at": chosen["at"],
+            "isAt": chosen["isAt"], "parsed": True, "corrected": False, "error": None, "logliks": chosen["logliks"]}
 
 
 def answer_row(doc: dict, pair: dict, fmt: str, text: str) -> dict:

@@ -19,6 +19,7 @@ from glotkit.logs import say
 from glotkit.models.convert import ensure_converted
 from glotkit.models.registry import BUILTIN_MODELS
 from glotkit.models.safety import check_remote_code, check_weights
+from glotkit.models.safety import first_line as _first_line
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -82,11 +83,6 @@ def _hub_kwargs(path: str) -> dict:
     if os.path.isdir(path) or not (_offline_env() or not _hub_reachable()):
         return {}
     return {"local_files_only": True}
-
-
-def _first_line(err: BaseException) -> str:
-    line = next((s.strip() for s in str(err).splitlines() if s.strip()), "") or type(err).__name__
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _load_error(err: BaseException, name: str, path: str) -> GlotkitError:

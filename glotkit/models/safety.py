@@ -26,7 +26,8 @@ _CONVERT_HINT = ("python -c \"from transformers import AutoModelForCausalLM as M
                  "(only for a file you trust)")
 
 
-def _first_line(err: BaseException | str, limit: int = 300) -> str:
+def first_line(err: BaseException | str, limit: int = 300) -> str:
+    """The first non-empty line of an error's text (its class name when there is none), cut to ``limit``."""
     text = str(err).strip()
     line = next((s.strip() for s in text.splitlines() if s.strip()), "") or type(err).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -47,7 +48,7 @@ def check_safetensors(path: str | Path) -> None:
                                    f"metadata, the file has {size:,} bytes)")
             raw = fh.read(n)
     except OSError as err:
-        raise GlotkitError(f"{path}: cannot be read ({err.strerror or _first_line(err)})") from None
+        raise GlotkitError(f"{path}: cannot be read ({err.strerror or first_line(err)})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
@@ -62,7 +63,7 @@ def check_safetensors(path: str | Path) -> None:
             ends.append(end)
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise GlotkitError(f"{path}: truncated or corrupt safetensors file (header unreadable: "
-                           f"{_first_line(err, 120)})") from None
+                           f"{first_line(err, 120)})") from None
     data = size - 8 - n
     need = max(ends, default=0)
     if need > data:
@@ -80,7 +81,7 @@ def safetensors_files(folder: Path) -> list[Path]:
         try:
             names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
-            raise GlotkitError(f"{index}: corrupt index ({_first_line(err, 120)})") from None
+            raise GlotkitError(f"{index}: corrupt index ({first_line(err, 120)})") from None
         files = [folder / str(n) for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -116,9 +117,9 @@ def read_config(folder: str | Path) -> dict:
     except FileNotFoundError:
         raise GlotkitError(f"{folder}: not a Hugging Face model folder (no config.json)") from None
     except (ValueError, UnicodeDecodeError) as err:
-        raise GlotkitError(f"{path}: not valid JSON ({_first_line(err, 120)})") from None
+        raise GlotkitError(f"{path}: not valid JSON ({first_line(err, 120)})") from None
     except OSError as err:
-        raise GlotkitError(f"{path}: cannot be read ({err.strerror or _first_line(err)})") from None
+        raise GlotkitError(f"{path}: cannot be read ({err.strerror or first_line(err)})") from None
     if not isinstance(data, dict):
         raise GlotkitError(f"{path}: not a JSON object")
     return data
@@ -153,7 +154,7 @@ def unpickling_reason(err: BaseException) -> str:
     """The useful line of torch's weights-only refusal (which global or opcode), not its advice."""
     text = str(err)
     if not text.startswith("Weights only load failed"):
-        return _first_line(err, 160)
+        return first_line(err, 160)
     skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith(skip)]
     lines = [s.removeprefix("WeightsUnpickler error:").strip() for s in lines]
@@ -173,6 +174,6 @@ def torch_load_weights(path: str | Path):
         raise GlotkitError(f"{path}: refused: not plain weights ({unpickling_reason(err)}); glotkit never "
                            "unpickles code") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as err:
-        raise GlotkitError(f"{path}: truncated or corrupt weights file ({_first_line(err, 160)})") from None
+        raise GlotkitError(f"{path}: truncated or corrupt weights file ({first_line(err, 160)})") from None
     except OSError as err:
-        raise GlotkitError(f"{path}: cannot be read ({err.strerror or _first_line(err)})") from None
+        raise GlotkitError(f"{path}: cannot be read ({err.strerror or first_line(err)})") from None

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 from glotkit.errors import GlotkitError
 from glotkit.logs import say
 from glotkit.models.safety import check_remote_code, check_weights
+from glotkit.models.safety import first_line as _first_line
 
 CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>")
 
@@ -183,10 +184,6 @@ def trim_vocabulary(model_dir: str | Path, texts: Sequence[str], out_dir: str | 
     log(f"trim-vocab: {before:,} -> {after:,} parameters; tokenization and logits checked on "
         f"{stats['texts']} texts (max |Δlogit| {stats['max_abs_logit_diff']:.2e})")
     return {k: v for k, v in info.items() if k != "old_ids"}
-
-
-def _first_line(err: BaseException) -> str:
-    return next((s.strip() for s in str(err).splitlines() if s.strip()), type(err).__name__)[:300]
 
 
 def _load(folder: Path):

@@ -542,9 +542,7 @@ def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress) -
     fmt = distill_cfg.teacher_format
     items = training_items(splits)
     repeats = label_repeats(items) if distill_cfg.balance == "oversample" else {}
-    counts: dict[str, int] = {}
-    for _, p in items:
-        counts[f"{p['at']}/{p['isAt']}"] = counts.get(f"{p['at']}/{p['isAt']}", 0) + 1
+    counts = label_counts(items)
     log("teacher: gold labels " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
         + (" ; oversampled " + ", ".join(f"{k} ×{v}" for k, v in repeats.items()) if repeats else ""))
     examples = [builder.example(question(doc, p, fmt, distill_cfg.max_chars, distill_cfg.prompt_layout), fmt,
@@ -553,15 +551,20 @@ def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress) -
     _train_adapter(recipe, recipe.model, examples, out, f.teacher_train, "teacher", log, progress)
 
 
+def label_counts(items: Sequence[tuple[dict, dict]]) -> dict[str, int]:
+    """How many pairs carry each "at/isAt" combination."""
+    from collections import Counter
+
+    return dict(Counter(f"{p['at']}/{p['isAt']}" for _, p in items))
+
+
 def label_repeats(items: Sequence[tuple[dict, dict]]) -> dict[str, int]:
     """How often each (at, isAt) combination's pairs are repeated to soften the imbalance:
     round(sqrt(largest count / its count)), at least once (square-root balancing: the rare labels
     are seen more often without learning a handful of pairs by heart)."""
     import math
 
-    counts: dict[str, int] = {}
-    for _, p in items:
-        counts[f"{p['at']}/{p['isAt']}"] = counts.get(f"{p['at']}/{p['isAt']}", 0) + 1
+    counts = label_counts(items)
     top = max(counts.values(), default=0)
     return {k: max(1, round(math.sqrt(top / n))) for k, n in sorted(counts.items())}
 
@@ -754,8 +757,7 @@ def _choose_appending(generator, path: Path, prompts, fmt: str, key: Callable[[i
     from tqdm.auto import tqdm
 
     from glotkit.hipe.formats import label_options
-    from glotkit.hipe.parse import VALID_LABELS
-    from glotkit.hipe.predict import choose_labels
+    from glotkit.hipe.predict import chosen_labels
     from glotkit.io import append_rows
 
     if not prompts:
@@ -768,12 +770,8 @@ def _choose_appending(generator, path: Path, prompts, fmt: str, key: Callable[[i
             part = range(start, min(len(prompts), start + chunk))
             scores = generator.option_logliks([prompts[i] for i in part], label_options(fmt), batch_size=batch_size,
                                               progress=False, desc=desc)
-            rows = []
-            for i, sc in zip(part, scores):
-                at, is_at = choose_labels(sc)
-                rows.append({"key": key(i), "raw": None, "at": at, "isAt": is_at, "parsed": True,
-                             "logliks": {f"{a}/{b}": round(float(x), 4) for (a, b), x in zip(VALID_LABELS, sc)}})
-            append_rows(fh, rows)
+            append_rows(fh, [{"key": key(i), "raw": None, "parsed": True} | chosen_labels(sc)
+                             for i, sc in zip(part, scores)])
             bar.update(len(part))
     return time.perf_counter() - t0, 0
 
