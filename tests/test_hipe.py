@@ -134,6 +134,30 @@ def test_excerpt_keeps_the_mentions():
     assert "published 1900-01-02" in p and "Person: Smith" in p and "Place: Bern" in p and '"isAt"' in p
 
 
+def test_marked_excerpt_centres_on_the_closest_mentions_and_marks_them():
+    from glotkit.hipe.data import marked_excerpt
+    from glotkit.hipe.formats import DEFINITIONS, question
+
+    pad = "word " * 200
+    text = f"Smith was born far away. {pad}Bern is a city. {pad}Then Smith arrived in Bern yesterday. {pad}"
+    ex = marked_excerpt(text, ["Smith"], ["Bern"], 200)
+    assert "Then <person>Smith</person> arrived in <place>Bern</place> yesterday." in ex  # the closest pair
+    assert "born" not in ex and ex.startswith("… ") and ex.endswith(" …")
+    assert len(ex.replace("<person>", "").replace("</person>", "").replace("<place>", "").replace("</place>", "")) <= 204
+    # farther apart than the excerpt: a stretch around each, joined by "…"
+    far = f"{pad}Smith spoke. {pad}{pad}Bern was quiet. {pad}"
+    ex = marked_excerpt(far, ["Smith"], ["Bern"], 200)
+    assert ex.count("<person>Smith</person>") == 1 and ex.count("<place>Bern</place>") == 1
+    assert ex.index("<person>") < ex.index(" … ") < ex.index("<place>")
+    # a mention inside a longer one is marked once (the longer wins); short text is shown whole
+    assert marked_excerpt("Mr Bern Smith met in Bern.", ["Bern Smith"], ["Bern"], 500) == \
+        "Mr <person>Bern Smith</person> met in <place>Bern</place>."
+    assert marked_excerpt("nothing here", ["Smith"], ["Bern"], 500) == "nothing here"
+    line = _hipe_line()
+    q = question(line, line["sampled_pairs"][0], "json", 2000, layout="marked")
+    assert q.startswith(DEFINITIONS) and q.endswith("Person: Smith\nPlace: Bern")  # the same start for every pair
+
+
 # ----------------------------------------------------------------- official targets, precision, intervals
 
 

@@ -133,6 +133,70 @@ def excerpt(text: str, mentions: Sequence[str], max_chars: int) -> str:
     return ("… " if start > 0 else "") + text[start:end] + (" …" if end < len(text) else "")
 
 
+def marked_excerpt(text: str, persons: Sequence[str], places: Sequence[str], max_chars: int) -> str:
+    """At most ``max_chars`` characters of the article around the place where a mention of the
+    person and a mention of the place come closest, with every mention shown marked
+    ``<person>…</person>`` / ``<place>…</place>`` and "…" where text was left out.  When those two
+    mentions are farther apart than ``max_chars`` the excerpt is two stretches of half that length,
+    one around each; when only one of them occurs, the stretch around its first mention.  How near
+    the two are is the strongest single cue for ``at`` (on the gold training pairs the distance
+    alone separates at≠FALSE from FALSE with an AUC of 0.66), and a small model cannot find that in
+    a long article by itself."""
+    spans = sorted(_spans(text, persons, "person") + _spans(text, places, "place"),
+                   key=lambda s: (s[0], -(s[1] - s[0])))
+    if len(text) <= max_chars:
+        return _mark(text, spans, 0, len(text))
+    pers = [s for s in spans if s[2] == "person"]
+    locs = [s for s in spans if s[2] == "place"]
+    if pers and locs:
+        a, b = min(((a, b) for a in pers for b in locs), key=lambda ab: (abs(ab[0][0] - ab[1][0]), ab[0][0]))
+        lo, hi = min(a[0], b[0]), max(a[1], b[1])
+        if hi - lo <= max_chars - 20:
+            windows = [_window(text, (lo + hi) // 2, max_chars)]
+        else:
+            first, second = sorted((a, b))
+            windows = [_window(text, (s[0] + s[1]) // 2, max_chars // 2) for s in (first, second)]
+    elif spans:
+        windows = [_window(text, (spans[0][0] + spans[0][1]) // 2, max_chars)]
+    else:
+        windows = [_window(text, 0, max_chars)]
+    parts = [_mark(text, spans, lo, hi) for lo, hi in windows]
+    return (("… " if windows[0][0] > 0 else "") + " … ".join(parts)
+            + (" …" if windows[-1][1] < len(text) else ""))
+
+
+def _window(text: str, centre: int, size: int) -> tuple[int, int]:
+    """The stretch of ``size`` characters centred on ``centre``, cut at whitespace."""
+    start = max(0, min(centre - size // 2, len(text) - size))
+    end = min(len(text), start + size)
+    if start > 0:
+        sp = text.find(" ", start)
+        start = sp + 1 if 0 <= sp < start + 40 else start
+    if end < len(text):
+        sp = text.rfind(" ", start, end)
+        end = sp if sp > end - 40 else end
+    return start, end
+
+
+def _mark(text: str, spans: Sequence[tuple[int, int, str]], start: int, end: int) -> str:
+    """``text[start:end]`` with the spans wholly inside it marked (a span overlapping one already
+    marked is left as it is)."""
+    out, at = [], start
+    for lo, hi, kind in spans:
+        if lo < at or hi > end:
+            continue
+        out += [text[at:lo], f"<{kind}>", text[lo:hi], f"</{kind}>"]
+        at = hi
+    out.append(text[at:end])
+    return "".join(out)
+
+
+def _spans(text: str, mentions: Sequence[str], kind: str) -> list[tuple[int, int, str]]:
+    """Every occurrence of the mentions, in text order (the longer first where two start together)."""
+    return sorted({(i, i + len(m), kind) for m in mentions if m.strip() for i in _find_all(text, m)},
+                  key=lambda s: (s[0], -(s[1] - s[0])))
+
+
 def _find_all(text: str, needle: str) -> list[int]:
     out, i = [], text.find(needle)
     while i >= 0:

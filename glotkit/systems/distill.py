@@ -74,7 +74,9 @@ class DistillSection(_Section):
     # the prompt: "pair" (an excerpt around the pair's mentions, then the pair) or "article" (an
     # excerpt around all the document's pairs first and the pair last: a document's pairs share
     # their prompt's start, which training computes once per document)
-    prompt_layout: Literal["pair", "article"] = "pair"
+    # "marked": the definitions first, then an excerpt centred where the pair's person and place
+    # come closest with their mentions marked <person>…</person> / <place>…</place>, then the pair
+    prompt_layout: Literal["pair", "article", "marked"] = "pair"
     # the teacher's label imbalance (most gold pairs are FALSE/FALSE): "oversample" repeats the
     # pairs of each (at, isAt) combination round(sqrt(largest / its count)) times
     balance: Literal["none", "oversample"] = "none"
@@ -952,6 +954,17 @@ SCORE_NOTE = ("Score: mean over languages of each file's score, ×100: the mean 
               "as FALSE/FALSE.")
 
 
+def _layout_note(distill_cfg: DistillSection) -> str:
+    n = distill_cfg.max_chars
+    if distill_cfg.prompt_layout == "marked":
+        return (f"Prompt layout `marked`: the definitions first, then at most {n} characters of the article around the "
+                "place where the pair's person and place come closest (two stretches when they are farther apart), "
+                "every mention marked <person>…</person> / <place>…</place>, then the pair.")
+    whose = "the document's pairs" if distill_cfg.prompt_layout == "article" else "the pair"
+    return (f"Prompt layout `{distill_cfg.prompt_layout}`: articles longer than {n} characters are shown as the excerpt "
+            f"of that length that covers the most mentions of {whose} (cut at whitespace, marked with …).")
+
+
 def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
     """report.md of a distillation run: splits, the prompt comparison, teacher, traces kept per
     language and label, students, the efficiency–accuracy table with ranks, and the answer to
@@ -962,8 +975,7 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
              f"r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, targets {recipe.lora.target_modules}; "
              f"students: " + ", ".join(f"`{s.name}` = `{s.model}`{' with a trimmed vocabulary' if s.trim_vocab else ''}"
                                         for s in distill_cfg.students) + f"; {distill_cfg.level}-level distillation.",
-             f"Articles longer than {distill_cfg.max_chars} characters are shown as the excerpt of that length that covers "
-             "the most mentions of the pair (cut at whitespace, marked with …)."]
+             _layout_note(distill_cfg)]
     split = folder.read_json(folder.split_summary)
     if split:
         lines += ["", "## Data", "", "Seeded split by document of the gold train files (test documents are never "
