@@ -38,6 +38,29 @@ def _write_gold(tmp_path, langs=("de", "en"), docs=8, pairs=3):
     return files
 
 
+def test_trace_pairs_spread_over_the_label_combinations():
+    from collections import Counter
+
+    from glotkit.systems.distill import trace_items, training_items
+
+    docs = [_doc(f"d{i}", "de", 6, seed=i) for i in range(12)] + [_doc(f"e{i}", "en", 6, seed=50 + i) for i in range(4)]
+    # most pairs FALSE/FALSE, as in gold; one rare combination with 2 pairs
+    for d in docs:
+        for p in d["sampled_pairs"]:
+            p["at"], p["isAt"] = "FALSE", "FALSE"
+    for d, (at, is_at) in zip(docs, [("TRUE", "TRUE")] * 5 + [("PROBABLE", "TRUE")] * 2):
+        d["sampled_pairs"][0]["at"], d["sampled_pairs"][0]["isAt"] = at, is_at
+    splits = {"train": {"de": docs[:12], "en": docs[12:]}}
+    assert trace_items(splits, None, 0) == training_items(splits)
+    chosen = trace_items(splits, 8, 0)
+    de = Counter(f"{p['at']}/{p['isAt']}" for d, p in chosen if d["language"] == "de")
+    assert de == {"PROBABLE/TRUE": 2, "TRUE/TRUE": 3, "FALSE/FALSE": 3}  # round-robin: the rare ones all in
+    assert sum(d["language"] == "en" for d, _ in chosen) == 8
+    order = training_items(splits)
+    assert [order.index(it) for it in chosen] == sorted(order.index(it) for it in chosen)  # training order kept
+    assert chosen == trace_items(splits, 8, 0) and chosen != trace_items(splits, 8, 1)  # seeded
+
+
 def test_every_format_parses_its_own_training_target():
     for fmt in FORMATS:
         for at, is_at in LABELS:

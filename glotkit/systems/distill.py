@@ -92,6 +92,10 @@ class DistillSection(_Section):
     # keep a trace only when its explanation names the person and the place and quotes or
     # paraphrases the article (glotkit.hipe.rationale); false: count these, keep regardless
     trace_check: bool = True
+    # how many training pairs per language the teacher explains: a seeded sample spread evenly
+    # over the (at, isAt) combinations (most gold pairs are FALSE/FALSE, and a trace set of mostly
+    # FALSE/FALSE teaches the students little); null: every training pair
+    trace_pairs: StrictInt | None = Field(None, gt=0)
     students: list[DistillStudent] = Field(default_factory=lambda: [
         DistillStudent(name="smollm2", model="smollm2-135m-instruct"),
         DistillStudent(name="gemma-trimmed", model="gemma-3-270m", trim_vocab=True)])
@@ -217,6 +221,30 @@ def items_of(docs_by_lang: dict[str, list[dict]]) -> list[tuple[dict, dict]]:
 def training_items(splits) -> list[tuple[dict, dict]]:
     """The pairs the teacher learns and explains: the gold train split, then the silver pairs."""
     return items_of(splits["train"]) + items_of(splits.get("silver", {}))
+
+
+def trace_items(splits, limit: int | None, seed: int) -> list[tuple[dict, dict]]:
+    """The training pairs the teacher explains: all of them (``limit`` None), else per language a
+    seeded sample of ``limit`` pairs drawn round-robin over the (at, isAt) combinations, so a rare
+    combination gives all its pairs before a common one gives more than its share; in the order of
+    :func:`training_items`."""
+    items = training_items(splits)
+    if limit is None:
+        return items
+    rng, chosen = random.Random(seed), set()
+    for lang in sorted({doc.get("language") for doc, _ in items}):
+        groups: dict[str, list[int]] = {}
+        for i, (doc, p) in enumerate(items):
+            if doc.get("language") == lang:
+                groups.setdefault(f"{p['at']}/{p['isAt']}", []).append(i)
+        queues = [rng.sample(v, len(v)) for _, v in sorted(groups.items())]
+        taken = 0
+        while taken < limit and any(queues):
+            for q in queues:
+                if q and taken < limit:
+                    chosen.add(q.pop())
+                    taken += 1
+    return [it for i, it in enumerate(items) if i in chosen]
 
 
 def _counts(by_lang: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
@@ -591,7 +619,7 @@ def write_traces(recipe: DistillRecipe, run_dir: Path, splits, log, progress, mo
         return json.loads(f.traces_summary.read_text(encoding="utf-8"))
     distill_cfg = recipe.distill
     fmt = distill_cfg.student_format
-    items = training_items(splits)
+    items = trace_items(splits, distill_cfg.trace_pairs, recipe.seed + 3)
     silver_ids = {doc["document_id"] for ds in splits.get("silver", {}).values() for doc in ds}
     from glotkit.generate import for_role, served
     from glotkit.generate.local import LocalGenerator
