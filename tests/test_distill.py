@@ -236,16 +236,23 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
         "name": "d", "task": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_gemma)},
         "distill": {"data": files, "train_pairs": None, "dev_pairs": 2, "test_pairs": 3, "max_chars": 200,
                     "label_tokens": 4, "explain_tokens": 6, "batch_size": 4, "trace_check": False,
+                    "dev_curve": True,
                     "compare_models": [str(tiny_llama)], "compare_formats": ["json", "explain-plain"],
                     "students": [{"name": "llama", "model": str(tiny_llama)},
                                  {"name": "trimmed", "model": str(tiny_gemma), "trim_vocab": True}]},
         "lora": {"r": 2, "alpha": 4, "target_modules": "all-linear"},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 2e-4, "max_length": 4096},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 2e-4, "max_length": 4096},
     }), encoding="utf-8")
     assert main(["distill", "compare", "--no-progress", str(recipe)]) == 0
     run = tmp_path / "runs" / "d"
     assert (run / "compare" / "table.md").read_text().count(f"| {tiny_llama} |") == 2
     assert main(["distill", "teach", "--no-progress", str(recipe)]) == 0
+    curve = [json.loads(x) for x in (run / "teacher" / "curve.jsonl").read_text().splitlines()]
+    dev_pairs = sum(len(json.loads(x)["sampled_pairs"]) for x in (run / "split" / "dev.jsonl").read_text().splitlines())
+    steps = json.loads((run / "teacher" / "train" / "result.json").read_text())["steps"]
+    assert [r["epoch"] for r in curve] == [1, 2] and curve[-1]["step"] == steps
+    assert all(r["pairs"] == dev_pairs and set(r["languages"]) == {"de", "en"} and r["chosen"] == {"FALSE/FALSE": dev_pairs}
+               for r in curve)
     traces = [json.loads(x) for x in (run / "traces" / "traces.jsonl").read_text().splitlines()]
     train_docs = [json.loads(x) for x in (run / "split" / "train.jsonl").read_text().splitlines()]
     gold_ff = sum((p["at"], p["isAt"]) == ("FALSE", "FALSE") for d in train_docs for p in d["sampled_pairs"])
@@ -265,7 +272,8 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     trim = json.loads((run / "students" / "trimmed" / "model" / "glotkit-trim.json").read_text())
     assert trim["vocab_after"] < trim["vocab_before"] and trim["check"]["max_abs_logit_diff"] < 1e-4
     report = (run / "report.md").read_text()
-    for part in ("## 1. Prompt comparison", "## 2. Teacher and its traces", "## 3. Students",
+    for part in ("## 1. Prompt comparison", "## 2. Teacher and its traces", "The teacher on the dev split after each epoch",
+                 "## 3. Students",
                  "## Efficiency and accuracy", "Does the student stay within 3 points", "student 'llama' vs teacher",
                  "`teacher`, isAt:", "| gold \\ predicted | TRUE | PROBABLE | FALSE |"):
         assert part in report, part

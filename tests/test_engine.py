@@ -140,6 +140,44 @@ def test_resume_matches_uninterrupted(tmp_path):
             torch.testing.assert_close(p.detach(), want[n], rtol=0, atol=1e-6)
 
 
+
+def test_on_epoch_runs_at_each_epoch_end_and_again_after_an_interrupted_evaluation(tmp_path):
+    cfg = TrainSection(batch_size=2, epochs=3.0, lr=5e-3, checkpoint_every=100, warmup_ratio=0.0)
+    model, tok = build_model(tmp_path / "m", "gemma3", seed=0)
+    model = apply_lora(model, LoraSection(r=4, dropout=0.0))
+    enc = _encoded(tok, 6)  # 3 steps an epoch
+    seen = []
+
+    def hook(epoch, step):
+        seen.append((epoch, step, model.training, (tmp_path / "a" / "checkpoint.pt").is_file()))
+
+    full = train(model, enc, cfg, seed=7, work_dir=tmp_path / "a", pad_id=tok.pad_token_id, progress=False,
+                 on_epoch=hook)
+    assert [s[:2] for s in seen] == [(1, 3), (2, 6), (3, 9)] and full.steps == 9
+    assert not any(s[2] for s in seen) and all(s[3] for s in seen) and model.training  # eval mode, checkpoint first
+
+    class Killed(Exception):
+        pass
+
+    def dies_at_epoch_2(epoch, step):
+        seen.append((epoch, step))
+        if epoch == 2:
+            raise Killed
+
+    model, tok = build_model(tmp_path / "m", "gemma3", seed=0)
+    model = apply_lora(model, LoraSection(r=4, dropout=0.0))
+    seen.clear()
+    with pytest.raises(Killed):
+        train(model, enc, cfg, seed=7, work_dir=tmp_path / "b", pad_id=tok.pad_token_id, progress=False,
+              on_epoch=dies_at_epoch_2)
+    model, tok = build_model(tmp_path / "m", "gemma3", seed=0)
+    model = apply_lora(model, LoraSection(r=4, dropout=0.0))
+    rest = train(model, enc, cfg, seed=7, work_dir=tmp_path / "b", pad_id=tok.pad_token_id, progress=False,
+                 on_epoch=lambda e, s: seen.append((e, s)))
+    # the evaluation of epoch 2 is asked again, its training is not redone
+    assert seen == [(1, 3), (2, 6), (2, 6), (3, 9)] and [h["step"] for h in rest.log] == list(range(1, 10))
+    assert [h["loss"] for h in rest.log] == pytest.approx([h["loss"] for h in full.log], abs=1e-6)
+
 def test_loss_falls_on_tiny_model(tmp_path):
     # a wider initialisation: with std 0.02 a 32-wide random model cannot make peaked logits at all
     model, tok = build_model(tmp_path, "llama", init=0.2)

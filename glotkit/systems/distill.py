@@ -80,6 +80,9 @@ class DistillSection(_Section):
     # the teacher's label imbalance (most gold pairs are FALSE/FALSE): "oversample" repeats the
     # pairs of each (at, isAt) combination round(sqrt(largest / its count)) times
     balance: Literal["none", "oversample"] = "none"
+    # score the teacher on the dev split at the end of every epoch (teacher/curve.jsonl and the
+    # report): the curve that says whether more epochs help; costs one dev labelling per epoch
+    dev_curve: bool = False
     compare_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
     compare_formats: list[Literal["json", "explain-json", "plain", "explain-plain"]] = Field(
         default_factory=lambda: ["json", "explain-json", "plain", "explain-plain"])
@@ -361,6 +364,7 @@ class DistillFolder(RunFolder):
     compare_table = property(lambda self: self.root / "compare" / "table.md")
     teacher_adapter = property(lambda self: self.root / "teacher" / "adapter")
     teacher_train = property(lambda self: self.root / "teacher" / "train")
+    teacher_curve = property(lambda self: self.root / "teacher" / "curve.jsonl")
     traces = property(lambda self: self.root / "traces")
     traces_summary = property(lambda self: self.root / "traces" / "summary.json")
     explanations = property(lambda self: self.root / "traces" / "explanations.jsonl")
@@ -530,7 +534,9 @@ def best_format(run_dir: Path, model: str, default: str) -> str:
 
 
 def _train_adapter(recipe: DistillRecipe, model_cfg, examples, out: Path, work: Path, what: str, log, progress,
-                   epochs: float | None = None, lr: float | None = None) -> None:
+                   epochs: float | None = None, lr: float | None = None, on_epoch=None) -> None:
+    """Train one adapter; ``on_epoch(model, tokenizer, device)``, when given, makes the engine's
+    end-of-epoch hook."""
     import torch
 
     from glotkit.models.loading import load_model
@@ -546,9 +552,11 @@ def _train_adapter(recipe: DistillRecipe, model_cfg, examples, out: Path, work: 
             f"train.max_length={cfg.max_length} were dropped")
     if not fitting:
         raise GlotkitError(f"{what}: no example fits train.max_length={cfg.max_length}")
-    train_adapter(apply_lora(model, recipe.lora), fitting, cfg, what=what, out=out, work_dir=work, seed=recipe.seed,
+    model = apply_lora(model, recipe.lora)
+    train_adapter(model, fitting, cfg, what=what, out=out, work_dir=work, seed=recipe.seed,
                   pad_id=tok.pad_token_id, device=device, log=log, progress=progress,
-                  info={"dropped_too_long": len(examples) - len(fitting), "epochs": cfg.epochs, "lr": cfg.lr})
+                  info={"dropped_too_long": len(examples) - len(fitting), "epochs": cfg.epochs, "lr": cfg.lr},
+                  on_epoch=on_epoch(model, tok, device) if on_epoch else None)
 
 
 def _tokenizer(name: str):
@@ -578,7 +586,51 @@ def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress) -
     examples = [builder.example(question(doc, p, fmt, distill_cfg.max_chars, distill_cfg.prompt_layout), fmt,
                                 response(fmt, p["at"], p["isAt"]), group=doc["document_id"])
                 for doc, p in items for _ in range(repeats.get(f"{p['at']}/{p['isAt']}", 1))]
-    _train_adapter(recipe, recipe.model, examples, out, f.teacher_train, "teacher", log, progress)
+    from glotkit.train.engine import CHECKPOINT, previous_checkpoint
+
+    ckpt = f.teacher_train / CHECKPOINT
+    if not (ckpt.is_file() or previous_checkpoint(ckpt).is_file()):
+        f.teacher_curve.unlink(missing_ok=True)  # a fresh start: an earlier curve is not this run's
+    curve = (lambda model, tok, device: _dev_curve(recipe, f, model, tok, device, log, progress)) \
+        if distill_cfg.dev_curve else None
+    _train_adapter(recipe, recipe.model, examples, out, f.teacher_train, "teacher", log, progress, on_epoch=curve)
+
+
+def _dev_curve(recipe: DistillRecipe, f: DistillFolder, model, tok, device, log, progress):
+    """The end-of-epoch hook that labels the dev split with the model being trained and appends
+    its scores to ``teacher/curve.jsonl`` (an epoch already there is skipped: a resumed run)."""
+    from glotkit.generate.local import LocalGenerator
+    from glotkit.hipe.data import read_hipe
+    from glotkit.hipe.predict import predict_pairs, score_rows
+    from glotkit.io import append_rows, read_appended
+
+    dev = f.split_file("dev")
+    docs = read_hipe(dev, schema=None) if dev.is_file() and dev.stat().st_size else []
+    if not docs:
+        raise GlotkitError("distill.dev_curve: the teacher's dev curve needs a dev split (dev_ratio > 0)")
+    by_lang = _by_language(docs, str(dev))
+    items = [(d, p) for d in docs for p in d["sampled_pairs"]]
+    settings = _settings(recipe, recipe.distill.teacher_format)
+
+    def hook(epoch: int, step: int) -> None:
+        if epoch in read_appended(f.teacher_curve, lambda r: r["epoch"]):
+            return
+        rows, timing = predict_pairs(LocalGenerator(model, tok, device), items, settings, progress=progress,
+                                     desc=f"teacher epoch {epoch}: dev")
+        r = score_rows(by_lang, rows)
+        p = r["profile"]
+        row = {"epoch": epoch, "step": step, "score": p["score"], "ci": _ci(p, "score"),
+               "binary_score": p["binary_score"],
+               "languages": {x: {"score": v["score"], "ci": _ci(v, "score")} for x, v in r["languages"].items()},
+               "chosen": label_counts([(None, {"at": x["at"], "isAt": x["isAt"]}) for x in rows]),
+               "pairs": len(rows), "seconds": timing["seconds"]}
+        with open(f.teacher_curve, "a", encoding="utf-8") as fh:
+            append_rows(fh, [row])
+        log(f"teacher after epoch {epoch} (step {step}): dev score {with_ci(p['score'], row['ci'])}; "
+            + ", ".join(f"{x} {with_ci(v['score'], v['ci'])}" for x, v in row["languages"].items())
+            + "; chose " + ", ".join(f"{k} {v}" for k, v in sorted(row["chosen"].items(), key=lambda kv: -kv[1])))
+
+    return hook
 
 
 def label_counts(items: Sequence[tuple[dict, dict]]) -> dict[str, int]:
@@ -1027,6 +1079,18 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
             lines.append(f"- teacher ({distill_cfg.teacher_format} answers on the gold labels): {teach['examples']} examples, "
                          f"{teach['steps']} steps in {teach['seconds']:.0f} s, {teach['tokens_per_s']:.0f} tokens/s, "
                          f"final loss {teach['final_loss']}")
+        curve = _read_jsonl(folder.teacher_curve) if folder.teacher_curve.is_file() else []
+        if curve:
+            langs = sorted({x for r in curve for x in r["languages"]})
+            lines += ["", "The teacher on the dev split after each epoch (`dev_curve`):", "",
+                      "| epoch | step | score | " + " | ".join(langs) + " | labels chosen |",
+                      "|---:|---:|---:|" + "---:|" * len(langs) + "---|"]
+            lines += [f"| {r['epoch']} | {r['step']} | {with_ci(r['score'], r['ci'])} | "
+                      + " | ".join(with_ci(r["languages"][x]["score"], r["languages"][x]["ci"]) if x in r["languages"]
+                                   else "–" for x in langs)
+                      + " | " + ", ".join(f"{k} {v}" for k, v in sorted(r["chosen"].items(), key=lambda kv: -kv[1]))
+                      + " |" for r in curve]
+            lines.append("")
         if traces:
             lines.append(f"- traces: the teacher explains each gold label (given in the prompt), then answers again "
                          f"after its explanation without it; **{traces['kept']} of {traces['written']} kept** "

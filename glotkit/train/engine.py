@@ -74,8 +74,10 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 
 
-def plan_steps(lengths: Sequence[int], cfg: TrainSection, seed: int, keys: Sequence | None = None) -> list[list[list[int]]]:
-    """Every optimizer step as a list of micro-batches of example indices."""
+def plan_steps(lengths: Sequence[int], cfg: TrainSection, seed: int, keys: Sequence | None = None,
+               epoch_ends: list[int] | None = None) -> list[list[list[int]]]:
+    """Every optimizer step as a list of micro-batches of example indices; ``epoch_ends``, when
+    given, gets the number of steps done at the end of each whole epoch."""
     if not lengths:
         raise GlotkitError("data.train: no training examples left to train on")
     per_epoch = math.ceil(math.ceil(len(lengths) / cfg.batch_size) / cfg.grad_accum)
@@ -87,6 +89,8 @@ def plan_steps(lengths: Sequence[int], cfg: TrainSection, seed: int, keys: Seque
         for i in range(0, len(batches), cfg.grad_accum):
             steps.append(batches[i : i + cfg.grad_accum])
         epoch += 1
+        if epoch_ends is not None and len(steps) <= total:
+            epoch_ends.append(len(steps))
     return steps[:total]
 
 
@@ -255,7 +259,8 @@ class _Counters:
     elapsed: float = 0.0
 
 
-def _plan(examples: Sequence[Encoded], cfg: TrainSection, seed: int) -> tuple[list[list[list[int]]], list | None]:
+def _plan(examples: Sequence[Encoded], cfg: TrainSection, seed: int,
+          epoch_ends: list[int] | None = None) -> tuple[list[list[list[int]]], list | None]:
     """(every optimizer step as micro-batches of example indices, the examples' prompt-prefix keys
     when some of them can share a prefix, else None)."""
     lengths = [len(e.input_ids) for e in examples]
@@ -263,7 +268,7 @@ def _plan(examples: Sequence[Encoded], cfg: TrainSection, seed: int) -> tuple[li
     keys = [group_key(e) for e in examples] if cfg.share_prefix and not packed else None
     if keys is not None and len(set(keys)) == len(keys):
         keys = None  # no two examples share a prompt prefix: keep length-grouped batches
-    return plan_steps(lengths, cfg, seed, keys), keys
+    return plan_steps(lengths, cfg, seed, keys, epoch_ends), keys
 
 
 def _prepare_model(model, cfg: TrainSection) -> None:
@@ -403,6 +408,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     parallel: "Parallel | None" = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (the LoRA adapter) on ``examples``.
 
@@ -410,6 +416,9 @@ def train(
     from it.  ``stop_after`` ends the loop early after that many steps (for tests of resume).
     With ``parallel`` (the processes of an ``accelerate launch``) each micro-batch is split
     between the processes and only process 0 writes; the steps are those of one process.
+    ``on_epoch(epoch, step)`` is called at the end of each whole epoch (1-based), after a
+    checkpoint is saved there and with the model in eval mode (a dev evaluation: an interrupted
+    one is called again on resume, so it must skip what it has done); single process only.
     """
     from tqdm.auto import tqdm
 
@@ -423,8 +432,11 @@ def train(
     if par.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed + par.rank)  # dropout masks differ between processes
-    steps, keys = _plan(examples, cfg, seed)
+    epoch_ends: list[int] = []
+    steps, keys = _plan(examples, cfg, seed, epoch_ends)
     total = len(steps)
+    if on_epoch is not None and par.world > 1:
+        raise GlotkitError("an evaluation after each epoch needs a single process (not a launch)")
     _prepare_model(model, cfg)
 
     loss_fn = SupervisedLoss(model)
@@ -456,8 +468,26 @@ def train(
     end = total if stop_after is None else min(total, start_step + stop_after)
     in_update = agreed = False
     interrupt = _DeferredInterrupt(log)
+
+    def epoch_done() -> None:
+        """The hook at an epoch's end, after the checkpoint there (an interrupted evaluation is
+        redone on resume, never the training before it); its time is not training time."""
+        nonlocal t0
+        if on_epoch is None or run.step not in epoch_ends:
+            return
+        checkpoint.save(run, rng_at_step)
+        began = time.perf_counter()
+        model.eval()
+        try:
+            on_epoch(epoch_ends.index(run.step) + 1, run.step)
+        finally:
+            model.train()
+            t0 += time.perf_counter() - began
+
     try:
         with interrupt:
+            if run.step == start_step and start_step > 0:
+                epoch_done()  # resumed where an epoch ended: its evaluation may not have finished
             while run.step < end:
                 passes = _step_passes(steps[run.step], examples, loss_fn, cfg, par, share, pad_id)
                 step_loss, n_sup, n_tok, n_comp = _forward_backward(passes, loss_fn, wrapped, par)
@@ -486,6 +516,7 @@ def train(
                 bar.update(1)
                 if run.step % cfg.checkpoint_every == 0 and run.step < total:
                     checkpoint.save(run, rng_at_step)
+                epoch_done()
                 if stop:
                     agreed = True
                     raise KeyboardInterrupt
@@ -522,7 +553,8 @@ def train(
 
 def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *, what: str, out: Path, work_dir: Path,
                   seed: int, pad_id: int, device: str = "cpu", log: Callable[[str], None] = say,
-                  progress: bool = True, info: dict | None = None, parallel: "Parallel | None" = None) -> TrainResult:
+                  progress: bool = True, info: dict | None = None, parallel: "Parallel | None" = None,
+                  on_epoch: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train a LoRA adapter, save it to ``out`` (a PEFT folder), write ``work_dir/result.json``
     (the run's figures, the trainable-parameter count and ``info``) and drop the checkpoint: one
     adapter, one call, for every system.  With ``parallel`` (the processes of a launch) every
@@ -533,7 +565,7 @@ def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *,
     params = count_trainable(peft_model)
     log(f"{what}: {len(examples)} examples; {params.line()}")
     result = train(peft_model, examples, cfg, seed=seed, work_dir=work_dir, pad_id=pad_id, device=device, log=log,
-                   progress=progress, parallel=parallel)
+                   progress=progress, parallel=parallel, on_epoch=on_epoch)
     whole = parallel.trainable_state(peft_model) if parallel is not None and parallel.sharded else None  # every process
     if parallel is not None and not parallel.is_main:
         return result
