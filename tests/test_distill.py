@@ -236,7 +236,7 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
         "name": "d", "task": "distill", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_gemma)},
         "distill": {"data": files, "train_pairs": None, "dev_pairs": 2, "test_pairs": 3, "max_chars": 200,
                     "label_tokens": 4, "explain_tokens": 6, "batch_size": 4, "trace_check": False,
-                    "dev_curve": True,
+                    "dev_curve": True, "calibrate": True,
                     "compare_models": [str(tiny_llama)], "compare_formats": ["json", "explain-plain"],
                     "students": [{"name": "llama", "model": str(tiny_llama)},
                                  {"name": "trimmed", "model": str(tiny_gemma), "trim_vocab": True}]},
@@ -267,6 +267,17 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     for r in table["rows"]:  # labels chosen by log-likelihood (in the worker processes): nothing to parse
         assert r["parse_failure_rate"] == 0.0
         assert r["peak_rss_mb"] > 0 and r["params"] > 0 and r["pairs_per_s"] > 0 and set(r["languages"]) == {"de", "en"}
+        cal = r["calibration"]  # fit on the dev split's answers, kept beside the test's
+        assert cal["dev_pairs"] == dev_pairs and cal["dev_score_calibrated"] >= cal["dev_score"]
+        assert set(cal["offsets"]) == {"TRUE/TRUE", "PROBABLE/TRUE", "TRUE/FALSE", "PROBABLE/FALSE"}
+        assert 0 <= cal["test_uncalibrated"]["score"] <= 1
+    kept = json.loads((run / "evaluate" / "teacher" / "calibration.json").read_text())
+    assert kept["offsets"] == table["rows"][1]["calibration"]["offsets"]
+    from glotkit.hipe.predict import with_offsets
+
+    monkeypatch.undo()  # the real decision again
+    answers = [json.loads(x) for x in (run / "evaluate" / "teacher" / "answers.jsonl").read_text().splitlines()]
+    assert answers == with_offsets(answers, kept["offsets"])  # the test labels are the calibrated decision
     pred = [json.loads(x) for x in (run / "evaluate" / "trimmed" / "predictions-de.jsonl").read_text().splitlines()]
     assert [d["document_id"] for d in pred] == [d["document_id"] for d in test_docs if d["language"] == "de"]
     trim = json.loads((run / "students" / "trimmed" / "model" / "glotkit-trim.json").read_text())
@@ -275,7 +286,8 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     for part in ("## 1. Prompt comparison", "## 2. Teacher and its traces", "The teacher on the dev split after each epoch",
                  "## 3. Students",
                  "## Efficiency and accuracy", "Does the student stay within 3 points", "student 'llama' vs teacher",
-                 "`teacher`, isAt:", "| gold \\ predicted | TRUE | PROBABLE | FALSE |"):
+                 "`teacher`, isAt:", "| gold \\ predicted | TRUE | PROBABLE | FALSE |",
+                 "Label decisions calibrated on the dev split", "- `trimmed`: dev "):
         assert part in report, part
     capsys.readouterr()
     assert main(["run", "--no-progress", str(recipe)]) == 0  # everything done: nothing is redone
@@ -359,6 +371,10 @@ def test_loglik_labels_are_the_likeliest_valid_combination(tiny_llama, fmt):
     assert [(r["at"], r["isAt"]) for r in rows] == list(VALID_LABELS)
     assert all(r["parsed"] and r["logliks"] for r in rows)
     assert score_rows({"de": [doc]}, rows)["parse_failures"] == 0
+    # offsets move the choice (prompt 0 prefers TRUE/TRUE by 4 nats) and the rows keep the raw scores
+    shifted, _ = predict_pairs(_ScriptedGenerator(tok, scores), items[:1],
+                               Settings(fmt=fmt, batch_size=2, offsets={"TRUE/TRUE": -4.5}), progress=False)
+    assert (shifted[0]["at"], shifted[0]["isAt"]) == ("PROBABLE", "TRUE") and shifted[0]["logliks"] == rows[0]["logliks"]
     if fmt == "explain-json":  # the explanation is generated, then the labels scored after it
         assert gen.sampled == 5 and all(p.endswith("Meier was in Bern.\nAnswer:") for p in gen.scored_prompts)
         assert rows[0]["raw"] == ' Meier was in Bern.\nAnswer: {"at": "TRUE", "isAt": "TRUE"}'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -348,3 +349,33 @@ def test_distill_score_command(tmp_path, capsys):
         assert main(["distill", "score", *argv]) == 2, message
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_fitted_offsets_undo_a_bias_towards_the_common_label():
+    from glotkit.hipe.parse import VALID_LABELS
+    from glotkit.hipe.predict import fit_offsets, score_rows, with_offsets
+
+    rng = random.Random(0)
+    docs, rows = [], []
+    for d in range(30):
+        pairs = []
+        for k in range(4):
+            at, is_at = rng.choice(VALID_LABELS[:4]) if k == 0 else ("FALSE", "FALSE")
+            pairs.append({"pers_entity_id": f"p{k}", "pers_wikidata_QID": None, "pers_mentions_list": ["Smith"],
+                          "loc_entity_id": f"l{k}", "loc_wikidata_QID": None, "loc_mentions_list": ["Bern"],
+                          "at": at, "isAt": is_at})
+            # a model biased to FALSE/FALSE by 3 nats whose scores still rank the gold option first
+            # among the others
+            logliks = {f"{a}/{i}": (-1.0 if (a, i) == (at, is_at) else -2.0 - rng.random()) for a, i in VALID_LABELS}
+            logliks["FALSE/FALSE"] += 3.0 if (at, is_at) != ("FALSE", "FALSE") else 1.5
+            best = max(logliks, key=logliks.get).split("/")
+            rows.append({"key": [f"d{d}", f"p{k}", f"l{k}"], "at": best[0], "isAt": best[1], "parsed": True,
+                         "corrected": False, "logliks": logliks})
+        docs.append(_hipe_line(document_id=f"d{d}", sampled_pairs=pairs))
+    gold = {"en": docs}
+    assert all((r["at"], r["isAt"]) == ("FALSE", "FALSE") for r in rows)  # the raw decision: all FALSE/FALSE
+    offsets, before, after = fit_offsets(rows, gold)
+    assert before == pytest.approx(5 / 12) and after == pytest.approx(1.0)
+    assert after == pytest.approx(score_rows(gold, with_offsets(rows, offsets), resamples=0)["profile"]["score"])
+    assert set(offsets) == {"TRUE/TRUE", "PROBABLE/TRUE", "TRUE/FALSE", "PROBABLE/FALSE"}
+    assert with_offsets(rows, {}) == rows and with_offsets([{"at": "TRUE", "isAt": "TRUE"}], offsets)[0]["at"] == "TRUE"

@@ -46,6 +46,8 @@ class Settings:
     batch_size: int = 16
     labels: str = "loglik"  # "loglik": choose among the valid labels; "generate": generate and parse
     layout: str = "pair"  # the prompt's layout (glotkit.hipe.formats.question)
+    # "at/isAt" -> nats added to the option scores before the choice (fit_offsets on a dev split)
+    offsets: dict[str, float] | None = None
 
     def __post_init__(self):
         if self.labels not in LABEL_MODES:
@@ -106,7 +108,8 @@ def predict_pairs(generator: Generator, items: Sequence[Item], s: Settings, *, p
                     part = range(start, min(len(todo), start + chunk))
                     scores = generator.option_logliks([prompts[i] for i in part], label_options(s.fmt),
                                                       batch_size=s.batch_size, progress=False, desc=desc)
-                    keep_rows([chosen_row(*todo[i], s.fmt, sc, explanations[i]) for i, sc in zip(part, scores)])
+                    keep_rows([chosen_row(*todo[i], s.fmt, sc, explanations[i], s.offsets)
+                               for i, sc in zip(part, scores)])
                     bar.update(len(part))
     seconds = time.perf_counter() - t0
     timing = {"pairs": len(todo), "seconds": round(seconds, 2), "new_tokens": produced,
@@ -123,18 +126,61 @@ def choose_labels(scores: Sequence[float]) -> tuple[str, str]:
     return VALID_LABELS[best]
 
 
-def chosen_labels(scores: Sequence[float]) -> dict:
-    """``at``, ``isAt`` (the likeliest valid combination) and every option's score, as answer rows hold them."""
-    at, is_at = choose_labels(scores)
+def with_offsets(rows: Sequence[dict], offsets: dict[str, float]) -> list[dict]:
+    """Rows labelled by log-likelihood, relabelled with ``offsets`` ("at/isAt" -> nats) added to
+    their option scores (the labels of rows without scores are kept)."""
+    out = []
+    for r in rows:
+        if not r.get("logliks"):
+            out.append(r)
+            continue
+        at, is_at = choose_labels([r["logliks"][f"{a}/{i}"] + offsets.get(f"{a}/{i}", 0.0) for a, i in VALID_LABELS])
+        out.append(dict(r, at=at, isAt=is_at))
+    return out
+
+
+def fit_offsets(rows: Sequence[dict], gold_by_language: dict[str, list[dict]], *, span: float = 8.0,
+                step: float = 0.25, rounds: int = 3) -> tuple[dict[str, float], float, float]:
+    """Per-option offsets added to the log-likelihoods that maximise the official profile score
+    of ``rows`` (labelled by log-likelihood) against gold: a model tuned on imbalanced labels
+    scores the common one too high, and macro recall rewards the rare ones (calibration of the
+    decision, as thresholds are tuned on a dev split; fit it on dev, never on test).  Coordinate
+    ascent over a grid (-span..span by step), FALSE/FALSE fixed at 0; among equal scores the
+    offset nearest 0 wins.  Returns (offsets, score before, score after)."""
+    def score(off: dict[str, float]) -> float:
+        return score_rows(gold_by_language, with_offsets(rows, off), resamples=0)["profile"]["score"]
+
+    names = [f"{a}/{i}" for a, i in VALID_LABELS if (a, i) != ("FALSE", "FALSE")]
+    offsets = {n: 0.0 for n in names}
+    before = best = score(offsets)
+    grid = sorted((k * step for k in range(-int(span / step), int(span / step) + 1)), key=abs)
+    for _ in range(rounds):
+        moved = False
+        for n in names:
+            for v in grid:
+                trial = score(offsets | {n: v})
+                if trial > best + 1e-12:
+                    best, offsets, moved = trial, offsets | {n: v}, True
+        if not moved:
+            break
+    return offsets, before, best
+
+
+def chosen_labels(scores: Sequence[float], offsets: dict[str, float] | None = None) -> dict:
+    """``at``, ``isAt`` (the likeliest valid combination, after ``offsets`` where given) and every
+    option's own score, as answer rows hold them."""
+    at, is_at = choose_labels([x + (offsets or {}).get(f"{a}/{i}", 0.0) for (a, i), x in zip(VALID_LABELS, scores)])
     return {"at": at, "isAt": is_at,
             "logliks": {f"{a}/{i}": round(float(x), 4) for (a, i), x in zip(VALID_LABELS, scores)}}
 
 
-def chosen_row(doc: dict, pair: dict, fmt: str, scores: Sequence[float], explanation: str = "") -> dict:
-    """A pair labelled by log-likelihood: the likeliest valid labels, with every option's score."""
+def chosen_row(doc: dict, pair: dict, fmt: str, scores: Sequence[float], explanation: str = "",
+               offsets: dict[str, float] | None = None) -> dict:
+    """A pair labelled by log-likelihood: the likeliest valid labels (after ``offsets``), with
+    every option's score."""
     from glotkit.hipe.formats import labels_text
 
-    chosen = chosen_labels(scores)
+    chosen = chosen_labels(scores, offsets)
     raw = (f" {explanation}\nAnswer: " if explains(fmt) else " ") + labels_text(chosen["at"], chosen["isAt"], fmt)
     return {"key": list(pair_key(doc, pair)), "language": doc.get("language"), "raw": raw, "at": chosen["at"],
             "isAt": chosen["isAt"], "parsed": True, "corrected": False, "error": None, "logliks": chosen["logliks"]}

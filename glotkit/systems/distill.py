@@ -83,6 +83,9 @@ class DistillSection(_Section):
     # score the teacher on the dev split at the end of every epoch (teacher/curve.jsonl and the
     # report): the curve that says whether more epochs help; costs one dev labelling per epoch
     dev_curve: bool = False
+    # calibrate each model's label decision on the dev split before the test: offsets added to the
+    # five option scores, fit to the dev score (glotkit.hipe.predict.fit_offsets; loglik labels only)
+    calibrate: bool = False
     compare_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
     compare_formats: list[Literal["json", "explain-json", "plain", "explain-plain"]] = Field(
         default_factory=lambda: ["json", "explain-json", "plain", "explain-plain"])
@@ -404,6 +407,10 @@ class DistillFolder(RunFolder):
 
     def evaluation(self, label: str) -> Path:
         return self.evaluate / model_slug(label)
+
+    def calibration(self, label: str) -> Path:
+        """The offsets fit on the dev split for one evaluated model (``calibrate``)."""
+        return self.evaluation(label) / "calibration.json"
 
 
 def _folder(run_dir: Path | DistillFolder) -> DistillFolder:
@@ -960,10 +967,15 @@ def run_evaluate(recipe: DistillRecipe, run_dir: Path, log, progress) -> dict:
             raise GlotkitError(f"{name}: no trimmed model for '{e['label']}'; add 'student' to stages")
     results = []
     for e in entries:
-        r = evaluate_model(e["label"], e["model"], e["adapter"], f.split_file("test"),
-                           _settings(recipe, e["format"]), f.evaluation(e["label"]),
-                           progress=progress, log=log,
-                           server=_connector(recipe, e["served_as"], log, "evaluate", optional=True))
+        settings = _settings(recipe, e["format"])
+        server = _connector(recipe, e["served_as"], log, "evaluate", optional=True)
+        calibration = _calibrate(recipe, f, e, settings, server, log, progress) if recipe.distill.calibrate else None
+        if calibration:
+            settings.offsets = calibration["offsets"]
+        r = evaluate_model(e["label"], e["model"], e["adapter"], f.split_file("test"), settings,
+                           f.evaluation(e["label"]), progress=progress, log=log, server=server)
+        if calibration:
+            r["calibration"] = calibration | {"test_uncalibrated": _uncalibrated(f, e["label"])}
         results.append(r | {"label": e["label"], "role": e["role"], "format": e["format"]})
     table = efficiency_table(results, recipe.distill.within_points)
     atomic_write_json(f.table_json, table)
@@ -971,6 +983,47 @@ def run_evaluate(recipe: DistillRecipe, run_dir: Path, log, progress) -> dict:
     for line in table["answer"]:
         log(f"{line}")
     return table
+
+
+def _calibrate(recipe: DistillRecipe, f: DistillFolder, e: dict, settings, server, log, progress) -> dict | None:
+    """The offsets of one model's label decision, fit on its dev-split answers (labelled first,
+    in ``evaluate/<model>/dev/``) and kept in ``calibration.json``; None when its labels are
+    generated, not chosen."""
+    from glotkit.hipe.data import read_hipe
+    from glotkit.hipe.predict import evaluate_model, fit_offsets
+
+    if settings.labels != "loglik":
+        return None
+    path = f.calibration(e["label"])
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    dev = f.split_file("dev")
+    if not dev.is_file() or not dev.stat().st_size:
+        raise GlotkitError("distill.calibrate: calibrating the label decision needs a dev split (dev_ratio > 0)")
+    out = f.evaluation(e["label"]) / "dev"
+    evaluate_model(f"{e['label']} (dev, to calibrate)", e["model"], e["adapter"], dev, settings, out,
+                   progress=progress, log=log, server=server)
+    rows = _read_jsonl(out / "answers.jsonl")
+    offsets, before, after = fit_offsets(rows, _by_language(read_hipe(dev, schema=None), str(dev)))
+    found = {"offsets": offsets, "dev_score": before, "dev_score_calibrated": after, "dev_pairs": len(rows)}
+    atomic_write_json(path, found)
+    log(f"{e['label']}: decision calibrated on {len(rows)} dev pairs: dev score {before:.4f} -> {after:.4f}; "
+        "offsets " + ", ".join(f"{k} {v:+g}" for k, v in offsets.items()))
+    return found
+
+
+def _uncalibrated(f: DistillFolder, label: str) -> dict:
+    """The test score of a calibrated model's answers without the offsets (answers keep the raw
+    option scores), with its interval."""
+    from glotkit.hipe.data import read_hipe
+    from glotkit.hipe.predict import score_rows, with_offsets
+
+    test = f.split_file("test")
+    r = score_rows(_by_language(read_hipe(test, schema=None), str(test)),
+                   with_offsets(_read_jsonl(f.evaluation(label) / "answers.jsonl"), {}))
+    p = r["profile"]
+    return {"score": p["score"], "ci": _ci(p, "score"),
+            "languages": {x: {"score": v["score"], "ci": _ci(v, "score")} for x, v in r["languages"].items()}}
 
 
 def _ranks(values: Sequence[float], higher_better: bool) -> list[int]:
@@ -998,6 +1051,7 @@ def efficiency_table(results: Sequence[dict], within: float) -> dict:
                      "ci": {"score": _ci(r["profile"], "score"), "binary": _ci(r["profile"], "binary_score"),
                             "languages": {x: _ci(r["languages"][x], "score") for x in langs if x in r["languages"]}},
                      "parse_failure_rate": r["parse_failure_rate"],
+                     "calibration": r.get("calibration"),
                      "rank": {"accuracy": acc[i], "params": par[i], "size": size[i], "mean": round(mean[i], 2),
                               "overall": overall[i]}})
     head = ["model", "format", "params", "disk MB", "peak RSS MB", "pairs/s", *langs, "overall", "binary",
@@ -1132,6 +1186,17 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
                   + SCORE_NOTE, "",
                   f"**Does the student stay within {eff['within_points']:g} points of the teacher in every language?**", ""]
         lines += [f"- {a}" for a in eff["answer"]] or ["- no student was evaluated"]
+        calibrated = [r for r in eff["rows"] if r.get("calibration")]
+        if calibrated:
+            lines += ["", "Label decisions calibrated on the dev split (`calibrate`: offsets added to the five option "
+                      "scores, fit to the dev score; the test answers keep their raw scores, so the test score "
+                      "without the offsets is known too):", ""]
+            lines += [f"- `{r['label']}`: dev {c['dev_score'] * 100:.2f} -> {c['dev_score_calibrated'] * 100:.2f} "
+                      f"({c['dev_pairs']} pairs); test without calibration "
+                      f"{with_ci(c['test_uncalibrated']['score'], c['test_uncalibrated']['ci'])}, with "
+                      f"{with_ci(r['score'], r['ci']['score'])}; offsets "
+                      + ", ".join(f"{k} {v:+g}" for k, v in c["offsets"].items())
+                      for r in calibrated for c in [r["calibration"]]]
         lines += _confusions(folder, [r["label"] for r in eff["rows"] if r["role"] in ("teacher", "student")])
     lines.append("")
     atomic_write_text(folder.report, "\n".join(lines))
@@ -1307,6 +1372,10 @@ def predict_command(args, log: Callable[[str], None] = say) -> int:
     if not items:
         raise GlotkitError(f"{src}: no pairs to label")
     settings = _settings(recipe, e["format"])
+    calibration = _folder(run_dir).calibration(e["label"])
+    if settings.labels == "loglik" and calibration.is_file():  # the decision the run's table measured
+        settings.offsets = json.loads(calibration.read_text(encoding="utf-8"))["offsets"]
+        log(f"predict: the decision of '{e['label']}' is calibrated ({calibration})")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial.jsonl")
     with owned(out.parent, f"glotkit distill predict -> {out.name}", lock_name=f".{out.name}.lock"):
