@@ -51,15 +51,19 @@ def test_loglik_equals_direct_computation(tmp_path, arch, share):
     model, tok = build_model(tmp_path, arch, init=0.2)
     model.eval()
     prompts = [tok("Recenzie: Sibiu Cibin\nRăspuns:")["input_ids"], tok("Recenzie: Iași " * 12 + "\nRăspuns:")["input_ids"]]
-    options = [tok(" pozitivă", add_special_tokens=False)["input_ids"], tok(" negativă", add_special_tokens=False)["input_ids"],
-               tok(" A, C", add_special_tokens=False)["input_ids"]]
-    got = option_logliks(model, tok, prompts, options, batch_size=3, share_prompt=share)
-    for i, p in enumerate(prompts):
-        for j, o in enumerate(options):
-            with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=torch.tensor([p + o])).logits[0].float(), -1)
-            want = sum(logp[len(p) - 1 + t, o[t]].item() for t in range(len(o)))
-            assert got[i][j] == pytest.approx(want, abs=1e-4)
+    plain = [" pozitivă", " negativă", " A, C"]
+    # options that begin alike (their shared tokens are scored once per prompt)
+    alike = [' {"at": "TRUE", "isAt": "TRUE"}', ' {"at": "PROBABLE", "isAt": "FALSE"}', ' {"at": "FALSE", "isAt": "FALSE"}']
+    for texts in (plain, alike):
+        options = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        got = option_logliks(model, tok, prompts, options, batch_size=3, share_prompt=share)
+        for i, p in enumerate(prompts):
+            for j, o in enumerate(options):
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(input_ids=torch.tensor([p + o])).logits[0].float(), -1)
+                want = sum(logp[len(p) - 1 + t, o[t]].item() for t in range(len(o)))
+                assert got[i][j] == pytest.approx(want, abs=1e-4)
+    assert options[0][:3] == options[1][:3]  # the alike options do share their first tokens
 
 
 def test_shots_are_reproducible_from_the_seed():

@@ -337,9 +337,15 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
     once and every option after it, each option attending to the prompt and to itself only, with
     its positions continuing the prompt's: the prompt is computed once instead of once per option
     (the engine's shared-prefix rows; equal to separate sequences, tested).  Rows are right-padded
-    so every sequence sits at the same positions whatever its batch."""
+    so every sequence sits at the same positions whatever its batch.  Tokens that begin every
+    option alike (``{"at": "`` in a JSON answer) are scored once per prompt, not once per option."""
     import torch.nn.functional as F
 
+    common = 0  # the options' shared first tokens (each option keeps at least one of its own)
+    while len(options) > 1 and all(len(o) > common + 1 for o in options) and len({o[common] for o in options}) == 1:
+        common += 1
+    head = list(options[0][:common])
+    options = [list(o[common:]) for o in options]
     loss_fn = SupervisedLoss(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = [[0.0] * len(options) for _ in prompts]
@@ -358,7 +364,7 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
             chunk = list(range(start, min(len(prompts), start + max(1, batch_size // max(1, len(options))))))
             rows, spans = [], []
             for i in chunk:
-                p = prompts[i]
+                p = list(prompts[i]) + head
                 ids, pos, seg, starts = list(p), list(range(len(p))), [0] * len(p), []
                 for j, o in enumerate(options):
                     starts.append(len(ids))
@@ -371,17 +377,18 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
             hidden = loss_fn.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   position_ids=batch["position_ids"], use_cache=False).last_hidden_state
             for r, (i, starts) in enumerate(zip(chunk, spans)):
-                p = len(prompts[i])
+                p = len(prompts[i]) + common
+                shared = option_scores(hidden[r], list(range(p - common - 1, p - 1)), head) if common else 0.0
                 for j, o in enumerate(options):
                     # token 0 is predicted from the prompt's last position, token t from the option's t-1
                     where = [p - 1] + [starts[j] + t - 1 for t in range(1, len(o))]
-                    scores[i][j] = option_scores(hidden[r], where, o)
+                    scores[i][j] = shared + option_scores(hidden[r], where, o)
         return scores
 
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        seqs = [prompts[i] + options[j] for i, j in chunk]
+        seqs = [list(prompts[i]) + head + options[j] for i, j in chunk]
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -392,6 +399,6 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
         # prompt would otherwise need positions × vocabulary floats)
         hidden = loss_fn.body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         for r, (i, j) in enumerate(chunk):
-            p, o = len(prompts[i]), len(options[j])
-            scores[i][j] = option_scores(hidden[r], list(range(p - 1, p - 1 + o)), options[j])
+            p, o = len(prompts[i]), common + len(options[j])
+            scores[i][j] = option_scores(hidden[r], list(range(p - 1, p - 1 + o)), head + options[j])
     return scores
