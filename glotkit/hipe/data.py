@@ -123,13 +123,7 @@ def excerpt(text: str, mentions: Sequence[str], max_chars: int) -> str:
             covered = sum(lo <= t < lo + max_chars for t in spots)
             if covered > best:
                 best, start = covered, lo
-    end = start + max_chars
-    if start > 0:
-        sp = text.find(" ", start)
-        start = sp + 1 if 0 <= sp < start + 40 else start
-    if end < len(text):
-        sp = text.rfind(" ", start, end)
-        end = sp if sp > end - 40 else end
+    start, end = _cut(text, start, start + max_chars)
     return ("… " if start > 0 else "") + text[start:end] + (" …" if end < len(text) else "")
 
 
@@ -168,7 +162,12 @@ def marked_excerpt(text: str, persons: Sequence[str], places: Sequence[str], max
 def _window(text: str, centre: int, size: int) -> tuple[int, int]:
     """The stretch of ``size`` characters centred on ``centre``, cut at whitespace."""
     start = max(0, min(centre - size // 2, len(text) - size))
-    end = min(len(text), start + size)
+    return _cut(text, start, min(len(text), start + size))
+
+
+def _cut(text: str, start: int, end: int) -> tuple[int, int]:
+    """``start`` moved forward to the next word and ``end`` back to the last whole word (by at
+    most 40 characters each) where they fall inside the text."""
     if start > 0:
         sp = text.find(" ", start)
         start = sp + 1 if 0 <= sp < start + 40 else start
