@@ -191,9 +191,8 @@ def _mark(text: str, spans: Sequence[tuple[int, int, str]], start: int, end: int
 
 
 def _spans(text: str, mentions: Sequence[str], kind: str) -> list[tuple[int, int, str]]:
-    """Every occurrence of the mentions, in text order (the longer first where two start together)."""
-    return sorted({(i, i + len(m), kind) for m in mentions if m.strip() for i in _find_all(text, m)},
-                  key=lambda s: (s[0], -(s[1] - s[0])))
+    """Every occurrence of the mentions (once each, in no particular order)."""
+    return list({(i, i + len(m), kind) for m in mentions if m.strip() for i in _find_all(text, m)})
 
 
 def _find_all(text: str, needle: str) -> list[int]:

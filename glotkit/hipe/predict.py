@@ -134,9 +134,14 @@ def with_offsets(rows: Sequence[dict], offsets: dict[str, float]) -> list[dict]:
         if not r.get("logliks"):
             out.append(r)
             continue
-        at, is_at = choose_labels([r["logliks"][f"{a}/{i}"] + offsets.get(f"{a}/{i}", 0.0) for a, i in VALID_LABELS])
+        at, is_at = choose_labels(_shifted([r["logliks"][f"{a}/{i}"] for a, i in VALID_LABELS], offsets))
         out.append(dict(r, at=at, isAt=is_at))
     return out
+
+
+def _shifted(scores: Sequence[float], offsets: dict[str, float] | None) -> list[float]:
+    """The option scores (in VALID_LABELS order) with each option's offset added."""
+    return [x + (offsets or {}).get(f"{a}/{i}", 0.0) for (a, i), x in zip(VALID_LABELS, scores)]
 
 
 def fit_offsets(rows: Sequence[dict], gold_by_language: dict[str, list[dict]], *, span: float = 8.0,
@@ -169,7 +174,7 @@ def fit_offsets(rows: Sequence[dict], gold_by_language: dict[str, list[dict]], *
 def chosen_labels(scores: Sequence[float], offsets: dict[str, float] | None = None) -> dict:
     """``at``, ``isAt`` (the likeliest valid combination, after ``offsets`` where given) and every
     option's own score, as answer rows hold them."""
-    at, is_at = choose_labels([x + (offsets or {}).get(f"{a}/{i}", 0.0) for (a, i), x in zip(VALID_LABELS, scores)])
+    at, is_at = choose_labels(_shifted(scores, offsets))
     return {"at": at, "isAt": is_at,
             "logliks": {f"{a}/{i}": round(float(x), 4) for (a, i), x in zip(VALID_LABELS, scores)}}
 

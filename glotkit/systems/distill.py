@@ -237,13 +237,12 @@ def trace_items(splits, limit: int | None, seed: int) -> list[tuple[dict, dict]]
     items = training_items(splits)
     if limit is None:
         return items
+    groups: dict[str, dict[str, list[int]]] = {}  # language -> "at/isAt" -> item indices
+    for i, (doc, p) in enumerate(items):
+        groups.setdefault(doc.get("language") or "", {}).setdefault(f"{p['at']}/{p['isAt']}", []).append(i)
     rng, chosen = random.Random(seed), set()
-    for lang in sorted({doc.get("language") for doc, _ in items}):
-        groups: dict[str, list[int]] = {}
-        for i, (doc, p) in enumerate(items):
-            if doc.get("language") == lang:
-                groups.setdefault(f"{p['at']}/{p['isAt']}", []).append(i)
-        queues = [rng.sample(v, len(v)) for _, v in sorted(groups.items())]
+    for _, by_label in sorted(groups.items()):
+        queues = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
         taken = 0
         while taken < limit and any(queues):
             for q in queues:
@@ -607,16 +606,11 @@ def _dev_curve(recipe: DistillRecipe, f: DistillFolder, model, tok, device, log,
     """The end-of-epoch hook that labels the dev split with the model being trained and appends
     its scores to ``teacher/curve.jsonl`` (an epoch already there is skipped: a resumed run)."""
     from glotkit.generate.local import LocalGenerator
-    from glotkit.hipe.data import read_hipe
     from glotkit.hipe.predict import predict_pairs, score_rows
     from glotkit.io import append_rows, read_appended
 
-    dev = f.split_file("dev")
-    docs = read_hipe(dev, schema=None) if dev.is_file() and dev.stat().st_size else []
-    if not docs:
-        raise GlotkitError("distill.dev_curve: the teacher's dev curve needs a dev split (dev_ratio > 0)")
-    by_lang = _by_language(docs, str(dev))
-    items = [(d, p) for d in docs for p in d["sampled_pairs"]]
+    by_lang = _split_gold(f, "dev", "distill.dev_curve: the teacher's dev curve")
+    items = [(d, p) for ds in by_lang.values() for d in ds for p in d["sampled_pairs"]]
     settings = _settings(recipe, recipe.distill.teacher_format)
 
     def hook(epoch: int, step: int) -> None:
@@ -625,19 +619,35 @@ def _dev_curve(recipe: DistillRecipe, f: DistillFolder, model, tok, device, log,
         rows, timing = predict_pairs(LocalGenerator(model, tok, device), items, settings, progress=progress,
                                      desc=f"teacher epoch {epoch}: dev")
         r = score_rows(by_lang, rows)
-        p = r["profile"]
-        row = {"epoch": epoch, "step": step, "score": p["score"], "ci": _ci(p, "score"),
-               "binary_score": p["binary_score"],
-               "languages": {x: {"score": v["score"], "ci": _ci(v, "score")} for x, v in r["languages"].items()},
-               "chosen": label_counts([(None, {"at": x["at"], "isAt": x["isAt"]}) for x in rows]),
-               "pairs": len(rows), "seconds": timing["seconds"]}
+        row = {"epoch": epoch, "step": step} | _scores_brief(r) | {
+               "binary_score": r["profile"]["binary_score"],
+               "chosen": label_counts([(None, x) for x in rows]), "pairs": len(rows), "seconds": timing["seconds"]}
         with open(f.teacher_curve, "a", encoding="utf-8") as fh:
             append_rows(fh, [row])
-        log(f"teacher after epoch {epoch} (step {step}): dev score {with_ci(p['score'], row['ci'])}; "
+        log(f"teacher after epoch {epoch} (step {step}): dev score {with_ci(row['score'], row['ci'])}; "
             + ", ".join(f"{x} {with_ci(v['score'], v['ci'])}" for x, v in row["languages"].items())
             + "; chose " + ", ".join(f"{k} {v}" for k, v in sorted(row["chosen"].items(), key=lambda kv: -kv[1])))
 
     return hook
+
+
+def _split_gold(f: DistillFolder, split: str, what: str) -> dict[str, list[dict]]:
+    """A split's gold documents by language; ``what`` needs it, and says so when it is empty."""
+    from glotkit.hipe.data import read_hipe
+
+    path = f.split_file(split)
+    docs = read_hipe(path, schema=None) if path.is_file() and path.stat().st_size else []
+    if not docs:
+        raise GlotkitError(f"{what} needs a {split} split" + (" (dev_ratio > 0)" if split == "dev" else ""))
+    return _by_language(docs, str(path))
+
+
+def _scores_brief(r: dict) -> dict:
+    """The profile and per-language scores of a :func:`glotkit.hipe.predict.score_rows` result,
+    each with its interval."""
+    p = r["profile"]
+    return {"score": p["score"], "ci": _ci(p, "score"),
+            "languages": {x: {"score": v["score"], "ci": _ci(v, "score")} for x, v in r["languages"].items()}}
 
 
 def label_counts(items: Sequence[tuple[dict, dict]]) -> dict[str, int]:
@@ -969,7 +979,7 @@ def run_evaluate(recipe: DistillRecipe, run_dir: Path, log, progress) -> dict:
     for e in entries:
         settings = _settings(recipe, e["format"])
         server = _connector(recipe, e["served_as"], log, "evaluate", optional=True)
-        calibration = _calibrate(recipe, f, e, settings, server, log, progress) if recipe.distill.calibrate else None
+        calibration = _calibrate(f, e, settings, server, log, progress) if recipe.distill.calibrate else None
         if calibration:
             settings.offsets = calibration["offsets"]
         r = evaluate_model(e["label"], e["model"], e["adapter"], f.split_file("test"), settings,
@@ -985,11 +995,10 @@ def run_evaluate(recipe: DistillRecipe, run_dir: Path, log, progress) -> dict:
     return table
 
 
-def _calibrate(recipe: DistillRecipe, f: DistillFolder, e: dict, settings, server, log, progress) -> dict | None:
+def _calibrate(f: DistillFolder, e: dict, settings, server, log, progress) -> dict | None:
     """The offsets of one model's label decision, fit on its dev-split answers (labelled first,
     in ``evaluate/<model>/dev/``) and kept in ``calibration.json``; None when its labels are
     generated, not chosen."""
-    from glotkit.hipe.data import read_hipe
     from glotkit.hipe.predict import evaluate_model, fit_offsets
 
     if settings.labels != "loglik":
@@ -997,14 +1006,12 @@ def _calibrate(recipe: DistillRecipe, f: DistillFolder, e: dict, settings, serve
     path = f.calibration(e["label"])
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    dev = f.split_file("dev")
-    if not dev.is_file() or not dev.stat().st_size:
-        raise GlotkitError("distill.calibrate: calibrating the label decision needs a dev split (dev_ratio > 0)")
+    gold = _split_gold(f, "dev", "distill.calibrate: calibrating the label decision")
     out = f.evaluation(e["label"]) / "dev"
-    evaluate_model(f"{e['label']} (dev, to calibrate)", e["model"], e["adapter"], dev, settings, out,
+    evaluate_model(f"{e['label']} (dev, to calibrate)", e["model"], e["adapter"], f.split_file("dev"), settings, out,
                    progress=progress, log=log, server=server)
     rows = _read_jsonl(out / "answers.jsonl")
-    offsets, before, after = fit_offsets(rows, _by_language(read_hipe(dev, schema=None), str(dev)))
+    offsets, before, after = fit_offsets(rows, gold)
     found = {"offsets": offsets, "dev_score": before, "dev_score_calibrated": after, "dev_pairs": len(rows)}
     atomic_write_json(path, found)
     log(f"{e['label']}: decision calibrated on {len(rows)} dev pairs: dev score {before:.4f} -> {after:.4f}; "
@@ -1015,15 +1022,10 @@ def _calibrate(recipe: DistillRecipe, f: DistillFolder, e: dict, settings, serve
 def _uncalibrated(f: DistillFolder, label: str) -> dict:
     """The test score of a calibrated model's answers without the offsets (answers keep the raw
     option scores), with its interval."""
-    from glotkit.hipe.data import read_hipe
     from glotkit.hipe.predict import score_rows, with_offsets
 
-    test = f.split_file("test")
-    r = score_rows(_by_language(read_hipe(test, schema=None), str(test)),
-                   with_offsets(_read_jsonl(f.evaluation(label) / "answers.jsonl"), {}))
-    p = r["profile"]
-    return {"score": p["score"], "ci": _ci(p, "score"),
-            "languages": {x: {"score": v["score"], "ci": _ci(v, "score")} for x, v in r["languages"].items()}}
+    return _scores_brief(score_rows(_split_gold(f, "test", "the uncalibrated test score"),
+                                    with_offsets(_read_jsonl(f.evaluation(label) / "answers.jsonl"), {})))
 
 
 def _ranks(values: Sequence[float], higher_better: bool) -> list[int]:
