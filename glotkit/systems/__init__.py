@@ -4,6 +4,7 @@
     pretrain  continued pretraining (QLoRA), held-out perplexity, task suite, memory table
     xllora    XL-LoRA: generator adapters -> synthetic triplets -> sentence embeddings
     distill   HIPE-2026 relations: prompt comparison -> teacher -> traces -> students -> table
+    sft       instruction and chat fine-tuning: held-out loss and answers before and after
 
 A recipe names its system with ``system:`` (``task:`` is accepted as an older spelling).  A new
 system is a module with an object satisfying :class:`glotkit.systems.base.System`, passed to
@@ -20,7 +21,7 @@ from glotkit.errors import GlotkitError
 from glotkit.systems.base import System
 
 _SYSTEMS: dict[str, System] = {}
-_BUILTIN = ("qa", "pretrain", "xllora", "distill")  # modules of this package, each with a SYSTEM
+_BUILTIN = ("qa", "pretrain", "xllora", "distill", "sft")  # modules of this package, each with a SYSTEM
 
 
 def register(system: System) -> System:
