@@ -119,6 +119,16 @@ class LoraSection(_Section):
     alpha: Union[float, str] = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: Union[list[str], str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # PEFT's variants, passed through: DoRA (weight-decomposed), rank-stabilised scaling alpha/sqrt(r),
+    # the initialisation (default: A Kaiming-uniform, B zero; pissa/olora start from the weights' own
+    # principal directions and the saved adapter is converted to plain LoRA of rank 2r for the
+    # original base model), whole modules trained and saved beside the adapter (e.g. [lm_head]),
+    # and token rows of the embedding trained on their own (ids; for new or language-specific tokens)
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    modules_to_save: list[str] = Field(default_factory=list)
+    trainable_tokens: list[StrictInt] = Field(default_factory=list)
 
     @field_validator("alpha")
     @classmethod
@@ -140,6 +150,18 @@ class LoraSection(_Section):
         if not v:
             raise ValueError("must name at least one module")
         return v
+
+    @field_validator("trainable_tokens")
+    @classmethod
+    def _token_ids(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("token ids must be ≥ 0")
+        return sorted(set(v))
+
+    def changes_base(self) -> bool:
+        """Whether the initialisation rewrites the base weights (PiSSA, OLoRA): the base model is
+        then the residual while the adapter is on, and must be loaded afresh to be used alone."""
+        return self.init in ("pissa", "olora")
 
     def resolved_alpha(self) -> float:
         """The alpha value, with a rank-tied form like '4r' multiplied out."""

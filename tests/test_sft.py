@@ -333,3 +333,28 @@ def test_sft_recipe_errors_before_any_model(tmp_path, capsys):
     recipe = _recipe(tmp_path, tmp_path / "no-such-model", data={"fields": {"question": "q"}})
     assert main(["validate", str(recipe)]) != 0
     assert "data.fields" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True, "use_rslora": True}, {"init": "olora"}], ids=["dora-rslora", "olora"])
+def test_sft_run_with_lora_variants(tmp_path, tiny_gemma, lora):
+    """The variants through a whole run; with OLoRA the base weights were rewritten in training, so
+    the tuned evaluation must use the original base and the converted adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe(tmp_path, tiny_gemma, lora=lora)
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    run = tmp_path / "runs" / "chat"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tuned"]["nll_per_token"] < metrics["base"]["nll_per_token"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gemma), run / "adapter").eval()
+    from glotkit.data.chat import read_conversations
+    from glotkit.eval.chat_eval import heldout_loss
+
+    tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tiny_gemma)
+    held = [c for c in read_conversations(tmp_path / "chat.jsonl")[0]
+            if c.id in {json.loads(s)["id"] for s in (run / "eval_tuned/predictions.jsonl").read_text().splitlines()}]
+    with torch.no_grad():
+        again = heldout_loss(model, ChatEncoder(tok, CHATML), held, tok.pad_token_id, 128, progress=False)
+    assert again["nll_per_token"] == pytest.approx(metrics["tuned"]["nll_per_token"], abs=2e-4)

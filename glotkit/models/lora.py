@@ -51,6 +51,19 @@ def apply_lora(model, cfg: LoraSection):
                 f"lora.target_modules: unknown module {unknown[0]!r}; this model's linear layers are: "
                 + ", ".join(available)
             )
+    extra = {}
+    if cfg.modules_to_save:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [m for m in cfg.modules_to_save if m not in names]
+        if missing:
+            raise GlotkitError(f"lora.modules_to_save: this model has no module {missing[0]!r}")
+        extra["modules_to_save"] = list(cfg.modules_to_save)
+    if cfg.trainable_tokens:
+        vocab = model.get_input_embeddings().num_embeddings
+        if cfg.trainable_tokens[-1] >= vocab:
+            raise GlotkitError(f"lora.trainable_tokens: id {cfg.trainable_tokens[-1]} is outside the vocabulary "
+                               f"({vocab} rows)")
+        extra["trainable_token_indices"] = list(cfg.trainable_tokens)
     peft_cfg = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.resolved_alpha(),
@@ -58,8 +71,31 @@ def apply_lora(model, cfg: LoraSection):
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
+        **extra,
     )
+    if cfg.use_dora and cfg.changes_base():
+        raise GlotkitError(f"lora.init: {cfg.init} with lora.use_dora is not supported by PEFT's conversion; choose one")
     return get_peft_model(model, peft_cfg)
+
+
+def save_initial(peft_model, out_dir) -> None:
+    """Keep the adapter as initialised (PiSSA, OLoRA), for converting the trained one to plain
+    LoRA of the original base model when it is saved (PEFT's own conversion)."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    if (out_dir / "adapter_config.json").is_file():
+        return  # kept from the first start; a resumed run initialises the same way
+    cfg = peft_model.peft_config["default"]
+    was = cfg.init_lora_weights
+    cfg.init_lora_weights = True  # what PEFT expects of the initial adapter's config
+    try:
+        save_adapter(peft_model, out_dir)
+    finally:
+        cfg.init_lora_weights = was
 
 
 def count_trainable(peft_model) -> TrainableParams:
@@ -67,14 +103,16 @@ def count_trainable(peft_model) -> TrainableParams:
     return TrainableParams(trainable=int(trainable), total=int(total))
 
 
-def save_adapter(peft_model, out_dir, state: dict | None = None) -> None:
+def save_adapter(peft_model, out_dir, state: dict | None = None, initial=None) -> None:
     """Write the adapter in PEFT format, atomically (temporary folder, then rename).
 
     The adapter's tensors are handed to PEFT explicitly rather than letting it call
     ``model.state_dict()``: with bitsandbytes 0.50 on CPU, ``state_dict()`` of a 4-bit model
     after training corrupts the quantized weights in memory (measured: held-out loss 5.36 -> 25.8),
     so the tuned evaluation that follows would be wrong.  ``state``: the trainable tensors when
-    the model's own are sharded between processes (gathered by the caller).
+    the model's own are sharded between processes (gathered by the caller).  ``initial``: the
+    folder :func:`save_initial` wrote (PiSSA, OLoRA): the adapter is saved converted for the
+    original base model.
     """
     import os
     import shutil
@@ -83,10 +121,18 @@ def save_adapter(peft_model, out_dir, state: dict | None = None) -> None:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if initial is not None and state is not None:
+        raise GlotkitError("lora.init: pissa/olora adapters cannot be converted from sharded training; "
+                           "use lora.init: default with FSDP")
     if state is None:
         state = {k: v.detach() for k, v in peft_model.named_parameters() if v.requires_grad}
     try:
-        peft_model.save_pretrained(tmp, state_dict=state)
+        if initial is not None:
+            # PEFT's conversion reads the initial adapter through the model's own state dict (a
+            # given one would stand for both the trained and the initial weights)
+            peft_model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(initial))
+        else:
+            peft_model.save_pretrained(tmp, state_dict=state)
     except BaseException:  # a full disk: no half-written folder is left to fill it
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -215,7 +215,11 @@ def _train_stage(kind: Kind) -> Stage:
                       seed=recipe.seed, pad_id=state.tok.pad_token_id, device=state.device, log=run.log,
                       progress=run.progress, info={"encode": encode}, parallel=par)
         state.model = peft_model
-        if par.world > 1 and par.sharded:
+        if recipe.lora.changes_base():
+            # PiSSA/OLoRA left the residual in the base weights: the base model and the saved
+            # (converted) adapter are loaded afresh for the stages that follow
+            state.model, state.dropped = None, True
+        elif par.world > 1 and par.sharded:
             # the trained model is in pieces (its other parts left with the other processes):
             # process 0 loads it again for the other stages, and the adapter from its folder
             state.model, state.dropped = None, True

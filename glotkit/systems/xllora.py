@@ -365,7 +365,13 @@ def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress):
         train_adapter(peft_model, examples, recipe.train, what=f"generator '{kind}'", out=out,
                       work_dir=gen_dir / f"train-{kind}", seed=recipe.seed, pad_id=tok.pad_token_id, device=device,
                       log=log, progress=progress, info={"pairs": len(pairs), "dropped_too_long": dropped})
-        model = peft_model.unload()  # the bare base again (LoRA layers removed, nothing merged)
+        if recipe.lora.changes_base():  # PiSSA/OLoRA rewrote the base weights: the original again
+            from glotkit.models.loading import load_model
+
+            del peft_model
+            model, _, _ = load_model(recipe.model, log=log)
+        else:
+            model = peft_model.unload()  # the bare base again (LoRA layers removed, nothing merged)
     return model
 
 

@@ -560,16 +560,21 @@ def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *,
     adapter, one call, for every system.  With ``parallel`` (the processes of a launch) every
     process trains, a sharded adapter is gathered whole, and process 0 alone writes."""
     from glotkit.io import atomic_write_json
-    from glotkit.models.lora import count_trainable, save_adapter
+    from glotkit.models.lora import count_trainable, save_adapter, save_initial
 
     params = count_trainable(peft_model)
     log(f"{what}: {len(examples)} examples; {params.line()}")
+    init = str(getattr(peft_model.peft_config.get("default"), "init_lora_weights", "")) \
+        if hasattr(peft_model, "peft_config") else ""
+    initial = Path(work_dir) / "initial-adapter" if init.startswith(("pissa", "olora")) else None
+    if initial is not None and (parallel is None or parallel.is_main):
+        save_initial(peft_model, initial)  # PiSSA/OLoRA: the saved adapter is converted for the original base
     result = train(peft_model, examples, cfg, seed=seed, work_dir=work_dir, pad_id=pad_id, device=device, log=log,
                    progress=progress, parallel=parallel, on_epoch=on_epoch)
     whole = parallel.trainable_state(peft_model) if parallel is not None and parallel.sharded else None  # every process
     if parallel is not None and not parallel.is_main:
         return result
-    save_adapter(peft_model, out, state=whole)
+    save_adapter(peft_model, out, state=whole, initial=initial)
     summary = result.to_dict()
     summary.pop("log")
     counts = {"trainable_params": params.trainable, "all_params": params.total,
