@@ -9,6 +9,8 @@
     glotkit eval --suite ro [--adapter DIR --compare-base] [--tasks ...] [--shots 0,1,3,5] [--limit N]
                  [--base-url URL --served-model NAME]   (a model on an OpenAI-compatible server)
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
+    glotkit chat RUN_OR_MODEL [--adapter DIR] [--template FILE] [--system TEXT]   (streams; /reset, /exit)
+    glotkit generate RUN_OR_MODEL --input prompts.jsonl --output out.jsonl [--base-url URL --served-model NAME]
     glotkit trim-vocab --model NAME --corpus PATH --out DIR
     glotkit sweep RECIPE --grid lora.r=1,2,4,8 [--grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj']
                  [--backend ray --workers 2 --trial-cpus 1 --trial-gpus 0 --address ADDR]
@@ -137,6 +139,32 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--retries", type=int, default=GenerateSection().retries,
                     help="with --base-url: tries after the first, with backoff (default %(default)d)")
     sp.add_argument("--no-progress", action="store_true")
+    for name, what in (("chat", "talk to a model or a run's tuned model (tokens stream as they come)"),
+                       ("generate", "answer every prompt of a JSONL file (batched, resumable)")):
+        sp = sub.add_parser(name, help=what, description=what)
+        sp.add_argument("target", metavar="RUN_OR_MODEL",
+                        help="a run folder (its model, adapter and chat template) or a built-in name, Hugging Face "
+                             "folder or hub id")
+        sp.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (default: the run's)")
+        sp.add_argument("--template", default=None, metavar="FILE",
+                        help="a Jinja chat template (default: the run's chat.template, else the tokenizer's)")
+        sp.add_argument("--max-new-tokens", type=int, default=256)
+        sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+        sp.add_argument("--top-p", type=float, default=0.9)
+        if name == "chat":
+            sp.add_argument("--system", default=None, help="a system message at the start of each conversation")
+            continue
+        sp.add_argument("--input", required=True, metavar="JSONL",
+                        help="one record per line: 'prompt' (text, as is) or 'messages' (a conversation ending "
+                             "with a user turn; the chat template is applied); optional 'id'")
+        sp.add_argument("--output", required=True, metavar="JSONL", help="each record with its 'generation'")
+        sp.add_argument("--batch-size", type=int, default=8)
+        sp.add_argument("--seed", type=int, default=0, help="of the sampling (with --temperature > 0)")
+        sp.add_argument("--base-url", default=None, metavar="URL",
+                        help="generate on an OpenAI-compatible server (vLLM, llama.cpp); RUN_OR_MODEL then gives "
+                             "the tokenizer and template")
+        sp.add_argument("--served-model", default=None, metavar="NAME", help="with --base-url: the served model's name")
+        sp.add_argument("--no-progress", action="store_true")
     sp = sub.add_parser("memory", help="memory after loading (M1) and peak while generating (M2): fp32, bf16, NF4")
     sp.add_argument("--model", default="gemma-3-270m")
     sp.add_argument("--modes", default="fp32,bf16,nf4")
@@ -161,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "eval":
             return _eval(args)
+        if args.command in ("chat", "generate"):
+            return _try_model(args)
         if args.command == "trim-vocab":
             quiet_libraries()
             from glotkit.data.corpus import read_documents
@@ -386,6 +416,71 @@ def _eval(args) -> int:
     with owned(out, "glotkit eval", lock_name=".eval.lock"):  # one writer per results folder
         run_suite_for(cfg, models, out, log=_log, progress=not args.no_progress)
     print((out / "results.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _try_model(args) -> int:
+    """``glotkit chat`` and ``glotkit generate``: options checked before any model is loaded."""
+    from glotkit.data.chat import ChatEncoder
+    from glotkit.generate.session import chat_loop, generate_file, load_target, read_prompts, resolve_target
+
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", getattr(args, "batch_size", 1))):
+        if value < 1:
+            raise GlotkitError(f"{flag} {value}: must be a positive number")
+    if args.temperature < 0:
+        raise GlotkitError(f"--temperature {args.temperature}: must be ≥ 0")
+    target = resolve_target(args.target, args.adapter, args.template)
+    quiet_libraries()
+    if args.command == "chat":
+        model, tok, device = load_target(target, log=_log)
+        enc = ChatEncoder(tok, target.template)
+        if not enc.has_template:
+            raise GlotkitError(f"{target.model} has no chat template: give one with --template FILE")
+        _log(f"chat with {target.label}")
+        chat_loop(model, tok, device, enc, system=args.system, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_p=args.top_p, log=_log)
+        return 0
+    records = read_prompts(Path(args.input))
+    output = Path(args.output)
+    if output.is_dir():
+        raise GlotkitError(f"--output {output}: is a folder; give a file name")
+    if bool(args.base_url) != bool(args.served_model):
+        raise GlotkitError("--base-url and --served-model go together (the server and its name for the model)")
+    from glotkit.config import ModelSection
+    from glotkit.generate import for_role
+
+    if args.base_url:
+        import importlib.util
+
+        if importlib.util.find_spec("openai") is None:
+            raise GlotkitError("--base-url: needs the openai client: pip install 'glotkit[server]'")
+        from glotkit.models.loading import tokenizer_for
+
+        tok, model = tokenizer_for(ModelSection(name=target.model), log=_log), None
+        cfg = GenerateSection(backend="openai", base_url=args.base_url, models={"base": args.served_model})
+    else:
+        model, tok, device = load_target(target, log=_log)
+        cfg = GenerateSection()
+    enc = ChatEncoder(tok, target.template)
+    if any("messages" in r for r in records) and not enc.has_template:
+        raise GlotkitError(f"{args.input}: has conversations ('messages') but {target.model} has no chat template; "
+                           "give one with --template FILE")
+
+    def local():
+        from glotkit.generate.local import LocalGenerator
+
+        return LocalGenerator(model, tok, device)
+
+    generator = for_role(cfg, "base", local, tokenizer=tok, log=_log, what="generate")
+    import contextlib
+
+    from glotkit.generate.session import stopping_at_turn_end
+
+    with stopping_at_turn_end(model, enc.stop_ids()) if model is not None else contextlib.nullcontext():
+        n = generate_file(generator, enc, records, output, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          progress=not args.no_progress, log=_log)
+    _log(f"generate: {n} new answers; {len(records)} in {output}")
     return 0
 
 

@@ -358,3 +358,67 @@ def test_sft_run_with_lora_variants(tmp_path, tiny_gemma, lora):
     with torch.no_grad():
         again = heldout_loss(model, ChatEncoder(tok, CHATML), held, tok.pad_token_id, 128, progress=False)
     assert again["nll_per_token"] == pytest.approx(metrics["tuned"]["nll_per_token"], abs=2e-4)
+
+
+# --------------------------------------------------------------------------- trying the model
+
+
+def test_chat_streams_keeps_the_conversation_and_resets(tmp_path, tiny_gemma, capsys, monkeypatch):
+    import io
+
+    recipe = _recipe(tmp_path, tiny_gemma, stages=["train"])
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    seen = []
+    import glotkit.data.chat as chat_mod
+
+    render = chat_mod.ChatEncoder.render
+
+    def spy(self, messages, generation_prompt=False):
+        seen.append([m["role"] for m in messages])
+        return render(self, messages, generation_prompt)
+
+    monkeypatch.setattr(chat_mod.ChatEncoder, "render", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Unde e Sibiul?\nPe ce râu?\n/reset\nSalut\n/exit\n"))
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "runs" / "chat"), "--max-new-tokens", "4", "--system", "Fii scurt."]) == 0
+    out = capsys.readouterr()
+    asked = [r for r in seen if r[-1] == "user" and r[0] == "system"]  # (not the end-of-turn probe)
+    assert asked == [["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"]]
+    assert out.out.count("> ") == 5 and "(new conversation)" in out.out
+    assert "chat with" in out.err
+
+
+def test_generate_file_resumes_and_keeps_order(tmp_path, tiny_gemma, capsys):
+    inp = _jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Context: Sibiu"},
+                                         {"id": "b", "messages": [{"role": "user", "content": "Salut"}]},
+                                         {"prompt": "Întrebare: unde?"}])
+    out = tmp_path / "out.jsonl"
+    args = ["generate", str(tiny_gemma), "--template", str(_recipe(tmp_path, tiny_gemma).parent / "chatml.jinja"),
+            "--input", str(inp), "--output", str(out), "--max-new-tokens", "5", "--batch-size", "2", "--no-progress"]
+    assert main(args) == 0
+    rows = [json.loads(s) for s in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "3"] and all("generation" in r for r in rows)
+    # an interrupted run left two answers in the partial file: only the third is generated again
+    (tmp_path / "out.jsonl.partial").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    out.unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "resuming, 2 of 3" in capsys.readouterr().err
+    assert [json.loads(s) for s in out.read_text().splitlines()] == rows
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "must end with a user turn"),
+    ({"text": "x"}, "needs 'prompt' (text) or 'messages'"),
+])
+def test_generate_bad_input(tmp_path, tiny_gemma, capsys, record, message):
+    inp = _jsonl(tmp_path / "in.jsonl", [record])
+    assert main(["generate", str(tiny_gemma), "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_chat_on_a_run_without_adapter_says_so(tmp_path, tiny_gemma, capsys):
+    recipe = _recipe(tmp_path, tiny_gemma, stages=["eval_base"])
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    assert main(["chat", str(tmp_path / "runs" / "chat")]) == 2
+    assert "the run has no adapter yet" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from glotkit.data.chat import ChatEncoder, Conversation
 from glotkit.data.prompts import EncodeStats
 from glotkit.eval.qa_metrics import QAScore, aggregate, score_one
 from glotkit.generate import Generator
+from glotkit.generate.session import stopping_at_turn_end
 from glotkit.io import append_rows, atomic_write_json, atomic_write_jsonl, read_appended
 from glotkit.logs import say
 
@@ -34,26 +35,6 @@ def heldout_loss(model, enc: ChatEncoder, convs: Sequence[Conversation], pad_id:
     n_bytes = sum(len(iter_supervised_text(e.input_ids, e.labels, enc.tok).encode("utf-8")) for e in examples)
     r = heldout_scores(model, build_rows(examples), n_bytes, pad_id, progress=progress, desc=desc)
     return r | {"truncated": stats.truncated, "dropped": stats.dropped}
-
-
-def _stopping_at_turn_end(model, stop_ids: list[int]):
-    """Generation ends at the template's end-of-turn token as at EOS (restored afterwards)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        gc = getattr(model, "generation_config", None)
-        if gc is None or not stop_ids:
-            yield
-            return
-        old = gc.eos_token_id
-        gc.eos_token_id = list(stop_ids)
-        try:
-            yield
-        finally:
-            gc.eos_token_id = old
-
-    return ctx()
 
 
 def evaluate_chat(model, generator: Generator, enc: ChatEncoder, convs: Sequence[Conversation], cfg, *,
@@ -86,7 +67,7 @@ def evaluate_chat(model, generator: Generator, enc: ChatEncoder, convs: Sequence
     t0 = time.perf_counter()
     new_tokens = 0
     if todo:
-        with partial.open("a", encoding="utf-8") as fh, _stopping_at_turn_end(model, enc.stop_ids(todo[0])):
+        with partial.open("a", encoding="utf-8") as fh, stopping_at_turn_end(model, enc.stop_ids(todo[0])):
             def on_batch(idx: list[int], texts: list[str]) -> None:
                 rows = [record(todo[i], t) for i, t in zip(idx, texts)]
                 for r in rows:
