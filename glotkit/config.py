@@ -284,6 +284,9 @@ class RecipeBase(_Section):
     seed: StrictInt = 42
     runs_dir: str = "runs"
     model: ModelSection = Field(default_factory=ModelSection)
+    # lora: train a LoRA adapter (the lora section); full: train every weight of the model (small
+    # models; the run folder then holds the whole tuned model in model/ instead of adapter/)
+    finetune: Literal["lora", "full"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     generate: GenerateSection = Field(default_factory=GenerateSection)

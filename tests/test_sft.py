@@ -268,15 +268,22 @@ def test_packed_rows_give_the_loss_of_separate_examples(tiny_gemma, tok):
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma).eval()
     enc = ChatEncoder(tok)
     examples = [enc.example(Conversation(str(i), c), 512, "drop", EncodeStats()) for i, c in enumerate(CONVS * 2)]
+    assert max(len(e.input_ids) for e in examples) > 16  # longer than the tiny model's sliding window
     rows = pack_examples(examples, 200)
     assert len(rows) < len(examples) and all(len(r.input_ids) <= 200 for r in rows)
     assert sum(r.n_examples for r in rows) == len(examples)
     loss_fn = SupervisedLoss(model)
-    with torch.no_grad():
-        packed, n_packed = loss_fn(loss_fn.collate(rows, tok.pad_token_id))
-        alone, n_alone = loss_fn(loss_fn.collate(build_rows(examples), tok.pad_token_id))
+    grads = []
+    for batch in (rows, build_rows(examples)):
+        model.zero_grad()
+        loss, n = loss_fn(loss_fn.collate(batch, tok.pad_token_id))
+        loss.backward()
+        grads.append((loss.item(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (packed, n_packed, g_packed), (alone, n_alone, g_alone) = grads
     assert n_packed == n_alone
-    assert packed.item() == pytest.approx(alone.item(), rel=1e-4)
+    assert packed == pytest.approx(alone, rel=1e-4)
+    for k in g_alone:  # the same gradients: nothing leaks between packed conversations
+        torch.testing.assert_close(g_packed[k], g_alone[k], atol=1e-5, rtol=1e-3)
 
 
 # --------------------------------------------------------------------------- the system
@@ -422,3 +429,48 @@ def test_chat_on_a_run_without_adapter_says_so(tmp_path, tiny_gemma, capsys):
     assert main(["run", "--no-progress", str(recipe)]) == 0
     assert main(["chat", str(tmp_path / "runs" / "chat")]) == 2
     assert "the run has no adapter yet" in capsys.readouterr().err
+
+
+def test_full_finetuning_run(tmp_path, tiny_gemma, capsys, monkeypatch):
+    """finetune: full trains every weight and saves the whole model in model/; the base model is
+    loaded again where a stage after training asks for it."""
+    import io
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe(tmp_path, tiny_gemma, finetune="full", train={"lr": 1e-3})
+    assert main(["run", "--no-progress", str(recipe)]) == 0
+    run = tmp_path / "runs" / "chat"
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "adapter").exists()
+    result = json.loads((run / "train" / "result.json").read_text())
+    assert result["trainable_params"] == result["all_params"] and result["finetune"] == "full"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tuned"]["nll_per_token"] < metrics["base"]["nll_per_token"]
+    tuned = AutoModelForCausalLM.from_pretrained(run / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_gemma)
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert "full fine-tuning (every weight)" in (run / "report.md").read_text()
+
+    # a stage after training that needs the base gets the original weights back
+    from glotkit.systems import load_recipe
+    from glotkit.systems.finetune import Loaded
+
+    state = Loaded(tuned, None, "cpu", None, run / "model", full=load_recipe(recipe).model, holds_tuned=True)
+    with state.base() as model:
+        assert torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(state.tuned().model.layers[0].mlp.up_proj.weight, tuned.model.layers[0].mlp.up_proj.weight)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Salut\n"))
+    capsys.readouterr()
+    assert main(["chat", str(run), "--max-new-tokens", "3"]) == 0
+    assert "fully fine-tuned" in capsys.readouterr().err
+
+
+def test_full_finetuning_refused_where_adapters_are_the_design(tmp_path, capsys):
+    import yaml
+
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text(yaml.safe_dump({"system": "xllora", "finetune": "full", "runs_dir": str(tmp_path)}))
+    assert main(["run", str(recipe)]) == 2
+    assert "finetune: full is not supported by system 'xllora'" in capsys.readouterr().err

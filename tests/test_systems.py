@@ -179,7 +179,7 @@ def test_sweep_tabulates_any_systems_summary(tmp_path, count_system, capsys):
 
 
 def test_builtin_systems_and_task_alias(tmp_path):
-    assert list(systems()) == ["qa", "pretrain", "xllora", "distill"]
+    assert list(systems()) == ["qa", "pretrain", "xllora", "distill", "sft"]
     for name, system in systems().items():
         assert system.name == name and system.schema.model_fields["system"].default == name
         assert set(system.schema.default_stages) <= set(system.schema.all_stages)

@@ -42,7 +42,12 @@ def resolve_target(name: str, adapter: str | None = None, template: str | None =
         if not model:
             raise GlotkitError(f"{path / 'config.yaml'}: no model.name")
         run_adapter = path / "adapter"
-        if adapter is None and not (run_adapter / "adapter_config.json").is_file():
+        full = cfg.get("finetune") == "full"
+        if full and adapter is None:  # the whole tuned model, not an adapter
+            if not (path / "model" / "config.json").is_file():
+                raise GlotkitError(f"{path}: the run has no tuned model yet (train it first: glotkit run RECIPE)")
+            model, run_adapter = str(path / "model"), None
+        elif adapter is None and not (run_adapter / "adapter_config.json").is_file():
             raise GlotkitError(f"{path}: the run has no adapter yet (train it first: glotkit run RECIPE)")
         file = (cfg.get("chat") or {}).get("template")
         if chosen is None and file:
@@ -50,7 +55,8 @@ def resolve_target(name: str, adapter: str | None = None, template: str | None =
                 raise GlotkitError(f"{path / 'config.yaml'}: chat.template {file} not found from here; "
                                    "give it with --template")
             chosen = read_template(file)
-        return Target(model, Path(adapter) if adapter else run_adapter, chosen, f"{model} + {path.name}")
+        return Target(model, Path(adapter) if adapter else run_adapter, chosen,
+                      f"{path.name} (fully fine-tuned)" if full and not adapter else f"{model} + {path.name}")
     if path.exists() and not path.is_dir():
         raise GlotkitError(f"{path}: not a run folder or a model folder")
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():

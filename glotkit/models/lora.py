@@ -98,9 +98,44 @@ def save_initial(peft_model, out_dir) -> None:
         cfg.init_lora_weights = was
 
 
+def trainable(model, finetune: str, cfg: LoraSection):
+    """The model made trainable: a fresh LoRA adapter (``finetune: lora``), or every weight
+    (``full``; a quantized model cannot be fully fine-tuned)."""
+    if finetune == "lora":
+        return apply_lora(model, cfg)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
+        raise GlotkitError("finetune: full cannot train a quantized model (model.quantization: nf4); "
+                           "use finetune: lora (QLoRA)")
+    model.requires_grad_(True)
+    return model
+
+
 def count_trainable(peft_model) -> TrainableParams:
+    if not hasattr(peft_model, "get_nb_trainable_parameters"):  # a plain model (full fine-tuning)
+        params = list(peft_model.parameters())
+        return TrainableParams(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
     trainable, total = peft_model.get_nb_trainable_parameters()
     return TrainableParams(trainable=int(trainable), total=int(total))
+
+
+def save_full(model, out_dir, tokenizer=None) -> None:
+    """A fully fine-tuned model as a Hugging Face folder (safetensors), written atomically."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
 
 
 def save_adapter(peft_model, out_dir, state: dict | None = None, initial=None) -> None:

@@ -459,6 +459,9 @@ class DistillSystem:
         ]
 
     def check(self, recipe: DistillRecipe, folder: DistillFolder, log) -> dict:
+        if recipe.finetune != "lora":
+            raise GlotkitError("finetune: full is not supported by system 'distill' (the teacher and students are "
+                               "LoRA adapters); use finetune: lora")
         return check_inputs(recipe, log=log)
 
     def describe(self, run: Run) -> str:

@@ -9,6 +9,7 @@ LoRA adapter, evaluate the adapted model, the task suite, the memory table, the 
     eval_base/         predictions.jsonl + metrics.json of the base model
     train/             checkpoint.pt while training, log.jsonl (loss per step), result.json
     adapter/           the LoRA adapter in PEFT format (PeftModel.from_pretrained loads it)
+    model/             (finetune: full) the whole tuned model, a Hugging Face folder, instead of adapter/
     eval_tuned/        predictions.jsonl + metrics.json of the adapted model
     suite/             the task suite for base and adapted model: results.json/.md/.png, predictions
     memory.json        the memory table (M1/M2 for fp32, bf16, NF4) with the static estimates
@@ -43,6 +44,7 @@ class FinetuneFolder(RunFolder):
     train_result = property(lambda self: self.root / "train" / "result.json")
     train_log = property(lambda self: self.root / "train" / "log.jsonl")
     adapter = property(lambda self: self.root / "adapter")
+    tuned_model = property(lambda self: self.root / "model", doc="finetune: full: the whole tuned model")
     suite = property(lambda self: self.root / "suite")
     suite_results = property(lambda self: self.root / "suite" / "results.json")
     memory = property(lambda self: self.root / "memory.json")
@@ -83,19 +85,35 @@ class Kind:
 @dataclass
 class Loaded:
     """The model loaded once per process for the run's stages, its tokenizer, and what the system
-    prepared with it.  ``model`` is None when servers generate (the tokenizer is enough)."""
+    prepared with it.  ``model`` is None when servers generate (the tokenizer is enough).  With
+    full fine-tuning (``full``) there is no adapter to switch off: the base and the tuned model
+    are two sets of weights, and the one asked for is loaded in place of the other."""
 
     model: Any
     tok: Any
     device: str
     prepared: Any
-    adapter: Path  # the run's adapter folder
+    adapter: Path  # the run's adapter folder (full fine-tuning: the tuned model's folder)
     dropped: bool = False  # the model was let go after sharded training (reloaded on next use)
+    full: Any = None  # full fine-tuning: the recipe's model section (to load the base again)
+    holds_tuned: bool = False  # full fine-tuning: self.model holds the tuned weights
+
+    def _load(self, name: str) -> None:
+        from glotkit.models.loading import load_model
+
+        cfg = self.full if name == "base" else self.full.model_copy(update={"name": str(self.adapter)})
+        self.model = None  # (one copy in memory at a time)
+        self.model, _, self.device = load_model(cfg, log=lambda m: None)
+        self.holds_tuned = name == "tuned"
 
     def base(self):
         """The model with its adapter switched off (a context manager yielding it)."""
         import contextlib
 
+        if self.full is not None:
+            if self.holds_tuned or self.model is None:
+                self._load("base")
+            return contextlib.nullcontext(self.model)
         if self.model is not None and hasattr(self.model, "peft_config"):
             @contextlib.contextmanager
             def off():
@@ -106,6 +124,10 @@ class Loaded:
 
     def tuned(self):
         """The model with the run's adapter: the one trained in this process, or loaded from its folder."""
+        if self.full is not None:
+            if not self.holds_tuned:
+                self._load("tuned")
+            return self.model
         if self.model is not None and not hasattr(self.model, "peft_config"):
             from peft import PeftModel
 
@@ -119,10 +141,25 @@ class Loaded:
         from glotkit.generate.local import LocalGenerator
 
         def local():
+            if self.full is not None:  # two sets of weights: the one asked for is loaded
+                if role == "tuned":
+                    return LocalGenerator(self.tuned(), self.tok, self.device)
+                with self.base() as model:
+                    return LocalGenerator(model, self.tok, self.device)
             model = self.tuned() if role == "tuned" else self.model
             return LocalGenerator(model, self.tok, self.device, adapter_off=role == "base")
 
         return for_role(run.recipe.generate, role, local, tokenizer=self.tok, log=run.log, what=what)
+
+
+def tuned_dir(recipe, folder: "FinetuneFolder") -> Path:
+    """Where the run's tuned weights are: the adapter, or the whole model (finetune: full)."""
+    return folder.tuned_model if recipe.finetune == "full" else folder.adapter
+
+
+def _tuned_file(recipe, folder: "FinetuneFolder") -> Path:
+    return folder.tuned_model / "model.safetensors" if recipe.finetune == "full" else \
+        folder.adapter / "adapter_model.safetensors"
 
 
 def _served_only(run: Run) -> bool:
@@ -160,7 +197,8 @@ def loaded(run: Run, kind: Kind) -> Loaded:
         from glotkit.systems.runner import versions
 
         atomic_write_json(run.folder.versions, versions(device) | {"processes": par.world})
-    state = Loaded(model, tok, device, None, run.folder.adapter)
+    full = recipe.model if recipe.finetune == "full" else None
+    state = Loaded(model, tok, device, None, tuned_dir(recipe, run.folder), full=full)
     state.prepared = kind.prepare(run, state)
     run.shared["loaded"] = state
     return state
@@ -180,15 +218,15 @@ def model_inputs(recipe) -> list[Path]:
 def _eval_stage(kind: Kind, tag: str) -> Stage:
     def run_(run: Run) -> None:
         f: FinetuneFolder = run.folder
-        if tag == "tuned" and not f.adapter.is_dir() and not served(run.recipe.generate, "tuned"):
-            raise GlotkitError(f"{f.adapter}: no adapter to evaluate; add 'train' to stages")
+        if tag == "tuned" and not tuned_dir(run.recipe, f).is_dir() and not served(run.recipe.generate, "tuned"):
+            raise GlotkitError(f"{tuned_dir(run.recipe, f)}: no tuned model to evaluate; add 'train' to stages")
         kind.evaluate(run, loaded(run, kind), tag)
         write_merged_results(f)
 
     def inputs(run: Run) -> list[Path]:
         files = [Path(p) for p in kind.data_files(run.recipe)] + model_inputs(run.recipe)
         if tag == "tuned":
-            files.append(run.folder.adapter / "adapter_model.safetensors")
+            files.append(_tuned_file(run.recipe, run.folder))
         return files
 
     return Stage(f"eval_{tag}", run_, done=lambda run: run.folder.eval_metrics(tag).is_file(), inputs=inputs,
@@ -199,23 +237,29 @@ def _train_stage(kind: Kind) -> Stage:
     def run_(run: Run) -> None:
         import torch
 
-        from glotkit.models.lora import apply_lora
+        from glotkit.models.lora import trainable
         from glotkit.train.engine import train_adapter
 
         recipe, par, f = run.recipe, run.parallel, run.folder
         state = loaded(run, kind)
         torch.manual_seed(recipe.seed)
-        peft_model = apply_lora(state.model, recipe.lora)
+        if state.full is not None and state.holds_tuned:
+            state._load("base")
+        peft_model = trainable(state.model, recipe.finetune, recipe.lora)
         rows, stats = kind.rows(run, state, state.prepared)
         note = stats.line(recipe.train.max_length)
         if note:
             run.log(f"warning: {note}")
         encode = {"total": stats.total, "kept": stats.kept, "truncated": stats.truncated, "dropped": stats.dropped}
-        train_adapter(peft_model, rows, recipe.train, what="train", out=f.adapter, work_dir=f.train_dir,
+        train_adapter(peft_model, rows, recipe.train, what="train", out=tuned_dir(recipe, f), work_dir=f.train_dir,
                       seed=recipe.seed, pad_id=state.tok.pad_token_id, device=state.device, log=run.log,
-                      progress=run.progress, info={"encode": encode}, parallel=par)
+                      progress=run.progress, info={"encode": encode, "finetune": recipe.finetune}, parallel=par,
+                      tokenizer=state.tok)
         state.model = peft_model
-        if recipe.lora.changes_base():
+        if state.full is not None:
+            state.model.requires_grad_(False)
+            state.holds_tuned = True
+        elif recipe.lora.changes_base() and recipe.finetune == "lora":
             # PiSSA/OLoRA left the residual in the base weights: the base model and the saved
             # (converted) adapter are loaded afresh for the stages that follow
             state.model, state.dropped = None, True
@@ -226,7 +270,7 @@ def _train_stage(kind: Kind) -> Stage:
 
     return Stage("train", run_, done=lambda run: run.folder.train_result.is_file(),
                  inputs=lambda run: [Path(p) for p in kind.data_files(run.recipe)] + model_inputs(run.recipe),
-                 outputs=lambda run: [run.folder.train_dir, run.folder.adapter], every_process=True)
+                 outputs=lambda run: [run.folder.train_dir, tuned_dir(run.recipe, run.folder)], every_process=True)
 
 
 def _suite_stage(kind: Kind) -> Stage:
@@ -294,9 +338,9 @@ def check_suite(recipe, folder: FinetuneFolder) -> None:
         check_template(t, items[0])
         draw_shots(data["train"], max(recipe.suite.shots), recipe.suite.seed, 0)
     if ("tuned" in recipe.suite.models and not ("train" in recipe.stages and not folder.train_result.is_file())
-            and not folder.adapter.is_dir() and not served(recipe.generate, "tuned")):
-        raise GlotkitError(f"{folder.adapter}: no adapter for the suite's 'tuned' model; add 'train' to stages "
-                           "or set suite.models: [base]")
+            and not tuned_dir(recipe, folder).is_dir() and not served(recipe.generate, "tuned")):
+        raise GlotkitError(f"{tuned_dir(recipe, folder)}: no tuned model for the suite's 'tuned' model; add 'train' "
+                           "to stages or set suite.models: [base]")
 
 
 def run_suite_stage(run: Run, state: Loaded) -> None:
@@ -393,9 +437,10 @@ def write_report(run: Run, kind: Kind) -> Path:
 
     lines = [f"# glotkit run `{recipe.name}`", ""]
     quant = " (NF4, QLoRA)" if recipe.model.quantization == "nf4" else ""
-    lines.append(f"Model `{recipe.model.name}`{quant} on {versions.get('device', '?')}; "
-                 f"LoRA r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, "
-                 f"targets {recipe.lora.target_modules}; language `{language_of(recipe)}`.")
+    how = "full fine-tuning (every weight)" if recipe.finetune == "full" else \
+        f"LoRA r={recipe.lora.r}, alpha={recipe.lora.resolved_alpha():g}, targets {recipe.lora.target_modules}"
+    lines.append(f"Model `{recipe.model.name}`{quant} on {versions.get('device', '?')}; {how}; "
+                 f"language `{language_of(recipe)}`.")
     lines += kind.report(run, metrics)
     if tr:
         lines += ["", "## Training", "",

@@ -289,6 +289,9 @@ class XlloraSystem:
                 Stage("embed", _embed_stage), Stage("report", _report_stage)]
 
     def check(self, recipe: XlloraRecipe, folder: XlloraFolder, log) -> None:
+        if recipe.finetune != "lora":
+            raise GlotkitError("finetune: full is not supported by system 'xllora' (its two generators are LoRA "
+                               "adapters on one base model); use finetune: lora")
         check_inputs(recipe)
 
     def describe(self, run: Run) -> str:

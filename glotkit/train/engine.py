@@ -554,13 +554,14 @@ def train(
 def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *, what: str, out: Path, work_dir: Path,
                   seed: int, pad_id: int, device: str = "cpu", log: Callable[[str], None] = say,
                   progress: bool = True, info: dict | None = None, parallel: "Parallel | None" = None,
-                  on_epoch: Callable[[int, int], None] | None = None) -> TrainResult:
-    """Train a LoRA adapter, save it to ``out`` (a PEFT folder), write ``work_dir/result.json``
+                  on_epoch: Callable[[int, int], None] | None = None, tokenizer=None) -> TrainResult:
+    """Train a LoRA adapter, save it to ``out`` (a PEFT folder; a plain model trained whole — full
+    fine-tuning — is saved there as a Hugging Face folder with ``tokenizer``), write ``work_dir/result.json``
     (the run's figures, the trainable-parameter count and ``info``) and drop the checkpoint: one
     adapter, one call, for every system.  With ``parallel`` (the processes of a launch) every
     process trains, a sharded adapter is gathered whole, and process 0 alone writes."""
     from glotkit.io import atomic_write_json
-    from glotkit.models.lora import count_trainable, save_adapter, save_initial
+    from glotkit.models.lora import count_trainable, save_adapter, save_full, save_initial
 
     params = count_trainable(peft_model)
     log(f"{what}: {len(examples)} examples; {params.line()}")
@@ -574,7 +575,12 @@ def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *,
     whole = parallel.trainable_state(peft_model) if parallel is not None and parallel.sharded else None  # every process
     if parallel is not None and not parallel.is_main:
         return result
-    save_adapter(peft_model, out, state=whole, initial=initial)
+    if hasattr(peft_model, "peft_config"):
+        save_adapter(peft_model, out, state=whole, initial=initial)
+    else:  # full fine-tuning: the whole model
+        if whole is not None:
+            raise GlotkitError("finetune: full with sharded training (FSDP) is not supported yet; use DDP")
+        save_full(peft_model, out, tokenizer)
     summary = result.to_dict()
     summary.pop("log")
     counts = {"trainable_params": params.trainable, "all_params": params.total,
