@@ -654,3 +654,19 @@ def test_eval_on_a_server_argument_errors(args, message, capsys):
     assert main(["eval", "--tasks", "sentiment", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_generate_command_on_a_server_equals_the_local_answers(tmp_path, model_server, capsys):
+    """`glotkit generate --base-url`: the served model answers the same prompts as the local one."""
+    url, _, _ = model_server
+    inp = tmp_path / "prompts.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}, ensure_ascii=False) + "\n" for i, p in
+                           enumerate(["Context: Sibiu", "Întrebare: unde?", "Răspuns: București"])), encoding="utf-8")
+    common = ["generate", str(tmp_path), "--input", str(inp), "--max-new-tokens", "6", "--no-progress"]
+    assert main(common + ["--output", str(tmp_path / "local.jsonl")]) == 0
+    assert main(common + ["--output", str(tmp_path / "served.jsonl"), "--base-url", url, "--served-model", "m"]) == 0
+    local = [json.loads(s) for s in (tmp_path / "local.jsonl").read_text().splitlines()]
+    served = [json.loads(s) for s in (tmp_path / "served.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in served] == [r["generation"] for r in local]
+    assert any(r["generation"] for r in local)
+    assert "served by" in capsys.readouterr().err
