@@ -11,6 +11,7 @@
     glotkit memory [--model NAME] [--modes fp32,bf16,nf4]
     glotkit chat RUN_OR_MODEL [--adapter DIR] [--template FILE] [--system TEXT]   (streams; /reset, /exit)
     glotkit generate RUN_OR_MODEL --input prompts.jsonl --output out.jsonl [--base-url URL --served-model NAME]
+    glotkit export RUN_OR_ADAPTER --out DIR [--gguf [--quant q8_0,q4_k_m,f16]] [--base NAME] [--overwrite]
     glotkit trim-vocab --model NAME --corpus PATH --out DIR
     glotkit sweep RECIPE --grid lora.r=1,2,4,8 [--grid 'lora.target_modules=q_proj,v_proj|q_proj,k_proj,v_proj,o_proj']
                  [--backend ray --workers 2 --trial-cpus 1 --trial-gpus 0 --address ADDR]
@@ -165,6 +166,17 @@ def _parser() -> argparse.ArgumentParser:
                              "the tokenizer and template")
         sp.add_argument("--served-model", default=None, metavar="NAME", help="with --base-url: the served model's name")
         sp.add_argument("--no-progress", action="store_true")
+    what = "a run's tuned model as a merged Hugging Face folder, and GGUF files for llama.cpp / Ollama"
+    sp = sub.add_parser("export", help=what, description=what)
+    sp.add_argument("source", metavar="RUN_OR_ADAPTER", help="a run folder, a PEFT adapter folder or a model folder")
+    sp.add_argument("--out", required=True, help="the folder to write (refused if it exists, unless --overwrite)")
+    sp.add_argument("--merge", action="store_true", help="the merged folder (always written; the default)")
+    sp.add_argument("--gguf", action="store_true", help="also GGUF files (llama.cpp's converter and quantizer; "
+                                                          "pip install 'glotkit[llamacpp]'), a Modelfile, SHA256SUMS")
+    sp.add_argument("--quant", default="q8_0", help="with --gguf: comma-separated of f16, q8_0, q4_k_m (default q8_0)")
+    sp.add_argument("--base", default=None, help="the base model when the adapter's own is not available here")
+    sp.add_argument("--template", default=None, metavar="FILE", help="a chat template to ship (default: the run's)")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sp = sub.add_parser("memory", help="memory after loading (M1) and peak while generating (M2): fp32, bf16, NF4")
     sp.add_argument("--model", default="gemma-3-270m")
     sp.add_argument("--modes", default="fp32,bf16,nf4")
@@ -191,6 +203,30 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command in ("chat", "generate"):
             return _try_model(args)
+        if args.command == "export":
+            from glotkit.models.convert import cache_dir
+            from glotkit.models.export import QUANTS, export, resolve_source
+
+            quants = [q.strip() for q in args.quant.split(",") if q.strip()]
+            bad = [q for q in quants if q not in QUANTS]
+            if bad:
+                raise GlotkitError(f"--quant {bad[0]}: not one of {', '.join(QUANTS)}")
+            out = Path(args.out)
+            if out.exists() and not args.overwrite:
+                raise GlotkitError(f"--out {out}: exists; give another folder or --overwrite")
+            if args.gguf:
+                import importlib.util
+
+                if importlib.util.find_spec("llama_cpp") is None and not os.environ.get("GLOTKIT_LLAMA_CPP"):
+                    raise GlotkitError("--gguf: needs llama.cpp's tools: pip install 'glotkit[llamacpp]'")
+            source = resolve_source(args.source, args.base, args.template)
+            quiet_libraries()
+            info = export(source, out, gguf=args.gguf, quants=quants, cache=cache_dir(), overwrite=args.overwrite,
+                          log=_log)
+            for g in info.get("gguf", []):
+                print(f"{out / g['file']}  {g['mb']:.0f} MB  sha256 {g['sha256']}")
+            print(f"{out}: merged model" + (", GGUF files, Modelfile" if args.gguf else "") + ", README.md")
+            return 0
         if args.command == "trim-vocab":
             quiet_libraries()
             from glotkit.data.corpus import read_documents
