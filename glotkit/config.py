@@ -194,6 +194,9 @@ class TrainSection(_Section):
     # batches then hold questions of the same context together
     share_prefix: bool = True
     checkpoint_every: StrictInt = Field(25, gt=0)
+    # experiment trackers for the steps and each stage's metrics (any of tensorboard, mlflow,
+    # wandb, trackio; offline: files under the run folder's tracking/); none by default
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(default_factory=list)
 
 
 class EvalSection(_Section):

@@ -75,8 +75,7 @@ def evaluate_chat(model, generator: Generator, enc: ChatEncoder, convs: Sequence
                 append_rows(fh, rows)
 
             new_tokens = generator.greedy([enc.prompt_ids(c) for c in todo], max_new_tokens=cfg.max_new_tokens,
-                                          batch_size=cfg.batch_size, stop=None,
-                                          texts=[enc.prompt_text(c) for c in todo], progress=progress,
+                                          batch_size=cfg.batch_size, stop=None, progress=progress,
                                           desc=f"{desc}: answers", on_batch=on_batch).new_tokens
     seconds = time.perf_counter() - t0
     ordered = [done[c.id] for c in convs]

@@ -177,6 +177,7 @@ def generate_file(generator, encoder, records: list[dict], output: Path, *, max_
         return encoder.render(r["messages"], generation_prompt=True) if "messages" in r else r["prompt"]
 
     texts = [text_of(r) for r in todo]  # (a template error shows before any generation)
+    # a server is sent the text of these ids (a leading BOS left to the server's own tokenizer)
     tok = encoder.tok
     # a plain prompt gets the tokenizer's special tokens (BOS); a rendered conversation has them
     prompts = [tok(t, add_special_tokens="messages" not in r)["input_ids"] for t, r in zip(texts, todo)]
@@ -190,7 +191,7 @@ def generate_file(generator, encoder, records: list[dict], output: Path, *, max_
                 append_rows(fh, rows)
 
             generator.sample(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-                             top_p=top_p, top_k=top_k, seed=seed, stop=None, texts=texts, progress=progress,
+                             top_p=top_p, top_k=top_k, seed=seed, stop=None, progress=progress,
                              desc="generate", on_batch=on_batch)
     atomic_write_jsonl(output, [done[r["id"]] for r in records])
     partial.unlink(missing_ok=True)

@@ -66,6 +66,7 @@ class Stage:
     inputs: Callable[["Run"], Sequence[Path]] | None = None
     outputs: Callable[["Run"], Sequence[Path]] | None = None
     every_process: bool = False
+    metrics: Callable[["Run"], dict | None] | None = None  # its figures, for experiment trackers
 
 
 @dataclass

@@ -230,7 +230,8 @@ def _eval_stage(kind: Kind, tag: str) -> Stage:
         return files
 
     return Stage(f"eval_{tag}", run_, done=lambda run: run.folder.eval_metrics(tag).is_file(), inputs=inputs,
-                 outputs=lambda run: [run.folder.eval_dir(tag)])
+                 outputs=lambda run: [run.folder.eval_dir(tag)],
+                 metrics=lambda run: run.folder.read_json(run.folder.eval_metrics(tag)))
 
 
 def _train_stage(kind: Kind) -> Stage:
@@ -254,7 +255,7 @@ def _train_stage(kind: Kind) -> Stage:
         train_adapter(peft_model, rows, recipe.train, what="train", out=tuned_dir(recipe, f), work_dir=f.train_dir,
                       seed=recipe.seed, pad_id=state.tok.pad_token_id, device=state.device, log=run.log,
                       progress=run.progress, info={"encode": encode, "finetune": recipe.finetune}, parallel=par,
-                      tokenizer=state.tok)
+                      tokenizer=state.tok, on_log=tracker.step if (tracker := run.shared.get("tracker")) else None)
         state.model = peft_model
         if state.full is not None:
             state.model.requires_grad_(False)
@@ -269,6 +270,7 @@ def _train_stage(kind: Kind) -> Stage:
             state.model, state.dropped = None, True
 
     return Stage("train", run_, done=lambda run: run.folder.train_result.is_file(),
+                 metrics=lambda run: run.folder.read_json(run.folder.train_result),
                  inputs=lambda run: [Path(p) for p in kind.data_files(run.recipe)] + model_inputs(run.recipe),
                  outputs=lambda run: [run.folder.train_dir, tuned_dir(run.recipe, run.folder)], every_process=True)
 

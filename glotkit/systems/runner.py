@@ -35,7 +35,7 @@ from glotkit.systems.base import Run, RunFolder, Stage, System
 # keys of every recipe that change how a run is carried out but not its results
 _RESULT_NEUTRAL = ("train.checkpoint_every", "train.max_tokens_per_forward", "generate.base_url",
                    "generate.base_urls", "generate.api_key_env", "generate.concurrency", "generate.retries",
-                   "generate.timeout", "sweep", "runs_dir")
+                   "generate.timeout", "sweep", "runs_dir", "train.report_to")
 # stages may be added to (or removed from) a finished run
 _ALWAYS_REDONE = ("stages",)
 
@@ -285,19 +285,20 @@ def _what_changed(keys: list[str]) -> str:
     return ", ".join(shown) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "") or "its record"
 
 
-def _run_stage(stage: Stage, run: Run, records: dict) -> None:
+def _run_stage(stage: Stage, run: Run, records: dict) -> bool:
+    """Run the stage unless it is done and current; whether it ran."""
     known = records.setdefault("_file_hashes", {})
     fp = _fingerprint(stage, run, known)
     if stage.done(run):
         old = records.get(stage.name)
         if fp is None or old is None or old == fp:
-            return
+            return False
         changed = _changed(old, fp)
         if not changed:  # a record of an older glotkit: completed, nothing to redo
             if run.parallel.is_main:
                 records[stage.name] = fp
                 atomic_write_json(run.folder.stage_records, records)
-            return
+            return False
         if stage.outputs is None:
             raise GlotkitError(f"stage {stage.name}: made from other inputs ({_what_changed(changed)})")
         move_aside(list(stage.outputs(run)), run.log, f"stage {stage.name} was made from other inputs "
@@ -306,6 +307,7 @@ def _run_stage(stage: Stage, run: Run, records: dict) -> None:
     if fp is not None and stage.done(run) and run.parallel.is_main:
         records[stage.name] = fp
         atomic_write_json(run.folder.stage_records, records)
+    return True
 
 
 # --------------------------------------------------------------------------- the runner
@@ -345,6 +347,13 @@ def run_recipe(recipe: RecipeBase, log: Callable[[str], None] = say, progress: b
         chosen = set(recipe.stages)
         stages = [s for s in system.stages(recipe) if s.name in chosen]
         records = folder.read_json(folder.stage_records) or {}
+        tracker = None
+        if recipe.train.report_to and par.is_main:
+            from glotkit.train.tracking import Tracker
+
+            tracker = Tracker(list(recipe.train.report_to), folder.root, recipe.name, recipe.to_dict(), log)
+            run.shared["tracker"] = tracker
+        finished = False
         try:
             if par.world > 1:
                 together = [s for s in stages if s.every_process]
@@ -360,10 +369,27 @@ def run_recipe(recipe: RecipeBase, log: Callable[[str], None] = say, progress: b
                 stages = [s for s in stages if not s.every_process]
                 run.shared["after_launch"] = True
             for s in stages:
-                _run_stage(s, run, records)
+                ran = _run_stage(s, run, records)
+                if tracker is not None and ran:
+                    _track_stage(tracker, s, run, system)
+            finished = True
         finally:
             run.shared.clear()  # models loaded for the stages
+            if tracker is not None:
+                tracker.close(finished)
     return folder.root
+
+
+def _track_stage(tracker, stage: Stage, run: Run, system: System) -> None:
+    """A stage that ran: its figures (and the system's headline figures) to the trackers."""
+    from glotkit.train.tracking import numbers
+
+    figures = stage.metrics(run) if stage.metrics is not None else None
+    if figures:
+        tracker.log(numbers({k: v for k, v in figures.items() if k != "log"}, f"{stage.name}/"))
+    summary = system.summary(run.folder)
+    if summary:
+        tracker.log(numbers(summary, "summary/"))
 
 
 def _finished_read_only(recipe: RecipeBase, system: System, folder: RunFolder, log: Callable[[str], None],

@@ -409,6 +409,7 @@ def train(
     stop_after: int | None = None,
     parallel: "Parallel | None" = None,
     on_epoch: Callable[[int, int], None] | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters (the LoRA adapter) on ``examples``.
 
@@ -419,6 +420,8 @@ def train(
     ``on_epoch(epoch, step)`` is called at the end of each whole epoch (1-based), after a
     checkpoint is saved there and with the model in eval mode (a dev evaluation: an interrupted
     one is called again on resume, so it must skip what it has done); single process only.
+    ``on_log(record)`` gets each step's record (loss, lr, tokens, seconds, tokens/s, peak memory)
+    as it is made (experiment tracking); on process 0 only.
     """
     from tqdm.auto import tqdm
 
@@ -512,6 +515,9 @@ def train(
                     raise GlotkitError(f"training diverged at step {run.step}: loss is {loss}; lower train.lr (now {cfg.lr})")
                 run.log.append({"step": run.step, "loss": round(loss, 6), "lr": lr, "tokens": run.tokens,
                                 "seconds": round(run.elapsed, 3)})
+                if on_log is not None and par.is_main:
+                    on_log(run.log[-1] | {"tokens_per_s": run.tokens / max(run.elapsed, 1e-9),
+                                          "supervised_tokens": run.supervised_tokens} | peak_memory(device))
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.tokens / max(run.elapsed, 1e-9):.0f}", refresh=False)
                 bar.update(1)
                 if run.step % cfg.checkpoint_every == 0 and run.step < total:
@@ -554,7 +560,8 @@ def train(
 def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *, what: str, out: Path, work_dir: Path,
                   seed: int, pad_id: int, device: str = "cpu", log: Callable[[str], None] = say,
                   progress: bool = True, info: dict | None = None, parallel: "Parallel | None" = None,
-                  on_epoch: Callable[[int, int], None] | None = None, tokenizer=None) -> TrainResult:
+                  on_epoch: Callable[[int, int], None] | None = None, tokenizer=None,
+                  on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train a LoRA adapter, save it to ``out`` (a PEFT folder; a plain model trained whole — full
     fine-tuning — is saved there as a Hugging Face folder with ``tokenizer``), write ``work_dir/result.json``
     (the run's figures, the trainable-parameter count and ``info``) and drop the checkpoint: one
@@ -571,7 +578,7 @@ def train_adapter(peft_model, examples: Sequence[Encoded], cfg: TrainSection, *,
     if initial is not None and (parallel is None or parallel.is_main):
         save_initial(peft_model, initial)  # PiSSA/OLoRA: the saved adapter is converted for the original base
     result = train(peft_model, examples, cfg, seed=seed, work_dir=work_dir, pad_id=pad_id, device=device, log=log,
-                   progress=progress, parallel=parallel, on_epoch=on_epoch)
+                   progress=progress, parallel=parallel, on_epoch=on_epoch, on_log=on_log)
     whole = parallel.trainable_state(peft_model) if parallel is not None and parallel.sharded else None  # every process
     if parallel is not None and not parallel.is_main:
         return result
