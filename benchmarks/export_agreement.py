@@ -1,7 +1,10 @@
 """Does the exported model answer like the tuned one?  A QA run's test set, scored locally on the
-merged folder and through llama.cpp's OpenAI-compatible server on each GGUF file.
+merged folder and through llama.cpp's OpenAI-compatible server on each GGUF file; for a chat run
+(system sft), its held-out conversations through the server's chat endpoint, which applies the
+chat template the GGUF file carries.
 
     python benchmarks/export_agreement.py runs/ro-qa-lora [--quant f16,q8_0,q4_k_m] [--limit N]
+    python benchmarks/export_agreement.py runs/ro-chat-sft
 
 Exports the run (``glotkit export RUN --out RUN-export --gguf``) unless that folder holds the
 files already; then evaluates the run's test questions (its prompt, greedy, its max_new_tokens)
@@ -75,8 +78,10 @@ def main() -> None:
             sys.exit("export failed")
         print(f"[bench] export: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     recipe = load_recipe(run / "config.yaml")
+    if recipe.system == "sft":
+        return _chat(recipe, out, name, quants, args.limit)
     if recipe.system != "qa":
-        sys.exit("export_agreement: a QA run (system qa) is needed")
+        sys.exit("export_agreement: a QA run (system qa) or a chat run (system sft) is needed")
     data = load_qa_data(recipe.data, recipe.seed)
     test = data.test[: args.limit] if args.limit else data.test
     model, tok, device = load_model(ModelSection(name=str(out)))
@@ -112,6 +117,54 @@ def main() -> None:
               f"{same:>8}/{len(base):<4}{secs:>9.0f}")
     sizes = json.loads((out / "export.json").read_text())["gguf"]
     print("files: " + ", ".join(f"{g['file']} {g['mb']:.0f} MB" for g in sizes))
+
+
+def _chat(recipe, out: Path, name: str, quants: list[str], limit: int | None) -> None:
+    """Greedy answers to the held-out conversations' last user turn: the merged folder with its
+    chat template here, and llama.cpp's /v1/chat/completions on each GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from glotkit.data.chat import load_chat_data
+    from glotkit.eval.qa_metrics import QAScore, aggregate, score_one
+
+    d = recipe.data
+    convs = load_chat_data(d.train, d.test, d.format, d.fields, d.test_ratio, recipe.seed).test[:limit]
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    n_new = recipe.eval.max_new_tokens
+    answers = {}
+    t = time.perf_counter()
+    local = []
+    for c in convs:
+        ids = tok.apply_chat_template(c.context(), add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=n_new, do_sample=False)
+        local.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    answers["merged (local, fp32)"] = (local, time.perf_counter() - t)
+    with tempfile.TemporaryDirectory() as tmp:
+        for q in quants:
+            proc, url = _serve(out / f"{name}.{q}.gguf", Path(tmp) / f"{q}.log")
+            try:
+                t = time.perf_counter()
+                got = []
+                for c in convs:
+                    body = json.dumps({"model": "tuned", "messages": c.context(), "max_tokens": n_new,
+                                       "temperature": 0}).encode()
+                    req = urllib.request.Request(f"{url}/chat/completions", body, {"Content-Type": "application/json"})
+                    with urllib.request.urlopen(req, timeout=600) as r:
+                        got.append(json.loads(r.read())["choices"][0]["message"]["content"].strip())
+                answers[f"GGUF {q} (llama.cpp chat)"] = (got, time.perf_counter() - t)
+            finally:
+                proc.kill()
+                proc.wait()
+    print(f"\n{recipe.name}: {len(convs)} held-out conversations, greedy, max_new_tokens {n_new}")
+    print(f"{'model':<30}{'EM':>7}{'F1':>7}{'same answer':>13}{'seconds':>9}")
+    for k, (got, secs) in answers.items():
+        m = aggregate([QAScore(*[getattr(s, f) for f in ("em", "f1", "em_raw", "f1_raw")])
+                       for s in (score_one(a, [c.answer()], recipe.data.language) for a, c in zip(got, convs))])
+        same = sum(a == b for a, b in zip(got, local))
+        print(f"{k:<30}{m['em']:>7.2f}{m['f1']:>7.2f}{same:>8}/{len(local):<4}{secs:>9.0f}")
 
 
 if __name__ == "__main__":
