@@ -145,3 +145,79 @@ def test_gguf_export_is_served_by_llama_cpp_with_its_chat_template(tmp_path, cap
     served = [llm.create_chat_completion(messages=c.context(), max_tokens=12, temperature=0)["choices"][0]["message"]
               ["content"].strip() for c in convs]
     assert served == local
+
+
+@pytest.mark.integration
+def test_gguf_export_of_a_trimmed_vocabulary(tmp_path):
+    """A vocabulary trimmed by glotkit tokenizes llama.cpp's probe text differently; the export
+    names the pre-tokenizer after the original's, and llama.cpp continues text as the trimmed
+    model does."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'glotkit[llamacpp]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from glotkit.models.loading import resolve_model_path
+    from glotkit.models.trim_vocab import trim_vocabulary
+
+    texts = ["Bucureștiul este capitala României și cel mai mare oraș al țării.",
+             "Râul Mureș trece prin Târgu Mureș, Alba Iulia și Arad, apoi intră în Ungaria."] * 4
+    trimmed = tmp_path / "trimmed"
+    trim_vocabulary(resolve_model_path("gemma-3-270m", log=lambda m: None), texts, trimmed, log=lambda m: None)
+    out = tmp_path / "export"
+    assert main(["export", str(trimmed), "--out", str(out), "--gguf", "--quant", "f16"]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(next(out.glob("*.f16.gguf"))), n_ctx=256, n_batch=1, n_threads=2, verbose=False)
+    for prompt in ("Bucureștiul este", "Râul Mureș trece prin"):
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
+        ours = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert llm.create_completion(prompt, max_tokens=8, temperature=0)["choices"][0]["text"] == ours
+
+
+@pytest.mark.integration
+def test_exported_gguf_served_by_llama_cpp_scores_the_qa_test_set_like_the_merged_model(tmp_path, capsys):
+    """The QA demo's recipe (a few training steps here), exported to f16 GGUF, served by llama.cpp's
+    OpenAI-compatible server: its test answers through generate.backend openai equal the merged
+    model's answers computed here (the recorded full-size measurement: benchmarks/export_agreement.py)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'glotkit[llamacpp]')")
+    import yaml
+
+    from test_server import LlamaServer
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((repo / "recipes" / "ro-qa-lora.yaml").read_text())
+    raw.update(runs_dir=str(tmp_path / "runs"), stages=["train"])
+    raw["train"].update(max_steps=8)
+    raw["data"].update({k: str(repo / "recipes" / raw["data"][k]) for k in ("train", "test")})
+    raw["eval"]["limit"] = 6
+    src = tmp_path / "qa.yaml"
+    src.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    assert main(["run", "--no-progress", str(src)]) == 0
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "runs" / raw["name"]), "--out", str(out), "--gguf", "--quant", "f16"]) == 0
+    server = LlamaServer(next(out.glob("*.f16.gguf")), tmp_path / "server.log")
+    server.start()
+    try:
+        for name, model, stage, backend in (("local", str(out), "eval_base", {}),
+                                            ("served", str(out), "eval_tuned",
+                                             {"backend": "openai", "base_url": server.url,
+                                              "models": {"tuned": "smollm2"}})):
+            r = dict(raw, name=name, model={"name": model}, stages=[stage], generate=backend)
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(r, allow_unicode=True))
+            if name == "served":  # no adapter here: the served model is the tuned one
+                (tmp_path / "runs" / name / "adapter").mkdir(parents=True)
+            assert main(["run", "--no-progress", str(path)]) == 0
+    finally:
+        server.kill()
+    local = json.loads((tmp_path / "runs" / "local" / "eval_base" / "metrics.json").read_text())
+    served = json.loads((tmp_path / "runs" / "served" / "eval_tuned" / "metrics.json").read_text())
+    answers = {t: [json.loads(s)["prediction"] for s in (tmp_path / "runs" / n / f"eval_{t}" / "predictions.jsonl")
+                   .read_text().splitlines()] for n, t in (("local", "base"), ("served", "tuned"))}
+    assert answers["tuned"] == answers["base"]
+    assert (served["em"], served["f1"]) == (local["em"], local["f1"]) and served["backend"].startswith("openai")

@@ -189,12 +189,52 @@ def converter_dir(cache: Path, log: Callable[[str], None] = say) -> Path:
     return d
 
 
-def convert_f16(merged: Path, out_file: Path, cache: Path, log: Callable[[str], None] = say) -> None:
+# llama.cpp's converter names a BPE tokenizer's pre-tokenizer by hashing how it tokenizes a fixed
+# text; a vocabulary trimmed by glotkit tokenizes that text differently (its unseen characters go
+# through bytes) while its pre-tokenizer rules are the original's.  For such a folder the converter
+# runs with its own lookup asked about the original tokenizer when the trimmed one is unknown.
+_TRIMMED = """
+import runpy, sys
+conv, original = sys.argv[1], sys.argv[2]
+sys.path.insert(0, conv)
+sys.path.insert(1, conv + "/gguf-py")
+import conversion.base as base
+lookup = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return lookup(self, tokenizer)
+    except NotImplementedError:
+        from transformers import AutoTokenizer
+        return lookup(self, AutoTokenizer.from_pretrained(original))
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = [conv + "/convert_hf_to_gguf.py"] + sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _trimmed_from(folder: Path) -> Path | None:
+    """The original model folder of a vocabulary trimmed by ``glotkit trim-vocab`` (None: not trimmed)."""
+    record = folder / "glotkit-trim.json"
+    if not record.is_file():
+        return None
+    source = Path(json.loads(record.read_text(encoding="utf-8")).get("source") or "")
+    if not (source / "tokenizer.json").is_file() and not (source / "tokenizer_config.json").is_file():
+        raise GlotkitError(f"{record}: the vocabulary was trimmed from {source}, which is not here; llama.cpp's "
+                           "converter needs that tokenizer to name the pre-tokenizer")
+    return source
+
+
+def convert_f16(merged: Path, out_file: Path, cache: Path, log: Callable[[str], None] = say,
+                trimmed_from: Path | None = None) -> None:
     """llama.cpp's converter: a Hugging Face folder -> one f16 GGUF file."""
     conv = converter_dir(cache, log)
     tmp = out_file.with_name(out_file.name + ".tmp")
-    r = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(merged), "--outfile", str(tmp),
-                        "--outtype", "f16"], capture_output=True, text=True)
+    args = [str(merged), "--outfile", str(tmp), "--outtype", "f16"]
+    if trimmed_from is not None:
+        cmd = [sys.executable, "-c", _TRIMMED, str(conv), str(trimmed_from)] + args
+    else:
+        cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py")] + args
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         last = [s for s in r.stderr.strip().splitlines() if s.strip()][-1:] or ["no output"]
@@ -346,7 +386,10 @@ def _export_into(source: Source, out: Path, label: str, *, gguf: bool, quants: l
             quants = ["q8_0"]
         f16 = out / f"{name}.f16.gguf"
         log(f"gguf: converting with llama.cpp's convert_hf_to_gguf.py -> {f16.name}")
-        convert_f16(out, f16, cache, log)
+        trimmed = _trimmed_from(Path(source.model)) if Path(source.model).is_dir() else None
+        if trimmed is not None:
+            log(f"gguf: a trimmed vocabulary: the converter names its pre-tokenizer after {trimmed}'s")
+        convert_f16(out, f16, cache, log, trimmed_from=trimmed)
         rows = []
         for q in quants:
             if q == "f16":
