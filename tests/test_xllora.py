@@ -215,7 +215,7 @@ def test_xllora_recipe_end_to_end(tmp_path, tiny_llama, tiny_encoder, capsys):
         "name": "xl", "task": "xllora", "runs_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_llama)},
         "pairs": {"positive": str(pos), "negative": str(neg)},
         "lora": {"r": 2, "alpha": 4, "target_modules": "all-linear"},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 2e-4, "scheduler": "constant"},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 2e-4, "scheduler": "constant", "report_to": ["tensorboard"]},
         "synth": {"anchors": str(anchors), "max_new_tokens": 8, "batch_size": 4, "min_chars": 0, "max_chars": 1000,
                   "copy_ratio": 1.0, "language_check": None, "reference_margin": None, "baseline_anchors": 2},
         "embed": {"model": str(tiny_encoder), "batch_size": 4, "epochs": 1, "prompt": None, "sts": str(sts),
@@ -224,6 +224,12 @@ def test_xllora_recipe_end_to_end(tmp_path, tiny_llama, tiny_encoder, capsys):
     }), encoding="utf-8")
     assert main(["run", "--no-progress", str(recipe)]) == 0
     run = tmp_path / "runs" / "xl"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tracking" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])  # both generators' steps, and the system's headline figures
+    assert {"train/positive/loss", "train/negative/loss"} <= tags and any(t.startswith("summary/") for t in tags)
     summary = json.loads((run / "synth" / "summary.json").read_text())
     assert summary["duplicate_anchors"] == 2 and summary["anchors"] == 8
     assert summary["speed"]["one_at_a_time"]["prompts"] == 2 and summary["speed"]["ratio"] > 0

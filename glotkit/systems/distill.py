@@ -445,12 +445,13 @@ class DistillSystem:
     def stages(self, recipe: DistillRecipe) -> list[Stage]:
         def students(run: Run, splits: dict) -> None:
             for st in run.recipe.distill.students:
-                train_student(run.recipe, run.folder.root, st, splits, run.log, run.progress)
+                train_student(run.recipe, run.folder.root, st, splits, run.log, run.progress,
+                              on_log=_tracked(run))
 
         return [
             _stage("compare", lambda run, splits: run_compare(run.recipe, run.folder.root, run.log, run.progress)),
             _stage("teacher", lambda run, splits: train_teacher(run.recipe, run.folder.root, splits, run.log,
-                                                                run.progress)),
+                                                                run.progress, on_log=_tracked(run))),
             _stage("traces", lambda run, splits: write_traces(run.recipe, run.folder.root, splits, run.log,
                                                               run.progress)),
             _stage("student", students),
@@ -542,8 +543,21 @@ def best_format(run_dir: Path, model: str, default: str) -> str:
     return min(found)[3] if found else default
 
 
+def _tracked(run: Run):
+    """The experiment trackers' step logger of the run (None: none asked for)."""
+    tracker = run.shared.get("tracker")
+    return tracker.step if tracker is not None else None
+
+
+def _prefixed(on_log, name: str):
+    """Steps of one of several trainings of a stage, tracked under their own name."""
+    if on_log is None:
+        return None
+    return lambda rec: on_log({f"{name}/{k}" if k != "step" else k: v for k, v in rec.items()})
+
+
 def _train_adapter(recipe: DistillRecipe, model_cfg, examples, out: Path, work: Path, what: str, log, progress,
-                   epochs: float | None = None, lr: float | None = None, on_epoch=None) -> None:
+                   epochs: float | None = None, lr: float | None = None, on_epoch=None, on_log=None) -> None:
     """Train one adapter; ``on_epoch(model, tokenizer, device)``, when given, makes the engine's
     end-of-epoch hook."""
     import torch
@@ -565,7 +579,7 @@ def _train_adapter(recipe: DistillRecipe, model_cfg, examples, out: Path, work: 
     train_adapter(model, fitting, cfg, what=what, out=out, work_dir=work, seed=recipe.seed,
                   pad_id=tok.pad_token_id, device=device, log=log, progress=progress,
                   info={"dropped_too_long": len(examples) - len(fitting), "epochs": cfg.epochs, "lr": cfg.lr},
-                  on_epoch=on_epoch(model, tok, device) if on_epoch else None)
+                  on_epoch=on_epoch(model, tok, device) if on_epoch else None, on_log=on_log)
 
 
 def _tokenizer(name: str):
@@ -575,7 +589,7 @@ def _tokenizer(name: str):
     return tokenizer_for(ModelSection(name=name), log=lambda m: None)
 
 
-def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress) -> None:
+def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress, on_log=None) -> None:
     """LoRA (QLoRA with model.quantization: nf4) on the gold train labels in ``teacher_format``."""
     from glotkit.hipe.formats import PromptBuilder, question, response
 
@@ -602,7 +616,8 @@ def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress) -
         f.teacher_curve.unlink(missing_ok=True)  # a fresh start: an earlier curve is not this run's
     curve = (lambda model, tok, device: _dev_curve(recipe, f, model, tok, device, log, progress)) \
         if distill_cfg.dev_curve else None
-    _train_adapter(recipe, recipe.model, examples, out, f.teacher_train, "teacher", log, progress, on_epoch=curve)
+    _train_adapter(recipe, recipe.model, examples, out, f.teacher_train, "teacher", log, progress, on_epoch=curve,
+                   on_log=on_log)
 
 
 def _dev_curve(recipe: DistillRecipe, f: DistillFolder, model, tok, device, log, progress):
@@ -883,7 +898,7 @@ def _usable(text: str) -> bool:
     return len(text.split()) >= 3 and "{" not in text
 
 
-def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progress) -> None:
+def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progress, on_log=None) -> None:
     """SFT of one student on the kept traces (response-level: the teacher's text, any vocabulary)."""
     from glotkit.hipe.formats import PromptBuilder, question, response
 
@@ -916,7 +931,8 @@ def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progres
                                         group=doc["document_id"]))
     cfg = recipe.model.model_copy(update={"name": model_name, "quantization": "none"})
     _train_adapter(recipe, cfg, examples, out, f.student_train(st.name), f"student '{st.name}'", log, progress,
-                   epochs=distill_cfg.student_epochs, lr=distill_cfg.student_lr)
+                   epochs=distill_cfg.student_epochs, lr=distill_cfg.student_lr,
+                   on_log=_prefixed(on_log, f"student.{st.name}"))
 
 
 def student_model_path(recipe: DistillRecipe, run_dir: Path, st, splits, traces, log) -> str:
