@@ -42,6 +42,8 @@ def test_run_writes_everything_and_adapter_reloads(tmp_path, tiny_gemma, qa_file
     metrics = json.loads((run / "metrics.json").read_text())
     for tag in ("base", "tuned"):
         assert {"em", "f1", "em_raw", "f1_raw", "n"} <= set(metrics[tag]) and metrics[tag]["n"] == 6
+        lo, hi = metrics[tag]["f1_ci"]  # bootstrap over contexts, written with its method
+        assert lo <= metrics[tag]["f1"] <= hi and "over contexts" in metrics[tag]["ci_method"]
     preds = [json.loads(s) for s in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and {"question", "gold", "base", "tuned"} <= set(preds[0])
     assert {"generation", "prediction", "em", "f1"} <= set(preds[0]["tuned"])
@@ -58,6 +60,7 @@ def test_run_writes_everything_and_adapter_reloads(tmp_path, tiny_gemma, qa_file
     assert trained and any(p.abs().sum() > 0 for p in trained)
     report = (run / "report.md").read_text()
     assert "| base |" in report and "| tuned |" in report and "tokens/s" in report and "peak memory" in report
+    assert "Change, tuned − base on the same 6 items: EM" in report and "paired percentile bootstrap" in report
 
     # a second run does nothing again
     assert main(["run", "--no-progress", str(recipe)]) == 0

@@ -317,13 +317,14 @@ def test_sft_run_end_to_end(tmp_path, tiny_gemma, capsys, pack):
     for tag in ("base", "tuned"):
         m = metrics[tag]
         assert m["n"] == 4 and m["tokens"] > 0 and {"em", "f1", "rougeL", "nll_per_token"} <= set(m)
+        assert m["rougeL_ci"][0] <= m["rougeL"] <= m["rougeL_ci"][1] and "over conversations" in m["ci_method"]
     # training on the assistant turns lowers the held-out loss on them
     assert metrics["tuned"]["nll_per_token"] < metrics["base"]["nll_per_token"]
     err = capsys.readouterr().err
     assert "format messages (detected)" in err
     assert ("packed" in err) == pack
     report = (run / "report.md").read_text()
-    assert "loss per assistant token" in report and "| tuned |" in report
+    assert "loss per assistant token" in report and "| tuned |" in report and "Change, tuned − base" in report
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -81,6 +81,12 @@ def evaluate_chat(model, generator: Generator, enc: ChatEncoder, convs: Sequence
     ordered = [done[c.id] for c in convs]
     metrics = loss | aggregate([QAScore(r["em"], r["f1"], r["em_raw"], r["f1_raw"]) for r in ordered])
     metrics["rougeL"] = rouge_scores([r["prediction"] for r in ordered], [r["gold"][0] for r in ordered])["rougeL"]
+    for r in ordered:  # per conversation, for its interval
+        r.setdefault("rougeL", rouge_scores([r["prediction"]], [r["gold"][0]])["rougeL"] / 100)
+    from glotkit.eval.qa_eval import intervals
+
+    metrics |= intervals(ordered, None, ("em", "f1", "rougeL"))
+    metrics["ci_method"] = metrics["ci_method"].replace("over items", "over conversations")
     metrics |= {"n": len(ordered), "seconds": round(seconds, 2), "backend": generator.backend}
     if todo:
         metrics["examples_per_s"] = round(len(todo) / max(seconds, 1e-9), 2)

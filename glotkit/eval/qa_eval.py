@@ -17,6 +17,23 @@ from glotkit.io import atomic_write_json, atomic_write_jsonl
 from glotkit.logs import say
 
 PARTIAL = "predictions.partial.jsonl"
+CI_UNIT = "contexts (the questions of one context are resampled together)"
+
+
+def context_id(context: str) -> str:
+    """A short name of a context: questions with the same one are one cluster in the bootstrap."""
+    import hashlib
+
+    return hashlib.sha1(context.encode("utf-8")).hexdigest()[:12]
+
+
+def intervals(rows: list[dict], clusters: list[str] | None, keys=("em", "f1")) -> dict:
+    """95 % bootstrap intervals (×100, like the scores) of per-item scores, and the method."""
+    from glotkit.eval.uncertainty import interval, method
+
+    out = {f"{k}_ci": interval([100 * float(r[k]) for r in rows], clusters) for k in keys}
+    out["ci_method"] = method(CI_UNIT if clusters is not None else "items")
+    return out
 
 
 def evaluate_qa(
@@ -63,6 +80,7 @@ def evaluate_qa(
         s = score_one(pred, ex.answers, language)
         return {
             "id": ex.id,
+            "context_id": context_id(ex.context),
             "question": ex.question,
             "gold": ex.answers,
             "generation": generation,
@@ -91,6 +109,7 @@ def evaluate_qa(
     seconds = time.perf_counter() - t0
     ordered = [done[ex.id] for ex in examples]
     metrics = aggregate([QAScore(r["em"], r["f1"], r["em_raw"], r["f1_raw"]) for r in ordered])
+    metrics |= intervals(ordered, [context_id(ex.context) for ex in examples])
     metrics["seconds"] = round(seconds, 2)
     metrics["backend"] = generator.backend
     if todo:

@@ -405,12 +405,36 @@ def write_merged_results(f: FinetuneFolder) -> None:
     for i in list(tuned_p or base_p):
         src = tuned_p.get(i) or base_p.get(i)
         row = {"id": i, "question": src["question"], "gold": src["gold"]}
+        if "context_id" in src:
+            row["context_id"] = src["context_id"]
         for tag, table in (("base", base_p), ("tuned", tuned_p)):
             if i in table:
                 r = table[i]
-                row[tag] = {k: r[k] for k in ("generation", "prediction", "em", "f1", "em_raw", "f1_raw")}
+                row[tag] = {k: r[k] for k in ("generation", "prediction", "em", "f1", "em_raw", "f1_raw", "rougeL")
+                            if k in r}
         merged.append(row)
     atomic_write_jsonl(f.predictions, merged)
+
+
+def paired_change(folder: FinetuneFolder, keys: Sequence[str], names: dict[str, str]) -> str:
+    """One line: tuned − base of each score on the same test items, with its paired bootstrap
+    interval (over contexts where the items carry one), marked * when the interval excludes 0."""
+    from glotkit.eval.uncertainty import method, paired_difference
+
+    rows = [r for r in folder.read_jsonl(folder.predictions) if "base" in r and "tuned" in r]
+    if len(rows) < 2:
+        return ""
+    clusters = [r["context_id"] for r in rows] if all("context_id" in r for r in rows) else None
+    parts = []
+    for k in keys:
+        if not all(k in r["base"] and k in r["tuned"] for r in rows):
+            continue
+        d = paired_difference([100 * r["base"][k] for r in rows], [100 * r["tuned"][k] for r in rows], clusters)
+        parts.append(f"{names.get(k, k)} {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+                     + (" *" if d["significant"] else ""))
+    unit = "contexts" if clusters is not None else "items"
+    return (f"Change, tuned − base on the same {len(rows)} items: " + ", ".join(parts) + f" points (paired "
+            f"{method(unit)}; * the interval excludes 0).")
 
 
 def plot_loss(log: list[dict], path: Path, title: str = "training loss", ylabel: str = "loss per answer token") -> Path | None:

@@ -76,13 +76,21 @@ def _fmt(v, nd=2):
 
 
 def _report(run: Run, metrics: dict) -> list[str]:
+    from glotkit.eval.uncertainty import fmt
+    from glotkit.systems.finetune import paired_change
+
     lines = ["", "## Test-set scores (%)", "",
-             "| model | EM | F1 | EM raw | F1 raw | n |", "|---|---:|---:|---:|---:|---:|"]
+             "| model | EM [95 % CI] | F1 [95 % CI] | EM raw | F1 raw | n |", "|---|---:|---:|---:|---:|---:|"]
     for tag, m in metrics.items():
-        lines.append(f"| {tag} | {_fmt(m['em'])} | {_fmt(m['f1'])} | {_fmt(m['em_raw'])} | {_fmt(m['f1_raw'])} | {m['n']} |")
+        lines.append(f"| {tag} | {fmt(m['em'], m.get('em_ci'))} | {fmt(m['f1'], m.get('f1_ci'))} | {_fmt(m['em_raw'])} | "
+                     f"{_fmt(m['f1_raw'])} | {m['n']} |")
     base, tuned = metrics.get("base"), metrics.get("tuned")
     if base and tuned:
-        lines += ["", f"Change: EM {tuned['em'] - base['em']:+.2f}, F1 {tuned['f1'] - base['f1']:+.2f} points."]
+        change = paired_change(run.folder, ("em", "f1"), {"em": "EM", "f1": "F1"})
+        lines += ["", change or f"Change: EM {tuned['em'] - base['em']:+.2f}, F1 {tuned['f1'] - base['f1']:+.2f} points."]
+    m0 = next(iter(metrics.values()), {})
+    if m0.get("ci_method"):
+        lines += ["", f"Intervals: {m0['ci_method']}."]
     lines += ["", "EM/F1 use language-aware normalization (NFC, Romanian cedilla → comma-below, case, "
               "Unicode punctuation, whitespace; English articles only for English); *raw* compares the "
               "stripped strings as generated."]
