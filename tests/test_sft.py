@@ -318,6 +318,7 @@ def test_sft_run_end_to_end(tmp_path, tiny_gemma, capsys, pack):
         m = metrics[tag]
         assert m["n"] == 4 and m["tokens"] > 0 and {"em", "f1", "rougeL", "nll_per_token"} <= set(m)
         assert m["rougeL_ci"][0] <= m["rougeL"] <= m["rougeL_ci"][1] and "over conversations" in m["ci_method"]
+        assert m["nll_per_token_ci"][0] <= m["nll_per_token"] <= m["nll_per_token_ci"][1]
     # training on the assistant turns lowers the held-out loss on them
     assert metrics["tuned"]["nll_per_token"] < metrics["base"]["nll_per_token"]
     err = capsys.readouterr().err

@@ -54,3 +54,15 @@ def test_paired_difference():
     with pytest.raises(ValueError):
         paired_difference(base, base[:10])
     assert interval([50.0]) is None and fmt(71.666, [60.0, 83.3]) == "71.67 [60.00, 83.30]"
+
+
+def test_ratio_interval_is_the_token_weighted_mean_over_units():
+    from glotkit.eval.uncertainty import ratio_interval
+
+    rng = np.random.default_rng(4)
+    counts = rng.integers(5, 40, 50).astype(float)
+    sums = counts * rng.uniform(1.0, 3.0, 50)
+    lo, hi = ratio_interval(sums, counts, seed=2)
+    assert lo < sums.sum() / counts.sum() < hi
+    # equal weights: the interval of the plain mean
+    assert ratio_interval(sums / counts, np.ones(50), seed=2) == pytest.approx(interval(sums / counts, seed=2))

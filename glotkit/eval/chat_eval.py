@@ -34,7 +34,31 @@ def heldout_loss(model, enc: ChatEncoder, convs: Sequence[Conversation], pad_id:
         return {"nll_per_token": None, "perplexity": None, "bits_per_byte": None, "tokens": 0, "bytes": 0}
     n_bytes = sum(len(iter_supervised_text(e.input_ids, e.labels, enc.tok).encode("utf-8")) for e in examples)
     r = heldout_scores(model, build_rows(examples), n_bytes, pad_id, progress=progress, desc=desc)
-    return r | {"truncated": stats.truncated, "dropped": stats.dropped}
+    return r | {"truncated": stats.truncated, "dropped": stats.dropped,
+                "nll_per_token_ci": _loss_interval(model, examples, pad_id)}
+
+
+def _loss_interval(model, examples, pad_id: int):
+    """Bootstrap interval over conversations of the loss per assistant token (each conversation's
+    summed loss over its supervised tokens)."""
+    import torch
+
+    from glotkit.eval.uncertainty import ratio_interval
+    from glotkit.models.lm import SupervisedLoss, build_rows
+
+    loss_fn = SupervisedLoss(model)
+    was = model.training
+    model.eval()
+    sums, counts = [], []
+    try:
+        with torch.no_grad():
+            for row in build_rows(examples):
+                loss, n = loss_fn(loss_fn.collate([row], pad_id))
+                sums.append(float(loss))
+                counts.append(int(n))
+    finally:
+        model.train(was)
+    return ratio_interval(sums, counts)
 
 
 def evaluate_chat(model, generator: Generator, enc: ChatEncoder, convs: Sequence[Conversation], cfg, *,

@@ -49,6 +49,19 @@ def interval(values: Sequence[float], clusters: Sequence[Hashable] | None = None
     return float(lo), float(hi)
 
 
+def ratio_interval(numerators: Sequence[float], denominators: Sequence[float], *, resamples: int = RESAMPLES,
+                   seed: int = 0, level: float = LEVEL) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of sum(numerators) / sum(denominators) over the units they
+    belong to (e.g. the loss per token over conversations: each one's summed loss and its tokens)."""
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if len(num) < 2:
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(num), size=(resamples, len(num)))
+    ratios = num[draws].sum(axis=1) / den[draws].sum(axis=1)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], clusters: Sequence[Hashable] | None = None, *,
                       resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict | None:
     """mean(b) − mean(a) on the same items, its paired bootstrap interval (the same draws for

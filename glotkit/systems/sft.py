@@ -174,15 +174,16 @@ def _report(run: Run, metrics: dict) -> list[str]:
     from glotkit.systems.finetune import paired_change
 
     lines = ["", "## Held-out conversations", "",
-             "| model | loss per assistant token | perplexity | EM [95 % CI] | F1 [95 % CI] | ROUGE-L [95 % CI] | n |",
+             "| model | loss per assistant token [95 % CI] | perplexity | EM [95 % CI] | F1 [95 % CI] | ROUGE-L [95 % CI] | n |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for tag, m in metrics.items():
-        lines.append(f"| {tag} | {_fmt(m['nll_per_token'], 4)} | {_fmt(m['perplexity'], 3)} | "
+        lines.append(f"| {tag} | {fmt(m['nll_per_token'], m.get('nll_per_token_ci'), 4)} | {_fmt(m['perplexity'], 3)} | "
                      f"{fmt(m['em'], m.get('em_ci'))} | {fmt(m['f1'], m.get('f1_ci'))} | "
                      f"{fmt(m['rougeL'], m.get('rougeL_ci'))} | {m['n']} |")
     base, tuned = metrics.get("base"), metrics.get("tuned")
     if base and tuned:
-        lines += ["", f"Loss per assistant token: {tuned['nll_per_token'] - base['nll_per_token']:+.4f} (no interval yet)."]
+        lines += ["", f"Loss per assistant token: {tuned['nll_per_token'] - base['nll_per_token']:+.4f} (its interval: "
+                  "bootstrap over conversations of the summed loss over their tokens)."]
         change = paired_change(run.folder, ("em", "f1", "rougeL"), {"em": "EM", "f1": "F1", "rougeL": "ROUGE-L"})
         lines += ["", change or f"Change: EM {tuned['em'] - base['em']:+.2f}, F1 {tuned['f1'] - base['f1']:+.2f}, "
                   f"ROUGE-L {tuned['rougeL'] - base['rougeL']:+.2f} points."]
