@@ -126,7 +126,7 @@ def _chat(recipe, out: Path, name: str, quants: list[str], limit: int | None) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from glotkit.data.chat import load_chat_data
-    from glotkit.eval.qa_metrics import QAScore, aggregate, score_one
+    from glotkit.eval.qa_metrics import aggregate, score_one
 
     d = recipe.data
     convs = load_chat_data(d.train, d.test, d.format, d.fields, d.test_ratio, recipe.seed).test[:limit]
@@ -161,8 +161,7 @@ def _chat(recipe, out: Path, name: str, quants: list[str], limit: int | None) ->
     print(f"\n{recipe.name}: {len(convs)} held-out conversations, greedy, max_new_tokens {n_new}")
     print(f"{'model':<30}{'EM':>7}{'F1':>7}{'same answer':>13}{'seconds':>9}")
     for k, (got, secs) in answers.items():
-        m = aggregate([QAScore(*[getattr(s, f) for f in ("em", "f1", "em_raw", "f1_raw")])
-                       for s in (score_one(a, [c.answer()], recipe.data.language) for a, c in zip(got, convs))])
+        m = aggregate([score_one(a, [c.answer()], recipe.data.language) for a, c in zip(got, convs)])
         same = sum(a == b for a, b in zip(got, local))
         print(f"{k:<30}{m['em']:>7.2f}{m['f1']:>7.2f}{same:>8}/{len(local):<4}{secs:>9.0f}")
 

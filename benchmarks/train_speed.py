@@ -53,6 +53,12 @@ def _peak(device: str) -> float:
     return m.get("peak_cuda_mb", m["peak_rss_mb"])
 
 
+def _timed(log: list[dict], warmup: int) -> tuple[float, int]:
+    """(seconds, tokens) of the engine's steps after the first ``warmup``."""
+    t = log[-1]["seconds"] - log[warmup - 1]["seconds"] if warmup else log[-1]["seconds"]
+    return t, log[-1]["tokens"] - (log[warmup - 1]["tokens"] if warmup else 0)
+
+
 def worker_ours(args) -> dict:
     import torch
 
@@ -77,9 +83,8 @@ def worker_ours(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         res = train(model, enc, cfg, seed=42, work_dir=Path(tmp), pad_id=tok.pad_token_id, device=device, progress=False)
     log = res.log
+    t, n = _timed(log, args.warmup)
     w = args.warmup
-    t = log[-1]["seconds"] - log[w - 1]["seconds"] if w else log[-1]["seconds"]
-    n = log[-1]["tokens"] - (log[w - 1]["tokens"] if w else 0)
     return {"engine": "glotkit", "device": device, "tokens_per_s": n / t, "timed_steps": len(log) - w,
             "timed_tokens": n, "seconds": t, "mean_loss": sum(h["loss"] for h in log) / len(log),
             "peak_mb": _peak(device), "fast_loss": res.fast_loss, "shared_prefix": res.shared_prefix,
@@ -136,9 +141,8 @@ def worker_ours_chat(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         res = train(model, rows, cfg, seed=42, work_dir=Path(tmp), pad_id=tok.pad_token_id, device=device, progress=False)
     log = res.log
+    t, n = _timed(log, args.warmup)
     w = args.warmup
-    t = log[-1]["seconds"] - log[w - 1]["seconds"] if w else log[-1]["seconds"]
-    n = log[-1]["tokens"] - (log[w - 1]["tokens"] if w else 0)
     peak = _peak(device)
     return {"engine": "glotkit", "device": device, "tokens_per_s": n / t, "timed_steps": len(log) - w,
             "heldout_loss": _heldout(model, tok),

@@ -33,32 +33,12 @@ def heldout_loss(model, enc: ChatEncoder, convs: Sequence[Conversation], pad_id:
     if not examples:
         return {"nll_per_token": None, "perplexity": None, "bits_per_byte": None, "tokens": 0, "bytes": 0}
     n_bytes = sum(len(iter_supervised_text(e.input_ids, e.labels, enc.tok).encode("utf-8")) for e in examples)
-    r = heldout_scores(model, build_rows(examples), n_bytes, pad_id, progress=progress, desc=desc)
-    return r | {"truncated": stats.truncated, "dropped": stats.dropped,
-                "nll_per_token_ci": _loss_interval(model, examples, pad_id)}
-
-
-def _loss_interval(model, examples, pad_id: int):
-    """Bootstrap interval over conversations of the loss per assistant token (each conversation's
-    summed loss over its supervised tokens)."""
-    import torch
-
     from glotkit.eval.uncertainty import ratio_interval
-    from glotkit.models.lm import SupervisedLoss, build_rows
 
-    loss_fn = SupervisedLoss(model)
-    was = model.training
-    model.eval()
-    sums, counts = [], []
-    try:
-        with torch.no_grad():
-            for row in build_rows(examples):
-                loss, n = loss_fn(loss_fn.collate([row], pad_id))
-                sums.append(float(loss))
-                counts.append(int(n))
-    finally:
-        model.train(was)
-    return ratio_interval(sums, counts)
+    # one pass per conversation: the figures and each conversation's summed loss for the interval
+    r = heldout_scores(model, build_rows(examples), n_bytes, pad_id, progress=progress, desc=desc, per_row=True)
+    ci = ratio_interval(r.pop("row_nll"), r.pop("row_tokens"))
+    return r | {"truncated": stats.truncated, "dropped": stats.dropped, "nll_per_token_ci": ci}
 
 
 def evaluate_chat(model, generator: Generator, enc: ChatEncoder, convs: Sequence[Conversation], cfg, *,
@@ -109,8 +89,7 @@ def evaluate_chat(model, generator: Generator, enc: ChatEncoder, convs: Sequence
         r.setdefault("rougeL", rouge_scores([r["prediction"]], [r["gold"][0]])["rougeL"] / 100)
     from glotkit.eval.qa_eval import intervals
 
-    metrics |= intervals(ordered, None, ("em", "f1", "rougeL"))
-    metrics["ci_method"] = metrics["ci_method"].replace("over items", "over conversations")
+    metrics |= intervals(ordered, None, ("em", "f1", "rougeL"), unit="conversations")
     metrics |= {"n": len(ordered), "seconds": round(seconds, 2), "backend": generator.backend}
     if todo:
         metrics["examples_per_s"] = round(len(todo) / max(seconds, 1e-9), 2)

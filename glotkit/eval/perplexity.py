@@ -20,7 +20,10 @@ from glotkit.data.prompts import IGNORE
 
 @torch.no_grad()
 def heldout_scores(model, rows: Sequence, n_bytes: int, pad_id: int, batch_tokens: int = 2048,
-                   progress: bool = True, desc: str = "held-out") -> dict:
+                   progress: bool = True, desc: str = "held-out", per_row: bool = False) -> dict:
+    """Loss per supervised token, perplexity and bits per byte of ``rows``; with ``per_row`` each
+    row is its own pass and ``row_nll`` / ``row_tokens`` give each row's summed loss and
+    supervised tokens (for an interval over rows)."""
     from tqdm.auto import tqdm
 
     from glotkit.models.lm import SupervisedLoss, split_by_tokens
@@ -31,13 +34,17 @@ def heldout_scores(model, rows: Sequence, n_bytes: int, pad_id: int, batch_token
     nll = 0.0
     n = 0
     lengths = [len(r.input_ids) for r in rows]
-    chunks = split_by_tokens(list(range(len(rows))), lengths, batch_tokens)
+    chunks = [[i] for i in range(len(rows))] if per_row else \
+        split_by_tokens(list(range(len(rows))), lengths, batch_tokens)
+    row_nll, row_tokens = [], []
     try:
         for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
             batch = loss_fn.collate([rows[i] for i in chunk], pad_id)
             loss, k = loss_fn(batch)
             nll += loss.item()
             n += k
+            row_nll.append(loss.item())
+            row_tokens.append(int(k))
     finally:
         model.train(was_training)
     per_token = nll / max(n, 1)
@@ -47,7 +54,7 @@ def heldout_scores(model, rows: Sequence, n_bytes: int, pad_id: int, batch_token
         "bits_per_byte": round(nll / math.log(2) / max(n_bytes, 1), 5),
         "tokens": n,
         "bytes": n_bytes,
-    }
+    } | ({"row_nll": row_nll, "row_tokens": row_tokens} if per_row else {})
 
 
 def count_target_tokens(rows: Sequence) -> int:

@@ -27,12 +27,13 @@ def context_id(context: str) -> str:
     return hashlib.sha1(context.encode("utf-8")).hexdigest()[:12]
 
 
-def intervals(rows: list[dict], clusters: list[str] | None, keys=("em", "f1")) -> dict:
-    """95 % bootstrap intervals (×100, like the scores) of per-item scores, and the method."""
+def intervals(rows: list[dict], clusters: list[str] | None, keys=("em", "f1"), unit: str | None = None) -> dict:
+    """95 % bootstrap intervals (×100, like the scores) of per-item scores, and the method
+    (``unit``: what the items are, when they are not clustered)."""
     from glotkit.eval.uncertainty import interval, method
 
     out = {f"{k}_ci": interval([100 * float(r[k]) for r in rows], clusters) for k in keys}
-    out["ci_method"] = method(CI_UNIT if clusters is not None else "items")
+    out["ci_method"] = method(CI_UNIT if clusters is not None else unit or "items")
     return out
 
 

@@ -446,7 +446,7 @@ class DistillSystem:
         def students(run: Run, splits: dict) -> None:
             for st in run.recipe.distill.students:
                 train_student(run.recipe, run.folder.root, st, splits, run.log, run.progress,
-                              on_log=_tracked(run))
+                              on_log=_tracked(run, f"student.{st.name}"))
 
         return [
             _stage("compare", lambda run, splits: run_compare(run.recipe, run.folder.root, run.log, run.progress)),
@@ -543,17 +543,13 @@ def best_format(run_dir: Path, model: str, default: str) -> str:
     return min(found)[3] if found else default
 
 
-def _tracked(run: Run):
-    """The experiment trackers' step logger of the run (None: none asked for)."""
+def _tracked(run: Run, name: str | None = None):
+    """The experiment trackers' step logger of the run (None: none asked for); ``name``: one of
+    several trainings of a stage, tracked under its own name."""
     tracker = run.shared.get("tracker")
-    return tracker.step if tracker is not None else None
-
-
-def _prefixed(on_log, name: str):
-    """Steps of one of several trainings of a stage, tracked under their own name."""
-    if on_log is None:
+    if tracker is None:
         return None
-    return lambda rec: on_log({f"{name}/{k}" if k != "step" else k: v for k, v in rec.items()})
+    return tracker.step if name is None else tracker.step_of(name)
 
 
 def _train_adapter(recipe: DistillRecipe, model_cfg, examples, out: Path, work: Path, what: str, log, progress,
@@ -932,7 +928,7 @@ def train_student(recipe: DistillRecipe, run_dir: Path, st, splits, log, progres
     cfg = recipe.model.model_copy(update={"name": model_name, "quantization": "none"})
     _train_adapter(recipe, cfg, examples, out, f.student_train(st.name), f"student '{st.name}'", log, progress,
                    epochs=distill_cfg.student_epochs, lr=distill_cfg.student_lr,
-                   on_log=_prefixed(on_log, f"student.{st.name}"))
+                   on_log=on_log)
 
 
 def student_model_path(recipe: DistillRecipe, run_dir: Path, st, splits, traces, log) -> str:

@@ -228,9 +228,8 @@ def _generators_done(run: Run) -> bool:
 
 def _generators_stage(run: Run) -> None:
     model, tok, device = _model(run)
-    tracker = run.shared.get("tracker")
     model = _train_generators(run.recipe, model, tok, device, run.folder.generators, run.log, run.progress,
-                              on_log=tracker.step if tracker is not None else None)
+                              tracker=run.shared.get("tracker"))
     run.shared["model"] = (model, tok, device)
 
 
@@ -342,7 +341,7 @@ def _embed_settings(recipe: XlloraRecipe, synth_dir: Path) -> dict:
                                                    "triplets": sha256_of_files([synth_dir / "triplets.jsonl"])}
 
 
-def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress, on_log=None):
+def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress, tracker=None):
     import torch
 
     from glotkit.data.pairs import read_pairs
@@ -370,8 +369,7 @@ def _train_generators(recipe, model, tok, device, gen_dir: Path, log, progress, 
         train_adapter(peft_model, examples, recipe.train, what=f"generator '{kind}'", out=out,
                       work_dir=gen_dir / f"train-{kind}", seed=recipe.seed, pad_id=tok.pad_token_id, device=device,
                       log=log, progress=progress, info={"pairs": len(pairs), "dropped_too_long": dropped},
-                      on_log=(lambda rec, kind=kind: on_log({f"{kind}/{k}" if k != "step" else k: v
-                                                             for k, v in rec.items()})) if on_log else None)
+                      on_log=tracker.step_of(kind) if tracker is not None else None)
         if recipe.lora.changes_base():  # PiSSA/OLoRA rewrote the base weights: the original again
             from glotkit.models.loading import load_model
 

@@ -134,6 +134,10 @@ class Tracker:
         self.log({f"train/{k}": float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                  step)
 
+    def step_of(self, name: str) -> Callable[[dict], None]:
+        """The step logger of one of several trainings in a stage (``train/NAME/...``)."""
+        return lambda record: self.step({f"{name}/{k}" if k != "step" else k: v for k, v in record.items()})
+
     def close(self, finished: bool = True) -> None:
         for name, sink in self.sinks:
             if name == "tensorboard":
