@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="classification by option log-likelihood (default) or by parsing a generation")
     sp.add_argument("--limit", type=int, default=None, help="test items per task (a positive number; default: all)")
     sp.add_argument("--seed", type=int, default=None, help=f"seed of the few-shot draws (default {SuiteSection().seed})")
+    sp.add_argument("--shot-seeds", default=None, metavar="S1,S2,...",
+                    help="also run each k-shot row with these demonstration seeds and show the range of scores "
+                         "(how much the draw of demonstrations alone moves a figure)")
     sp.add_argument("--batch-size", type=int, default=None, help=f"default {SuiteSection().batch_size}")
     sp.add_argument("--data-root", default=None, help="folder with the data sets (default: ../shared/data)")
     sp.add_argument("--out", default="runs/eval-ro")
@@ -363,6 +366,13 @@ def _option_error(err) -> GlotkitError:
     return GlotkitError(f"--{str(first['loc'][0]).replace('_', '-')} {first['input']}: {first['msg']}")
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise GlotkitError(f"--shot-seeds {text!r}: expected whole numbers like 1,2,3") from None
+
+
 def _eval(args) -> int:
     """``glotkit eval``: its options make a suite configuration (the recipes' ``suite:``, same
     defaults) and run through the same code as a recipe's suite stage."""
@@ -384,6 +394,7 @@ def _eval(args) -> int:
             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else defaults.tasks,
             shots=parse_shots(args.shots) if args.shots else defaults.shots, mode=args.mode or defaults.mode,
             limit=args.limit, seed=defaults.seed if args.seed is None else args.seed,
+            shot_seeds=_seeds(args.shot_seeds) if args.shot_seeds else [],
             batch_size=defaults.batch_size if args.batch_size is None else args.batch_size, data_root=args.data_root,
             task_files=args.task_file,
             task_data=task_data)

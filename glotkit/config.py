@@ -255,6 +255,8 @@ class SuiteSection(_Section):
     mode: Literal["loglik", "generate"] = "loglik"
     limit: StrictInt | None = Field(None, gt=0)
     seed: StrictInt = 1234
+    # k-shot rows are also run with these demonstration seeds; the table shows the range of scores
+    shot_seeds: list[StrictInt] = Field(default_factory=list)
     batch_size: StrictInt = Field(8, gt=0)
     models: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"])
     data_root: str | None = None  # default: ../shared/data beside the checkout

@@ -235,3 +235,62 @@ def test_suite_resumes_and_tabulates_models_side_by_side(tmp_path, monkeypatch):
 
     monkeypatch.setattr(suite, "run_task", boom)
     run_suite(LocalGenerator(model, tok), [task], model_label="tuned", **kw)  # nothing left to do
+
+
+def test_a_template_ending_in_a_space_scores_no_doubled_space(tmp_path):
+    """lm-evaluation-harness moves a context's trailing spaces into the continuation; so do we:
+    "Răspuns: " scores " pozitivă" after "Răspuns:", exactly as the template without the space."""
+    from glotkit.eval.suite import split_continuation
+
+    assert split_continuation("Răspuns: ", "da") == ("Răspuns:", " da")
+    assert split_continuation("Răspuns:", "da") == ("Răspuns:", " da")
+    assert split_continuation("Răspuns:\n", "da") == ("Răspuns:", "\nda")
+    model, tok = build_model(tmp_path, "gemma3", init=0.2)
+    task, data = _toy_task()
+    spaced = Task("toy", "classification", "toy", lambda root: data, task.template + " ", task.answer, task.labels)
+    a = run_task(LocalGenerator(model, tok), task, data, shots=2, seed=7, mode="loglik", limit=6, batch_size=4)
+    b = run_task(LocalGenerator(model, tok), spaced, data, shots=2, seed=7, mode="loglik", limit=6, batch_size=4)
+    assert [p["option_logliks"] for p in a["predictions"]] == [p["option_logliks"] for p in b["predictions"]]
+    prompt = build_prompt(spaced, data["test"][0], data["train"][:2])
+    assert "  " not in prompt and prompt == build_prompt(task, data["test"][0], data["train"][:2]) + " "
+    # each item records every option's log-likelihood; the choice is the highest
+    for p in a["predictions"]:
+        best = max(range(2), key=p["option_logliks"].__getitem__)
+        assert p["prediction"] == task.labels[best] and a["options"] == task.labels
+
+
+def test_every_score_has_an_interval_and_a_second_model_a_paired_difference(tmp_path):
+    import json
+
+    model, tok = build_model(tmp_path / "m", "llama", init=0.2)
+    other, _ = build_model(tmp_path / "o", "llama", init=0.2, seed=1)
+    task, data = _toy_task()
+    kw = dict(shots=[0, 2], seed=2, mode="loglik", limit=16, batch_size=4, data_root=tmp_path, out_dir=tmp_path / "out",
+              log=lambda m: None, progress=False)
+    run_suite(LocalGenerator(model, tok), [task], model_label="base", shot_seeds=[5, 6], **kw)
+    run_suite(LocalGenerator(other, tok), [task], model_label="tuned", shot_seeds=[5, 6], **kw)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for r in results:
+        m = r["metrics"]
+        for name in ("accuracy", "macro_f1"):
+            lo, hi = m[name + "_ci"]
+            assert lo <= m[name] <= hi
+        assert "percentile bootstrap over items" in r["ci_method"]
+    k2 = [r for r in results if r["shots"] == 2]
+    assert all(r["shot_seeds"]["seeds"] == [2, 5, 6] and len(r["shot_seeds"]["values"]) == 3 for r in k2)
+    assert all("shot_seeds" not in r for r in results if r["shots"] == 0)
+    tuned = [r for r in results if r["model"] == "tuned"]
+    for r in tuned:
+        base = next(b for b in results if b["model"] == "base" and b["shots"] == r["shots"])
+        d = r["paired"]["metrics"]["accuracy"]
+        assert r["paired"]["against"] == "base"
+        assert d["difference"] == pytest.approx(r["metrics"]["accuracy"] - base["metrics"]["accuracy"], abs=0.01)
+        assert d["significant"] == (d["ci"][0] > 0 or d["ci"][1] < 0)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "(seeds " in table and "paired bootstrap" in table
+    # the same model twice: a difference of exactly zero, never significant
+    run_suite(LocalGenerator(model, tok), [task], model_label="same", **{**kw, "out_dir": tmp_path / "o2"})
+    run_suite(LocalGenerator(model, tok), [task], model_label="again", **{**kw, "out_dir": tmp_path / "o2"})
+    again = [r for r in json.loads((tmp_path / "o2" / "results.json").read_text()) if r["model"] == "again"]
+    assert all(r["paired"]["metrics"]["macro_f1"] == {"difference": 0.0, "ci": [0.0, 0.0], "significant": False}
+               for r in again)

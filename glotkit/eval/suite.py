@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import random
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from glotkit.config import SuiteSection, folder_name, template_fields
 from glotkit.errors import GlotkitError
+from glotkit.eval.uncertainty import fmt, method, paired_statistic, statistic_intervals
 from glotkit.generate import Generator
 from glotkit.io import read_json_file, read_table_records, read_user_text
 from glotkit.logs import say
@@ -63,6 +65,7 @@ class Task:
     max_new_tokens: int | None = None  # None: the default of the kind
     stop: tuple[str, ...] | None = None  # generation stops at the first of these (None: a newline)
     needs_file: bool = False  # the data is the user's (--task-data NAME=FILE)
+    cluster: str | None = None  # items sharing this field's value are resampled together (QA: the context)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -129,6 +132,31 @@ class Task:
             m = rouge_scores([p or "" for p in preds], golds)
         m["unparsed"] = sum(p is None for p in preds)
         return m
+
+    def statistic(self, preds: list, golds: list, language: str = "ro"):
+        """The task's metrics on the items at an index array (for the bootstrap): the numbers
+        :meth:`score` gives, from item-level forms of the same metrics.  Predictions and golds as
+        :meth:`gold` / :meth:`parse` give them, or as a predictions file stores them (lists)."""
+        from glotkit.eval import metrics as M
+
+        if self.kind == "classification":
+            return M.classification_statistic(preds, golds, self.labels)
+        if self.kind == "regression":
+            return M.correlation_statistic(preds, golds, missing=2.5)
+        if self.kind == "multichoice":
+            return M.option_set_statistic([set(p or ()) for p in preds], [set(g) for g in golds])
+        if self.kind == "qa":
+            from glotkit.eval.qa_metrics import score_one
+
+            scores = [score_one(p or "", g, language) for p, g in zip(preds, golds)]
+            return M.mean_statistic({k: [100 * getattr(x, k) for x in scores] for k in ("em", "f1", "em_raw", "f1_raw")})
+        return M.mean_statistic(M.rouge_items([p or "" for p in preds], golds))
+
+    def clusters(self, records: list[dict]) -> list | None:
+        """What the bootstrap draws whole: the value of the task's ``cluster`` field per item (None: items)."""
+        if not self.cluster or not records or self.cluster not in records[0]:
+            return None
+        return [r.get(self.cluster) for r in records]
 
 
 def _seeded_split(rows: list[dict], test_size: int, seed: int = 0) -> dict[str, list[dict]]:
@@ -280,7 +308,7 @@ BUILTIN_TASKS: dict[str, Task] = {
                       "Întrebare ({subject}): {question}\n{options}\nRăspunsul corect (una sau două litere):",
                       lambda r: r["answer"], ["A", "B", "C"]),
     "qa": Task("qa", "qa", "XQuAD-ro extractive questions (EM/F1 of the core)", _load_xquad_ro,
-               "Context: {context}\nÎntrebare: {question}\nRăspuns:", lambda r: r["answers"][0]),
+               "Context: {context}\nÎntrebare: {question}\nRăspuns:", lambda r: r["answers"][0], cluster="context"),
     "summarization": Task("summarization", "summarization", "your (text, summary) data: --task-data summarization=FILE",
                           _load_summaries, "Text: {text}\nRezumat:", lambda r: r["summary"], needs_file=True),
 }
@@ -380,9 +408,11 @@ def task_from_spec(spec: dict, base_dir: Path = Path(".")) -> Task:
         return v[0] if isinstance(v, list) else str(v)
 
     stop = spec.get("stop")
+    cluster = spec.get("cluster", "context" if kind == "qa" and "context" in fields_of_template else None)
     return Task(str(spec["name"]), kind, str(spec.get("description", "")), load, str(spec["template"]),
                 answer, [str(x) for x in spec.get("labels", [])], spec.get("max_new_tokens"),
-                tuple(stop) if isinstance(stop, list) else ((stop,) if stop else None))
+                tuple(stop) if isinstance(stop, list) else ((stop,) if stop else None),
+                cluster=str(cluster) if cluster else None)
 
 
 def load_task_file(path: str | Path) -> list[Task]:
@@ -477,7 +507,7 @@ def run_suite_for(cfg: SuiteSection, models: Sequence[tuple[str, Callable[[], Ge
             f"limit {cfg.limit}")
         results = run_suite(generator, tasks, shots=cfg.shots, seed=cfg.seed, mode=cfg.mode, limit=cfg.limit,
                             batch_size=cfg.batch_size, data_root=root, out_dir=out_dir, model_label=label,
-                            task_data=task_data, log=log, progress=progress)
+                            task_data=task_data, log=log, progress=progress, shot_seeds=cfg.shot_seeds)
     return results
 
 
@@ -501,9 +531,26 @@ def draw_shots(train: list[dict], k: int, seed: int, index: int) -> list[dict]:
     return random.Random(seed * 100_003 + index).sample(train, k)
 
 
+def answer_separator(template: str) -> str:
+    """What goes between a filled template and its answer: a space, unless the template already
+    ends in whitespace (then nothing, so the answer never follows a doubled space)."""
+    return "" if template[-1:].isspace() else " "
+
+
 def build_prompt(task: Task, record: dict, shots: list[dict]) -> str:
-    demos = [task.template.format(**s) + " " + task.answer(s) for s in shots]
+    sep = answer_separator(task.template)
+    demos = [task.template.format(**s) + sep + task.answer(s) for s in shots]
     return "\n\n".join(demos + [task.template.format(**record)])
+
+
+def split_continuation(prompt: str, option: str) -> tuple[str, str]:
+    """The (context, continuation) that log-likelihood scoring compares for an option: the option
+    after a space, as the demonstrations give it; a prompt's trailing whitespace moves into the
+    continuation instead of being followed by a second space (what lm-evaluation-harness does
+    with a context that ends in spaces)."""
+    context = prompt.rstrip()
+    tail = prompt[len(context):]
+    return context, (tail or " ") + option
 
 
 def parse_label(text: str, labels: Sequence[str]) -> str | None:
@@ -555,13 +602,28 @@ def run_task(generator: Generator, task: Task, data: dict[str, list[dict]], *, s
         raise GlotkitError(f"task '{task.name}': empty test split")
     check_template(task, test[0])
     texts = [build_prompt(task, r, draw_shots(data["train"], shots, seed, i)) for i, r in enumerate(test)]
-    prompt_ids = [generator.tokenizer(t)["input_ids"] for t in texts]
+    ll: list[list[float]] | None = None
+    options: list[str] = []
 
     def logliks(continuations: list[str]) -> list[list[float]]:
-        # each option after a space, as it follows "...:" in the demonstrations
-        return generator.option_logliks(prompt_ids, [" " + c for c in continuations], batch_size=batch_size,
-                                        texts=texts, progress=progress, desc=task.name)
+        # each option after a space, as it follows "...:" in the demonstrations (a prompt's trailing
+        # whitespace becomes that space: see split_continuation); prompts grouped by that tail
+        by_tail: dict[str, list[int]] = {}
+        contexts = []
+        for i, t in enumerate(texts):
+            context, tail = split_continuation(t, "")
+            contexts.append(context)
+            by_tail.setdefault(tail, []).append(i)
+        out: list = [None] * len(texts)
+        for tail, members in by_tail.items():
+            ids = [generator.tokenizer(contexts[i])["input_ids"] for i in members]
+            rows = generator.option_logliks(ids, [tail + c for c in continuations], batch_size=batch_size,
+                                            texts=[contexts[i] for i in members], progress=progress, desc=task.name)
+            for i, row in zip(members, rows):
+                out[i] = row
+        return out
 
+    prompt_ids = [generator.tokenizer(t)["input_ids"] for t in texts]
     if mode == "loglik" and task.kind in ("classification", "multichoice"):
         options = task.options()
         ll = logliks(options)
@@ -573,7 +635,8 @@ def run_task(generator: Generator, task: Task, data: dict[str, list[dict]], *, s
         import math
 
         values = list(range(6))
-        ll = logliks([str(v) for v in values])
+        options = [str(v) for v in values]
+        ll = logliks(options)
         preds = []
         for row in ll:
             top = max(row)
@@ -587,27 +650,78 @@ def run_task(generator: Generator, task: Task, data: dict[str, list[dict]], *, s
         preds = [task.parse(g) for g in gens]
     golds = [task.gold(r) for r in test]
     metrics = task.score(preds, golds, language)
+    clusters = task.clusters(test)
+    for name, ci in statistic_intervals(task.statistic(preds, golds, language), len(test), clusters, seed=seed).items():
+        metrics[f"{name}_ci"] = [round(ci[0], 2), round(ci[1], 2)]
 
     def plain(v):
         return sorted(v) if isinstance(v, frozenset) else v
+
+    def item(i, g, p, x):
+        row = {"gold": plain(g), "prediction": plain(p), "generation": x}
+        if ll is not None:  # what lm-evaluation-harness reports per option: the summed log-likelihood
+            row["option_logliks"] = [round(v, 6) for v in ll[i]]
+        return row
 
     return {"task": task.name, "kind": task.kind, "shots": shots, "mode": mode, "seed": seed,
             "backend": generator.backend,
             "batch_size": batch_size, "limit": limit, "template": task.template,
             "max_new_tokens": task.max_new_tokens, "main_metric": task.main_metric, "metrics": metrics,
+            "ci_method": method(_unit(task) if clusters else "items", seed=seed),
+            **({"options": options} if options else {}),
             "prompt_tokens_mean": round(sum(map(len, prompt_ids)) / len(prompt_ids), 1),
             "seconds": round(time.perf_counter() - t0, 1),
-            "predictions": [{"gold": plain(g), "prediction": plain(p), "generation": x}
-                            for g, p, x in zip(golds, preds, gens)]}
+            "predictions": [item(i, g, p, x) for i, (g, p, x) in enumerate(zip(golds, preds, gens))]}
+
+
+def _unit(task: Task) -> str:
+    return "contexts" if task.cluster == "context" else f"groups of equal '{task.cluster}'"
 
 
 def _unit_key(r: dict) -> tuple:
-    return (r["model"], r["task"], r["shots"], r["mode_asked"], r["limit"], r["seed"], r["template"], r["max_new_tokens"])
+    return (r["model"], r["task"], r["shots"], r["mode_asked"], r["limit"], r["seed"], r["template"], r["max_new_tokens"],
+            tuple(r.get("shot_seeds_asked") or ()))
 
 
-def unit_key(model_label: str, task: Task, shots: int, mode: str, limit: int | None, seed: int) -> tuple:
+def unit_key(model_label: str, task: Task, shots: int, mode: str, limit: int | None, seed: int,
+             shot_seeds: Sequence[int] = ()) -> tuple:
     """The identity of one (model, task, shots) result: what must match for it to be reused."""
-    return (model_label, task.name, shots, mode, limit, seed, task.template, task.max_new_tokens)
+    return (model_label, task.name, shots, mode, limit, seed, task.template, task.max_new_tokens,
+            tuple(shot_seeds) if shots else ())
+
+
+def _slug(model_label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_label).strip("_")
+
+
+def predictions_path(out_dir: Path, model_label: str, task_name: str, shots: int) -> Path:
+    return out_dir / f"predictions-{_slug(model_label)}-{task_name}-{shots}shot.jsonl"
+
+
+def _paired_with(task: Task, ref: dict, preds: list[dict], test: list[dict], out_dir: Path, seed: int,
+                 language: str = "ro") -> dict | None:
+    """Every metric of this model minus the reference model's (the first model of the results on
+    the same task, shots and settings), with its paired bootstrap interval over the same items."""
+    from glotkit.io import read_jsonl
+
+    path = predictions_path(out_dir, ref["model"], task.name, ref["shots"])
+    if not path.is_file():
+        return None
+    theirs = read_jsonl(path)
+    if [p["gold"] for p in theirs] != [p["gold"] for p in preds]:
+        return None  # not the same items (another data version): no pairing
+
+    def stat(rows):
+        def value(v):
+            return frozenset(v) if task.kind == "multichoice" and v is not None else v
+
+        golds = [value(r["gold"]) for r in rows]
+        return task.statistic([value(r["prediction"]) for r in rows], golds, language)
+
+    diffs = paired_statistic(stat(theirs), stat(preds), len(preds), task.clusters(test), seed=seed)
+    return {"against": ref["model"],
+            "metrics": {k: {"difference": round(d["difference"], 2), "ci": [round(x, 2) for x in d["ci"]],
+                            "significant": d["significant"]} for k, d in diffs.items()}}
 
 
 def done_units(results_path: Path) -> set[tuple]:
@@ -617,7 +731,7 @@ def done_units(results_path: Path) -> set[tuple]:
 def run_suite(generator: Generator, tasks: Sequence[Task], *, shots: Sequence[int], seed: int, mode: str,
               limit: int | None, batch_size: int, data_root: Path, out_dir: Path, model_label: str,
               task_data: dict[str, Path] | None = None, log: Callable[[str], None] = say,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, shot_seeds: Sequence[int] = ()) -> list[dict]:
     """Every task at every number of shots for one model; results are added to ``results.json``
     in ``out_dir`` (a (model, task, shots) already there with the same settings is not redone,
     so an interrupted suite resumes and a second model's results join the first's), and
@@ -629,32 +743,52 @@ def run_suite(generator: Generator, tasks: Sequence[Task], *, shots: Sequence[in
     results_path = out_dir / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else []
     done = {_unit_key(r) for r in results}
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_label).strip("_")
     for task in tasks:
         # a task that needs the user's file and got none is given the data root; its loader says what to give
         source = Path(task_data[task.name]) if task.name in task_data else Path(data_root)
         data = None
         for k in shots:
-            if unit_key(model_label, task, k, mode, limit, seed) in done:
+            key = unit_key(model_label, task, k, mode, limit, seed, shot_seeds)
+            if key in done:
                 log(f"{task.name} {k}-shot for {model_label}: done before, kept")
                 continue
             data = data if data is not None else task.load(source)
             r = run_task(generator, task, data, shots=k, seed=seed, mode=mode, limit=limit,
                          batch_size=batch_size, progress=progress)
-            r["model"], r["mode_asked"] = model_label, mode
-            atomic_write_jsonl(out_dir / f"predictions-{slug}-{task.name}-{k}shot.jsonl", r.pop("predictions"))
-            results.append(r)
             main = r["main_metric"]
-            log(f"{task.name} {k}-shot ({r['mode']}), {model_label}: {main} {r['metrics'][main]:.2f}  "
-                f"(n={r['metrics']['n']})")
+            if k and shot_seeds:
+                # the same items with other demonstrations: how much the draw alone moves the score
+                values = {seed: r["metrics"][main]}
+                for other in shot_seeds:
+                    if other not in values:
+                        values[other] = run_task(generator, task, data, shots=k, seed=other, mode=mode, limit=limit,
+                                                 batch_size=batch_size, progress=progress)["metrics"][main]
+                v = list(values.values())
+                r["shot_seeds"] = {"metric": main, "seeds": list(values), "values": v, "min": min(v), "max": max(v),
+                                   "sd": round(statistics.stdev(v), 2) if len(v) > 1 else 0.0}
+            r["model"], r["mode_asked"], r["shot_seeds_asked"] = model_label, mode, list(key[-1])
+            preds = r.pop("predictions")
+            ref = next((x for x in results if x["model"] != model_label and _unit_key(x)[1:] == key[1:]), None)
+            if ref is not None:
+                paired = _paired_with(task, ref, preds, test_items(task, data, limit), out_dir, seed)
+                if paired:
+                    r["paired"] = paired
+            atomic_write_jsonl(predictions_path(out_dir, model_label, task.name, k), preds)
+            results.append(r)
+            log(f"{task.name} {k}-shot ({r['mode']}), {model_label}: {main} "
+                f"{fmt(r['metrics'][main], r['metrics'].get(main + '_ci'))}  (n={r['metrics']['n']})"
+                + (f"; demonstration seeds {r['shot_seeds']['min']:.2f}–{r['shot_seeds']['max']:.2f}"
+                   if "shot_seeds" in r else ""))
             atomic_write_json(results_path, results)
     write_suite_report(results, out_dir)
     return results
 
 
 def suite_table(results: list[dict]) -> str:
-    """Markdown: one row per (task, shots), one column per model, the main metric of each task;
-    with two models, the difference of the last against the first."""
+    """Markdown: one row per (task, shots), one column per model, the main metric of each task with
+    its 95 % interval (and, with --shot-seeds, the range over demonstration seeds); with two
+    models, the difference of the second against the first with its paired interval, marked *
+    where that interval excludes zero."""
     models = list(dict.fromkeys(r["model"] for r in results))
     cells = {(r["task"], r["shots"], r["model"]): r for r in results}
     rows = sorted({(r["task"], r["shots"]) for r in results}, key=lambda t: ([r["task"] for r in results].index(t[0]), t[1]))
@@ -666,9 +800,19 @@ def suite_table(results: list[dict]) -> str:
         main = some["main_metric"]
         vals = [r["metrics"][main] if r else None for r in rs]
         line = [task, str(k), "/".join(sorted({r["mode"] for r in rs if r})), main]
-        line += ["–" if v is None else f"{v:.2f}" for v in vals]
+        for r, v in zip(rs, vals):
+            cell = "–" if v is None else fmt(v, r["metrics"].get(main + "_ci"))
+            if r and "shot_seeds" in r:
+                cell += f" (seeds {r['shot_seeds']['min']:.2f}–{r['shot_seeds']['max']:.2f})"
+            line.append(cell)
         if len(models) == 2:
-            line.append("–" if None in vals else f"{vals[1] - vals[0]:+.2f}")
+            d = ((rs[1] or {}).get("paired") or {}).get("metrics", {}).get(main)
+            if None in vals:
+                line.append("–")
+            elif d:
+                line.append(f"{d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" + (" *" if d["significant"] else ""))
+            else:
+                line.append(f"{vals[1] - vals[0]:+.2f}")
         line.append(str(some["metrics"]["n"]))
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
@@ -682,7 +826,11 @@ def write_suite_report(results: list[dict], out_dir: Path) -> None:
     first = results[0]
     lines = ["# Task suite", "", f"seed {first['seed']}, batch size {first['batch_size']}, limit {first['limit']}; "
              "scores ×100; mode 'loglik' = the option with the highest log-likelihood, 'generate' = greedy "
-             "generation parsed by the task", "", suite_table(results), ""]
+             "generation parsed by the task", "", suite_table(results), "",
+             "[…]: 95 % interval, " + first.get("ci_method", method()) + " (QA: over contexts). Δ: second model "
+             "minus first on the same items, paired bootstrap interval; * where it excludes zero."
+             + (" (seeds a–b): the lowest and highest score over the demonstration seeds asked (--shot-seeds)."
+                if any("shot_seeds" in r for r in results) else ""), ""]
     unparsed = [(r["model"], r["task"], r["shots"], r["metrics"]["unparsed"]) for r in results if r["metrics"].get("unparsed")]
     if unparsed:
         lines += ["Generations the task could not parse (scored as wrong): "

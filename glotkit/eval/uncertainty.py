@@ -8,7 +8,7 @@ made.  ``tests/test_uncertainty.py`` checks the intervals against ``scipy.stats.
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -75,6 +75,62 @@ def paired_difference(a: Sequence[float], b: Sequence[float], clusters: Sequence
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return {"difference": float(y.mean() - x.mean()), "ci": [float(lo), float(hi)],
             "significant": bool(lo > 0 or hi < 0)}
+
+
+def resample_indices(n: int, clusters: Sequence[Hashable] | None = None, *, resamples: int = RESAMPLES,
+                     seed: int = 0) -> list[np.ndarray]:
+    """The item indices of each resample: ``n`` items drawn with replacement (the draws
+    ``scipy.stats.bootstrap`` makes with the same generator), or whole clusters drawn with
+    replacement and their items concatenated."""
+    rng = np.random.default_rng(seed)
+    if clusters is None:
+        return list(rng.integers(0, n, size=(resamples, n)))
+    groups = _groups(n, clusters)
+    draws = rng.integers(0, len(groups), size=(resamples, len(groups)))
+    return [np.concatenate([groups[j] for j in d]) for d in draws]
+
+
+Statistic = Callable[[np.ndarray], Mapping[str, float]]
+
+
+def _percentiles(samples: list[Mapping[str, float]], level: float) -> dict[str, list[float]]:
+    out = {}
+    for name in samples[0]:
+        v = np.array([s[name] for s in samples], dtype=float)
+        v = v[np.isfinite(v)]
+        if len(v):
+            lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
+            out[name] = [float(lo), float(hi)]
+    return out
+
+
+def statistic_intervals(statistic: Statistic, n: int, clusters: Sequence[Hashable] | None = None, *,
+                        resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of each value of ``statistic(indices)`` (a dict of metrics
+    computed on the items at ``indices``): for metrics that are not means of item scores
+    (macro-F1, correlations, per-option F1).  Empty for fewer than 2 items."""
+    if n < 2:
+        return {}
+    return _percentiles([statistic(idx) for idx in resample_indices(n, clusters, resamples=resamples, seed=seed)],
+                        level)
+
+
+def paired_statistic(statistic_a: Statistic, statistic_b: Statistic, n: int, clusters: Sequence[Hashable] | None = None,
+                     *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, dict]:
+    """For each metric, b − a on the same ``n`` items (two models' answers to them), the paired
+    bootstrap interval of that difference (the same draws for both) and whether it excludes 0."""
+    if n < 2:
+        return {}
+    full = np.arange(n)
+    a0, b0 = statistic_a(full), statistic_b(full)
+    diffs = []
+    for idx in resample_indices(n, clusters, resamples=resamples, seed=seed):
+        a, b = statistic_a(idx), statistic_b(idx)
+        diffs.append({k: b[k] - a[k] for k in b0})
+    out = {}
+    for name, (lo, hi) in _percentiles(diffs, level).items():
+        out[name] = {"difference": float(b0[name] - a0[name]), "ci": [lo, hi], "significant": bool(lo > 0 or hi < 0)}
+    return out
 
 
 def method(unit: str = "items", resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> str:

@@ -321,7 +321,7 @@ def suite_pending(recipe, folder: FinetuneFolder) -> bool:
     done = done_units(folder.suite_results)
     labels = _suite_labels(recipe)
     cfg = recipe.suite
-    return any(unit_key(labels[m], t, k, cfg.mode, cfg.limit, cfg.seed) not in done
+    return any(unit_key(labels[m], t, k, cfg.mode, cfg.limit, cfg.seed, cfg.shot_seeds) not in done
                for m in cfg.models for t in tasks for k in cfg.shots)
 
 
