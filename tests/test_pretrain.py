@@ -119,6 +119,31 @@ def test_bits_per_byte_is_nll_over_bytes(tmp_path):
     assert r["perplexity"] == pytest.approx(math.exp(nll.item() / n), rel=1e-4)
 
 
+
+def test_bits_per_byte_interval_over_rows_and_paired_change(tmp_path):
+    from glotkit.data.corpus import Document
+    from glotkit.eval.perplexity import heldout_scores, paired_change, with_intervals
+
+    model, tok = build_model(tmp_path, "llama")
+    other, _ = build_model(tmp_path / "o", "llama", seed=3, init=0.05)
+    docs = [Document(str(i), f"Orașul {w} e pe râul {w[::-1]}, aproape de munte {i}.") for i, w in
+            enumerate(["Sibiu", "Iași", "Cluj", "Brașov", "Arad", "Deva", "Alba", "Turda"] * 2)]
+    rows = pack_documents(tokenize_documents(docs, tok), 24)
+    n_bytes = sum(len(d.text.encode()) for d in docs)
+    raw = [len(tok.decode(r.input_ids, skip_special_tokens=True).encode()) for r in rows]
+    row_bytes = [b * n_bytes / sum(raw) for b in raw]
+    a = with_intervals(heldout_scores(model, rows, n_bytes, tok.pad_token_id, progress=False, per_row=True), row_bytes)
+    b = with_intervals(heldout_scores(other, rows, n_bytes, tok.pad_token_id, progress=False, per_row=True), row_bytes)
+    whole = heldout_scores(model, rows, n_bytes, tok.pad_token_id, progress=False)
+    assert a["bits_per_byte"] == pytest.approx(whole["bits_per_byte"], rel=1e-5)  # one row at a time: the same figure
+    for m in (a, b):
+        assert m["bits_per_byte_ci"][0] <= m["bits_per_byte"] <= m["bits_per_byte_ci"][1]
+        assert m["perplexity_ci"][0] <= m["perplexity"] <= m["perplexity_ci"][1]
+    d = paired_change(a, b)["bits_per_byte"]
+    assert d["difference"] == pytest.approx(b["bits_per_byte"] - a["bits_per_byte"], abs=1e-4)
+    assert paired_change(a, a)["bits_per_byte"]["ci"] == [0.0, 0.0]
+
+
 def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
     import builtins
 
@@ -179,6 +204,8 @@ def test_pretrain_task_end_to_end(tmp_path, tiny_llama, capsys):
     assert metrics["tuned"]["bits_per_byte"] < metrics["base"]["bits_per_byte"]
     report = (run / "report.md").read_text()
     assert "bits per byte" in report and (run / "adapter" / "adapter_config.json").is_file()
+    assert "Change in bits per byte, tuned − base: -" in report
+    assert metrics["tuned"]["bits_per_byte_ci"][0] <= metrics["tuned"]["bits_per_byte"] <= metrics["tuned"]["bits_per_byte_ci"][1]
     err = capsys.readouterr().err
     assert "held out 2 documents" in err
 

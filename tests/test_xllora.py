@@ -199,6 +199,34 @@ def test_retrieval_and_sts_metrics_against_references():
     assert sts_spearman(q, d, scores)["spearman"] == pytest.approx(100 * spearmanr((q * d).sum(1), scores)[0], abs=0.01)
 
 
+
+def test_embedding_scores_have_intervals_and_paired_changes():
+    from glotkit.eval.embeddings import comparison_table, paired_changes
+
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(60, 8))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+
+    def docs(noise):
+        d = q + rng.normal(scale=noise, size=q.shape)
+        return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+    weak, strong = retrieval_scores(q, docs(2.0)), retrieval_scores(q, docs(0.3))
+    for r in (weak, strong):
+        for m in ("accuracy@1", "mrr@10", "ndcg@10", "recall@10"):
+            assert r[m + "_ci"][0] <= r[m] <= r[m + "_ci"][1]
+        assert len(r["items"]["ranks"]) == 60
+    change = paired_changes(weak, strong)["accuracy@1"]
+    assert change["difference"] == pytest.approx(strong["accuracy@1"] - weak["accuracy@1"], abs=0.01)
+    assert change["significant"] and change["ci"][0] > 0
+    assert paired_changes(weak, weak)["mrr@10"] == {"difference": 0.0, "ci": [0.0, 0.0], "significant": False}
+    scores = rng.uniform(0, 5, 60)
+    sts = sts_spearman(q, docs(0.5), scores)
+    assert sts["spearman_ci"][0] <= sts["spearman"] <= sts["spearman_ci"][1]
+    table = comparison_table({"base": {"ro→en": weak, "sts": sts}, "trained": {"ro→en": strong, "sts": sts}})
+    assert "| ro→en | accuracy@1 | " in table and " *" in table and "+0.00 [+0.00, +0.00] |" in table
+
+
 def test_xllora_recipe_end_to_end(tmp_path, tiny_llama, tiny_encoder, capsys):
     pos, neg = tmp_path / "pos.csv", tmp_path / "neg.csv"
     pos.write_text("sent0,sent1\n" + "".join(f"\"{s}\",The city {i} is nice.\n" for i, s in enumerate(SENTS)), encoding="utf-8")

@@ -59,3 +59,44 @@ def heldout_scores(model, rows: Sequence, n_bytes: int, pad_id: int, batch_token
 
 def count_target_tokens(rows: Sequence) -> int:
     return sum(sum(1 for t in r.targets if t != IGNORE) for r in rows)
+
+
+def _rates(row_nll: Sequence[float], row_tokens: Sequence[int], row_bytes: Sequence[float]):
+    import numpy as np
+
+    nll, toks, nbytes = (np.asarray(x, dtype=float) for x in (row_nll, row_tokens, row_bytes))
+
+    def stat(idx):
+        total = nll[idx].sum()
+        return {"bits_per_byte": total / math.log(2) / nbytes[idx].sum(), "nll_per_token": total / toks[idx].sum()}
+
+    return stat
+
+
+def with_intervals(scores: dict, row_bytes: Sequence[float], seed: int = 0) -> dict:
+    """``scores`` of :func:`heldout_scores` (``per_row=True``) with 95 % bootstrap intervals of bits
+    per byte, loss per token and perplexity over the held-out rows (each row's share of the bytes
+    in ``row_bytes``); the per-row values stay in the result (``rows``) for a paired comparison."""
+    from glotkit.eval.uncertainty import statistic_intervals
+
+    rows = {"nll": scores.pop("row_nll"), "tokens": scores.pop("row_tokens"), "bytes": list(row_bytes)}
+    ci = statistic_intervals(_rates(rows["nll"], rows["tokens"], rows["bytes"]), len(rows["nll"]), seed=seed)
+    out = dict(scores)
+    if ci:
+        out["bits_per_byte_ci"] = [round(x, 5) for x in ci["bits_per_byte"]]
+        out["nll_per_token_ci"] = [round(x, 5) for x in ci["nll_per_token"]]
+        out["perplexity_ci"] = [round(math.exp(x), 4) for x in ci["nll_per_token"]]
+    return out | {"rows": rows}
+
+
+def paired_change(a: dict, b: dict, seed: int = 0) -> dict:
+    """b − a of bits per byte and loss per token on the same held-out rows, the paired bootstrap
+    interval and whether it excludes zero (empty when the rows differ)."""
+    from glotkit.eval.uncertainty import paired_statistic
+
+    ra, rb = a.get("rows"), b.get("rows")
+    if not ra or not rb or ra["tokens"] != rb["tokens"]:
+        return {}
+    return paired_statistic(_rates(ra["nll"], ra["tokens"], ra["bytes"]), _rates(rb["nll"], rb["tokens"], rb["bytes"]),
+                            len(ra["nll"]), seed=seed)
+

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 from glotkit.config import SuiteSection, folder_name, template_fields
 from glotkit.errors import GlotkitError
-from glotkit.eval.uncertainty import fmt, method, paired_statistic, statistic_intervals
+from glotkit.eval.uncertainty import fmt, fmt_change, method, paired_statistic, statistic_intervals
 from glotkit.generate import Generator
 from glotkit.io import read_json_file, read_table_records, read_user_text
 from glotkit.logs import say
@@ -810,7 +810,7 @@ def suite_table(results: list[dict]) -> str:
             if None in vals:
                 line.append("–")
             elif d:
-                line.append(f"{d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" + (" *" if d["significant"] else ""))
+                line.append(fmt_change(d))
             else:
                 line.append(f"{vals[1] - vals[0]:+.2f}")
         line.append(str(some["metrics"]["n"]))

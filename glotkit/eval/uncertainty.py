@@ -144,3 +144,10 @@ def fmt(value: float | None, ci: Sequence[float] | None, nd: int = 2) -> str:
     if not ci:
         return f"{value:.{nd}f}"
     return f"{value:.{nd}f} [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def fmt_change(d: dict, nd: int = 2) -> str:
+    """A paired difference: ``+48.33 [+30.00, +63.33] *`` (* where the interval excludes zero)."""
+    lo, hi = d["ci"]
+    return f"{d['difference']:+.{nd}f} [{lo:+.{nd}f}, {hi:+.{nd}f}]" + (" *" if d["significant"] else "")
+

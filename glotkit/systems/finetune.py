@@ -419,7 +419,7 @@ def write_merged_results(f: FinetuneFolder) -> None:
 def paired_change(folder: FinetuneFolder, keys: Sequence[str], names: dict[str, str]) -> str:
     """One line: tuned − base of each score on the same test items, with its paired bootstrap
     interval (over contexts where the items carry one), marked * when the interval excludes 0."""
-    from glotkit.eval.uncertainty import method, paired_difference
+    from glotkit.eval.uncertainty import fmt_change, method, paired_difference
 
     rows = [r for r in folder.read_jsonl(folder.predictions) if "base" in r and "tuned" in r]
     if len(rows) < 2:
@@ -430,8 +430,7 @@ def paired_change(folder: FinetuneFolder, keys: Sequence[str], names: dict[str, 
         if not all(k in r["base"] and k in r["tuned"] for r in rows):
             continue
         d = paired_difference([100 * r["base"][k] for r in rows], [100 * r["tuned"][k] for r in rows], clusters)
-        parts.append(f"{names.get(k, k)} {d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
-                     + (" *" if d["significant"] else ""))
+        parts.append(f"{names.get(k, k)} {fmt_change(d)}")
     unit = "contexts" if clusters is not None else "items"
     return (f"Change, tuned − base on the same {len(rows)} items: " + ", ".join(parts) + f" points (paired "
             f"{method(unit)}; * the interval excludes 0).")

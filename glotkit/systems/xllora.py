@@ -309,7 +309,7 @@ class XlloraSystem:
         for prefix, res in (("", trained), ("base_", base)):
             for evaluation, scores in res.items():
                 for metric, v in scores.items():
-                    if metric != "n":
+                    if metric not in ("n", "items"):
                         out[f"{prefix}{evaluation}.{metric}"] = v
         return out
 
@@ -419,7 +419,8 @@ def _synthesize(recipe, generators: dict, model, synth_dir: Path, log, progress)
 
 
 def _embed(recipe, synth_dir: Path, embed_dir: Path, log, progress) -> None:
-    from glotkit.eval.embeddings import evaluate_embeddings
+    from glotkit.eval.embeddings import evaluate_embeddings, metrics_of
+    from glotkit.eval.uncertainty import fmt
     from glotkit.models.encoders import load_encoder
     from glotkit.train.embeddings import read_triplets, train_embeddings
 
@@ -436,7 +437,8 @@ def _embed(recipe, synth_dir: Path, embed_dir: Path, log, progress) -> None:
                                 prompt=embed_cfg.prompt, limit=embed_cfg.eval_limit)
         atomic_write_json(path, r)
         log(f"embeddings ({tag}): " + "; ".join(
-            f"{k} " + ", ".join(f"{m} {v:.2f}" for m, v in s.items() if m != "n") for k, s in r.items()))
+            f"{k} " + ", ".join(f"{m} {fmt(v, s.get(m + '_ci'))}" for m, v in metrics_of(s).items())
+            for k, s in r.items()))
 
     model_dir = embed_dir / "model"
     if not (embed_dir / "base.json").is_file() or not (embed_dir / "result.json").is_file():
@@ -515,7 +517,9 @@ def write_report(folder: XlloraFolder, recipe: XlloraRecipe) -> Path:
         lines += [comparison_table(table), "",
                   "STS: Spearman ×100 of cosine similarity against the gold scores. Retrieval on line-aligned "
                   "pairs: the query's own translation is the one relevant document (accuracy@1, MRR@10, nDCG@10, "
-                  "recall@10, ×100)."]
+                  "recall@10, ×100). […]: 95 % interval, percentile bootstrap over sentence pairs (STS) or queries "
+                  "(retrieval; the document pool stays whole), 1000 resamples, seed 0. Δ: trained − base on the "
+                  "same items, paired bootstrap; * where its interval excludes zero."]
     lines.append("")
     atomic_write_text(folder.report, "\n".join(lines))
     return folder.report
