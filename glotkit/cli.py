@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
                          "(how much the draw of demonstrations alone moves a figure)")
     sp.add_argument("--batch-size", type=int, default=None, help=f"default {SuiteSection().batch_size}")
     sp.add_argument("--data-root", default=None, help="folder with the data sets (default: ../shared/data)")
+    sp.add_argument("--export-lm-eval", default=None, metavar="DIR",
+                    help="write the selected tasks (with --shots, --limit, --seed) as lm-evaluation-harness tasks "
+                         "into DIR (YAML, their data, glotkit's demonstration sampler) and stop; no model is loaded")
     sp.add_argument("--out", default="runs/eval-ro")
     sp.add_argument("--base-url", default=None, metavar="URL",
                     help="score a model served by an OpenAI-compatible server (vLLM, llama.cpp) at URL, e.g. "
@@ -400,7 +403,16 @@ def _eval(args) -> int:
             task_data=task_data)
     except ValidationError as e:
         raise _option_error(e) from None
-    resolve_suite(cfg)  # task names, task files and data files are checked before any model is loaded
+    tasks, task_files, root = resolve_suite(cfg)  # task names, task files and data files are checked before any model
+    if args.export_lm_eval:
+        from glotkit.eval.lm_eval_export import export_tasks
+
+        names = export_tasks(tasks, shots=cfg.shots, seed=cfg.seed, limit=cfg.limit, data_root=root,
+                             task_data=task_files, out_dir=Path(args.export_lm_eval))
+        print(f"lm-evaluation-harness tasks in {args.export_lm_eval}: {', '.join(names)}\n"
+              f"run: lm_eval --model hf --model_args pretrained={args.model} --include_path {args.export_lm_eval} "
+              f"--tasks {','.join(names)} --log_samples --output_path lm-eval-out")
+        return 0
     if args.compare_base and not args.adapter:
         raise GlotkitError("--compare-base: needs --adapter (the base is the model with the adapter switched off)")
     if args.served_model and not args.base_url:

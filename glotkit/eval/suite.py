@@ -827,7 +827,7 @@ def write_suite_report(results: list[dict], out_dir: Path) -> None:
     lines = ["# Task suite", "", f"seed {first['seed']}, batch size {first['batch_size']}, limit {first['limit']}; "
              "scores ×100; mode 'loglik' = the option with the highest log-likelihood, 'generate' = greedy "
              "generation parsed by the task", "", suite_table(results), "",
-             "[…]: 95 % interval, " + first.get("ci_method", method()) + " (QA: over contexts). Δ: second model "
+             "[…]: " + first.get("ci_method", method()) + " (QA: over contexts). Δ: second model "
              "minus first on the same items, paired bootstrap interval; * where it excludes zero."
              + (" (seeds a–b): the lowest and highest score over the demonstration seeds asked (--shot-seeds)."
                 if any("shot_seeds" in r for r in results) else ""), ""]
