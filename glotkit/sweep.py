@@ -158,6 +158,7 @@ def _sweep(recipe: RecipeBase, grid: dict[str, list[Any]], trials, sweep_dir: Pa
     def table() -> list[dict[str, Any]]:
         rows = [_row(system, name, values, trial.run_dir(), *results[name]) for name, values, trial in trials
                 if name in results]
+        _paired_against_best(system, trials, rows)
         _write_tables(sweep_dir, list(grid), rows)
         return rows
 
@@ -256,9 +257,43 @@ def _row(system, name: str, values: dict[str, Any], run_dir: Path, status: str, 
     return {"trial": name, **{k: values[k] for k in values}, "status": status, **summary, "error": error}
 
 
+def _paired_against_best(system, trials, rows: list[dict[str, Any]]) -> str | None:
+    """For systems that give per-item scores (``item_scores``): each trial's main figure minus the
+    best trial's on the same items, with the paired bootstrap interval (over the system's
+    clusters, e.g. QA contexts), in the row as ``vs_best_<metric>``; returns that metric."""
+    from glotkit.eval.uncertainty import paired_difference
+
+    items = getattr(system, "item_scores", None)
+    if items is None:
+        return None
+    scores = {}
+    for name, _, trial in trials:
+        row = next((r for r in rows if r["trial"] == name and r["status"] == "ok"), None)
+        got = items(system.folder_type(trial.run_dir())) if row else None
+        if got:
+            scores[name] = got
+    if len(scores) < 2:
+        return None
+    first = next(iter(scores.values()))
+    metric = "f1" if "f1" in first["scores"] else next(iter(first["scores"]))
+    best = max(scores, key=lambda n: sum(scores[n]["scores"][metric]))
+    ref = scores[best]
+    for r in rows:
+        mine = scores.get(r["trial"])
+        if not mine or mine["ids"] != ref["ids"] or metric not in mine["scores"]:
+            continue
+        clusters = ref["clusters"] if all(c is not None for c in ref["clusters"]) else None
+        r[f"vs_best_{metric}"] = paired_difference(ref["scores"][metric], mine["scores"][metric], clusters)
+    return metric
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
+    if isinstance(v, dict) and "difference" in v:
+        from glotkit.eval.uncertainty import fmt_change
+
+        return fmt_change(v)
     if isinstance(v, list):
         return ",".join(map(str, v))
     return str(v)
@@ -272,9 +307,19 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _metric_columns(keys: list[str], rows: list[dict[str, Any]]) -> list[str]:
-    """The system's figures shown in sweep.md: every summary column but the base model's."""
+    """The system's figures shown in sweep.md: every summary column but the base model's (an
+    interval ``<metric>_ci`` is shown inside its metric's cell)."""
     skip = set(keys) | {"trial", "status", "error", "train_seconds"}
-    return [c for c in _columns(rows) if c not in skip and not c.startswith("base_")]
+    return [c for c in _columns(rows) if c not in skip and not c.startswith("base_") and not c.endswith("_ci")]
+
+
+def _shown(r: dict[str, Any], k: str) -> str:
+    from glotkit.eval.uncertainty import fmt
+
+    v = r.get(k)
+    if isinstance(v, float) and r.get(f"{k}_ci"):
+        return fmt(v, r[f"{k}_ci"])
+    return _cell(v)
 
 
 def _write_tables(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
@@ -288,7 +333,12 @@ def _write_tables(sweep_dir: Path, keys: list[str], rows: list[dict[str, Any]]) 
     show = keys + _metric_columns(keys, rows) + ["status"]
     lines = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(k)) for k in show) + " |")
+        lines.append("| " + " | ".join(_shown(r, k) for k in show) + " |")
+    paired = next((k for r in rows for k in r if k.startswith("vs_best_")), None)
+    if paired or any(k.endswith("_ci") for r in rows for k in r):
+        lines += ["", "[…]: 95 % percentile bootstrap interval (1000 resamples, seed 0; QA over contexts)."
+                  + (f" {paired}: this trial minus the best trial's {paired[8:]} on the same items, paired "
+                     "bootstrap; * where the interval excludes zero (the difference is not noise)." if paired else "")]
     base = next((r for r in rows if any(k.startswith("base_") and v is not None for k, v in r.items())), None)
     if base:
         lines += ["", "Base model: " + ", ".join(f"{k[5:]} {v}" for k, v in base.items()

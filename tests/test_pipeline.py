@@ -134,6 +134,14 @@ def test_sweep_table_and_restart(tmp_path, tiny_llama, qa_files, capsys):
     assert all(r["status"] == "ok" and float(r["trainable_percent"]) > 0 for r in table)
     by_r = {r["lora.r"]: int(r["trainable_params"]) for r in table if r["lora.target_modules"] == "q_proj,v_proj"}
     assert by_r["2"] == 2 * by_r["1"]
+    # each figure with its interval, and each trial against the best one on the same items (paired)
+    md = (sweep / "sweep.md").read_text()
+    assert "vs_best_f1" in md and "paired bootstrap" in md and "+0.00 [+0.00, +0.00] |" in md  # the best against itself
+    f1s = {r["trial"]: float(r["f1"]) for r in table}
+    best = max(f1s, key=f1s.get)
+    for r in table:
+        diff = float(r["vs_best_f1"].split(" ")[0])
+        assert diff == pytest.approx(f1s[r["trial"]] - f1s[best], abs=0.02)
     # rerun: every trial is skipped
     assert main(argv) == 0
     err = capsys.readouterr().err

@@ -576,6 +576,16 @@ class FinetuneSystem:
     def describe(self, run: Run) -> str:
         return self.kind.describe(run)
 
+    def item_scores(self, folder: FinetuneFolder) -> dict[str, Any] | None:
+        """The tuned model's per-item scores (×100) of its evaluation, by item id, and the cluster
+        of each (QA: the context): what a sweep compares trials on, paired."""
+        rows = folder.read_jsonl(folder.eval_predictions("tuned"))
+        keys = [k for k in self.kind.headline if rows and all(isinstance(r.get(k), (int, float)) for r in rows)]
+        if not keys or not all("id" in r for r in rows):
+            return None
+        return {"ids": [r["id"] for r in rows], "clusters": [r.get("context_id") for r in rows],
+                "scores": {k: [100 * float(r[k]) for r in rows] for k in keys}}
+
     def summary(self, folder: FinetuneFolder) -> dict[str, Any]:
         tuned = folder.read_json(folder.eval_metrics("tuned"))
         if not tuned:
@@ -585,6 +595,7 @@ class FinetuneSystem:
         out: dict[str, Any] = {"trainable_params": tr.get("trainable_params"),
                                "trainable_percent": tr.get("trainable_percent")}
         out |= {k: tuned.get(k) for k in self.kind.headline}
+        out |= {f"{k}_ci": tuned[f"{k}_ci"] for k in self.kind.headline if tuned.get(f"{k}_ci")}
         out |= {f"base_{k}": base.get(k) for k in self.kind.headline}
         out |= {"train_seconds": tr.get("seconds"), "tokens_per_s": tr.get("tokens_per_s")}
         return out
