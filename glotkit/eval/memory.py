@@ -2,7 +2,9 @@
 
 Each configuration (fp32, bf16, NF4) is measured in a fresh process so the figures do not mix.
 On CPU the figure is resident memory (RSS; M1 also shown above the process's baseline after
-importing torch/transformers); on CUDA it is ``torch.cuda.max_memory_allocated``.  A static
+importing torch/transformers, and its file-backed part: memory-mapped weights); on CUDA it is
+``torch.cuda.max_memory_allocated``.  M1 is taken after the tokenizer is let go: its share is
+reported beside it (Gemma's 262k-entry tokenizer holds ~330 MB, more than the NF4 weights).  A static
 estimate is printed beside each measurement: parameters × bytes per parameter (4-bit linear
 weights cost 0.5 byte plus one fp32 scale per 64 weights; embeddings, norms and the rest stay in
 the compute dtype), plus the KV cache of the prompt.
@@ -153,7 +155,7 @@ def _worker(model_name: str, mode: str, prompt_tokens: int, new_tokens: int) -> 
     del transformers  # imported so that the baseline includes the libraries
     from glotkit.config import ModelSection
     from glotkit.models.loading import load_model
-    from glotkit.models.memory import current_rss_mb, peak_memory, reset_peak
+    from glotkit.models.memory import current_rss_mb, file_backed_rss_mb, peak_memory, reset_peak
 
     base = current_rss_mb()
     cfg = ModelSection(name=model_name, dtype="bfloat16" if mode == "bf16" else "float32",
@@ -161,25 +163,33 @@ def _worker(model_name: str, mode: str, prompt_tokens: int, new_tokens: int) -> 
     model, tok, device = load_model(cfg, log=lambda m: None)
     model.eval()
     _settle(model)
+    text = "Ion Creangă s-a născut la Humulești, în ținutul Neamțului. " * 200
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :prompt_tokens].to(device)
+    pad_id = tok.pad_token_id
+    # the tokenizer's share (a 262k-entry vocabulary costs hundreds of MB): measured by letting it go
+    with_tokenizer = current_rss_mb()
+    del tok
+    _settle(model)
+    tokenizer_mb = with_tokenizer - current_rss_mb()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         m1 = torch.cuda.memory_allocated() / 2**20
     else:
         m1 = current_rss_mb()
+    file_mb = file_backed_rss_mb()
     est = static_estimate(model)
     tensor_mb = model.get_memory_footprint() / 2**20  # bytes of parameters and buffers
-    text = "Ion Creangă s-a născut la Humulești, în ținutul Neamțului. " * 200
-    ids = tok(text, return_tensors="pt")["input_ids"][:, :prompt_tokens].to(device)
     reset_peak(device)
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tok.pad_token_id)
+                       pad_token_id=pad_id)
     peak = peak_memory(device)
     m2 = peak.get("peak_cuda_mb", peak["peak_rss_mb"])
     bytes_per = 2 if mode == "bf16" else 4
     return {
         "mode": mode, "device": device, "m1_mb": round(m1, 1), "m1_over_baseline_mb": round(m1 - base, 1),
         "m2_mb": round(m2, 1), "baseline_mb": round(base, 1), "prompt_tokens": int(ids.shape[1]),
+        "tokenizer_mb": round(tokenizer_mb, 1), "m1_file_backed_mb": None if file_mb is None else round(file_mb, 1),
         "tensor_mb": round(tensor_mb, 1), "estimate_weights_mb": round(est.weights_mb(mode), 1),
         "estimate_kv_mb": round(kv_cache_mb(model.config, ids.shape[1] + new_tokens, bytes_per), 1),
         "embedding_mb": round(est.embedding_mb(mode), 1),
@@ -207,21 +217,25 @@ def table(rows: list[dict], keep_vocab: int | None = None) -> str:
     """The memory table; the last columns estimate the weights with a smaller embedding: stored in
     8 bits, or trimmed to the ``keep_vocab`` token ids a corpus uses (``glotkit trim-vocab``)."""
     trim = f" | est. vocab trimmed to {keep_vocab:,}" if keep_vocab else ""
-    lines = ["| mode | weights in memory (MB) | estimate: weights | M1 RSS after load | M1 − baseline | "
-             f"M2 peak RSS generating | estimate: KV cache | of the weights: embedding | est. 8-bit embedding{trim} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if keep_vocab else "")]
+    lines = ["| mode | weights in memory (MB) | estimate: weights | M1 RSS after load | M1 − baseline | of M1: file-backed | "
+             f"tokenizer (not in M1) | M2 peak RSS generating | estimate: KV cache | of the weights: embedding | "
+             f"est. 8-bit embedding{trim} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if keep_vocab else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | not measured: {r['error']} | | | | | | | |" + (" |" if keep_vocab else ""))
+            lines.append(f"| {r['mode']} | not measured: {r['error']} | | | | | | | | | |" + (" |" if keep_vocab else ""))
             continue
         est = StaticEstimate(r["linear_params"], r["other_params"], r["embedding_params"], r.get("vocab_size", 0),
                              r.get("hidden_size", 0))
         small = f" | {est.with_embedding_mb(r['mode'], bits=8):.0f}" if est.hidden_size else " | –"
         if keep_vocab:
             small += f" | {est.with_embedding_mb(r['mode'], rows=keep_vocab):.0f}" if est.hidden_size else " | –"
+        def mb(key):
+            return "–" if r.get(key) is None else f"{r[key]:.0f}"
+
         lines.append(f"| {r['mode']} | {r['tensor_mb']:.0f} | {r['estimate_weights_mb']:.0f} | {r['m1_mb']:.0f} | "
-                     f"{r['m1_over_baseline_mb']:.0f} | {r['m2_mb']:.0f} | {r['estimate_kv_mb']:.0f} | "
-                     f"{r['embedding_mb']:.0f}{small} |")
+                     f"{r['m1_over_baseline_mb']:.0f} | {mb('m1_file_backed_mb')} | {mb('tokenizer_mb')} | "
+                     f"{r['m2_mb']:.0f} | {r['estimate_kv_mb']:.0f} | {r['embedding_mb']:.0f}{small} |")
     ok = {r["mode"]: r for r in rows if "error" not in r}
     if "fp32" in ok and "nf4" in ok:
         lines += ["", f"NF4 reduction: weights {ok['fp32']['tensor_mb'] / ok['nf4']['tensor_mb']:.2f}×, "

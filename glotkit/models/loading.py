@@ -230,4 +230,51 @@ def load_model(cfg: ModelSection, log=say):
         raise _load_error(err, cfg.name, path) from None
     if quant is None:
         model.to(device)
+    elif device == "cpu":
+        release_file_mapping(model)
     return model, tokenizer, device
+
+
+def release_file_mapping(model) -> int:
+    """Copy the tensors that still point into the memory-mapped weights file into the process's own
+    memory, so that the mapping closes; returns the bytes copied.
+
+    Loading a 4-bit model on CPU reads every full-precision weight through the safetensors file
+    mapping to quantize it; the unquantized tensors (Gemma's 262k-row embedding: 640 of its
+    1023 MB) stay views into that mapping, which keeps it open — and with it every page of the
+    file read so far, the full-precision linear weights included, counted in resident memory.
+    Measured on Gemma 3 270M in NF4: file-backed RSS 1139 MB after loading, 116 MB after this."""
+    import ctypes
+    import gc
+
+    import torch
+
+    regions = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    regions.append((lo, hi))
+    except OSError:
+        return 0  # not Linux: nothing known to release
+    if not regions:
+        return 0
+    copied = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is None or t.device.type != "cpu":
+                        continue
+                    ptr = t.untyped_storage().data_ptr()
+                    if any(lo <= ptr < hi for lo, hi in regions):
+                        t.data = t.data.clone()
+                        copied += t.numel() * t.element_size()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return copied

@@ -36,6 +36,19 @@ def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def file_backed_rss_mb() -> float | None:
+    """The part of resident memory that is pages of mapped files (Linux ``RssFile``; None elsewhere):
+    memory-mapped weights count here."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory(device: str = "cpu") -> dict[str, float]:
     out = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     if device.startswith("cuda"):
