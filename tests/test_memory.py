@@ -35,3 +35,37 @@ def test_measure_in_fresh_processes(tmp_path):
 def test_unknown_mode_is_a_clear_error(capsys):
     assert main(["memory", "--modes", "fp32,int3"]) == 2
     assert "unknown mode 'int3'" in capsys.readouterr().err
+
+
+def test_release_file_mapping_moves_weights_out_of_the_file_and_keeps_the_model(tmp_path):
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_model
+    from glotkit.models.loading import release_file_mapping
+
+    if not sys.platform.startswith("linux"):
+        import pytest
+
+        pytest.skip("reads /proc/self/maps")
+    build_model(tmp_path, "llama")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+    def mapped() -> int:
+        regions = []
+        for line in open("/proc/self/maps", encoding="utf-8"):
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith(str(tmp_path)) and parts[5].endswith(".safetensors"):
+                regions.append(tuple(int(x, 16) for x in parts[0].split("-")))
+        return sum(any(lo <= p.untyped_storage().data_ptr() < hi for lo, hi in regions) for p in model.parameters())
+
+    ids = torch.tensor([[2, 5, 9, 14]])
+    with torch.no_grad():
+        before = model(ids).logits
+    assert mapped() > 0  # transformers reads safetensors through a file mapping: the weights are views of it
+    assert release_file_mapping(model) > 0
+    assert mapped() == 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
