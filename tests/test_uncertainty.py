@@ -66,3 +66,32 @@ def test_ratio_interval_is_the_token_weighted_mean_over_units():
     assert lo < sums.sum() / counts.sum() < hi
     # equal weights: the interval of the plain mean
     assert ratio_interval(sums / counts, np.ones(50), seed=2) == pytest.approx(interval(sums / counts, seed=2))
+
+
+def test_sweep_compares_each_trial_with_the_best_on_the_same_items(tmp_path):
+    from types import SimpleNamespace
+
+    from glotkit.sweep import _paired_against_best, _write_tables
+
+    rng = np.random.default_rng(0)
+    base = (rng.uniform(size=120) < 0.5) * 100.0
+    scores = {"a": base, "b": np.where(rng.uniform(size=120) < 0.5, 100.0, base), "c": base.copy()}
+    scores["c"][:3] = 100 - scores["c"][:3]  # differs from a on 3 items only: noise
+
+    class System:
+        def folder_type(self, d):
+            return d
+
+        def item_scores(self, folder):
+            return {"ids": list(range(120)), "clusters": [i // 4 for i in range(120)], "scores": {"f1": list(scores[folder])}}
+
+    trials = [(n, {"lora.r": i}, SimpleNamespace(run_dir=lambda n=n: n)) for i, n in enumerate(scores)]
+    rows = [{"trial": n, "lora.r": i, "status": "ok", "f1": float(scores[n].mean())} for i, n in enumerate(scores)]
+    assert _paired_against_best(System(), trials, rows) == "f1"
+    best = max(rows, key=lambda r: r["f1"])
+    assert best["vs_best_f1"]["difference"] == 0.0 and not best["vs_best_f1"]["significant"]
+    for r in rows:
+        want = paired_difference(scores[best["trial"]], scores[r["trial"]], [i // 4 for i in range(120)])
+        assert r["vs_best_f1"] == want
+    _write_tables(tmp_path, ["lora.r"], rows)
+    assert "vs_best_f1" in (tmp_path / "sweep.md").read_text()
