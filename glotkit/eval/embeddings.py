@@ -78,11 +78,12 @@ def _statistic(kind: str, items: dict, k: int = 10):
 
 
 def _with_intervals(out: dict, kind: str, items: dict, seed: int = 0) -> dict:
-    from glotkit.eval.uncertainty import statistic_intervals
+    from glotkit.eval.uncertainty import method, statistic_intervals
 
     for name, ci in statistic_intervals(_statistic(kind, items), out["n"], seed=seed).items():
         out[f"{name}_ci"] = [round(ci[0], 2), round(ci[1], 2)]
-    return out | {"items": items}
+    unit = "sentence pairs" if kind == "sts" else "queries (the document pool stays whole)"
+    return out | {"ci_method": method(unit, seed=seed), "items": items}
 
 
 def sts_spearman(emb_a, emb_b, scores: Sequence[float]) -> dict:

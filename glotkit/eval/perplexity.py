@@ -77,11 +77,11 @@ def with_intervals(scores: dict, row_bytes: Sequence[float], seed: int = 0) -> d
     """``scores`` of :func:`heldout_scores` (``per_row=True``) with 95 % bootstrap intervals of bits
     per byte, loss per token and perplexity over the held-out rows (each row's share of the bytes
     in ``row_bytes``); the per-row values stay in the result (``rows``) for a paired comparison."""
-    from glotkit.eval.uncertainty import statistic_intervals
+    from glotkit.eval.uncertainty import method, statistic_intervals
 
     rows = {"nll": scores.pop("row_nll"), "tokens": scores.pop("row_tokens"), "bytes": list(row_bytes)}
     ci = statistic_intervals(_rates(rows["nll"], rows["tokens"], rows["bytes"]), len(rows["nll"]), seed=seed)
-    out = dict(scores)
+    out = dict(scores) | {"ci_method": method("held-out rows", seed=seed)}
     if ci:
         out["bits_per_byte_ci"] = [round(x, 5) for x in ci["bits_per_byte"]]
         out["nll_per_token_ci"] = [round(x, 5) for x in ci["nll_per_token"]]

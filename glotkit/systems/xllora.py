@@ -309,7 +309,7 @@ class XlloraSystem:
         for prefix, res in (("", trained), ("base_", base)):
             for evaluation, scores in res.items():
                 for metric, v in scores.items():
-                    if metric not in ("n", "items"):
+                    if metric not in ("n", "items", "ci_method"):
                         out[f"{prefix}{evaluation}.{metric}"] = v
         return out
 
