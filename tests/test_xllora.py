@@ -352,3 +352,19 @@ def test_synthesis_killed_with_sigkill_resumes(tmp_path, tiny_llama):
     assert main(["synth", "triplets", "--no-progress", str(recipe)]) == 0
     keys = [(r["id"], r["kind"]) for r in map(json.loads, gens.read_text().splitlines())]
     assert len(keys) == len(set(keys)) == 800
+
+
+def test_row_triplets_of_the_pair_files(tmp_path):
+    from glotkit.data.pairs import read_row_triplets
+    from glotkit.errors import GlotkitError
+
+    pos, neg = tmp_path / "pos.csv", tmp_path / "neg.csv"
+    pos.write_text("sent0,sent1\n" + "".join(f"a{i},p{i}\n" for i in range(10)) + ",empty\n", encoding="utf-8")
+    neg.write_text("sent0,hard_neg\n" + "".join(f"x{i},n{i}\n" for i in range(10)) + "y,n10\n", encoding="utf-8")
+    got = read_row_triplets(pos, neg, "sent0", "sent1", "hard_neg", where="embed.mix_pairs", limit=4, seed=1)
+    assert len(got) == 4 and all(t["positive"][1:] == t["hard_negative"][1:] == t["anchor"][1:] for t in got)
+    assert got == read_row_triplets(pos, neg, "sent0", "sent1", "hard_neg", where="embed.mix_pairs", limit=4, seed=1)
+    assert len(read_row_triplets(pos, neg, "sent0", "sent1", "hard_neg", where="w", limit=100)) == 10  # empty row dropped
+    neg.write_text("sent0,hard_neg\nx,n\n", encoding="utf-8")
+    with pytest.raises(GlotkitError, match="not row-aligned"):
+        read_row_triplets(pos, neg, "sent0", "sent1", "hard_neg", where="embed.mix_pairs", limit=4)

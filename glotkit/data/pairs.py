@@ -58,3 +58,25 @@ def read_anchors(path: Path, field: str = "text", *, min_chars: int = 1,
     out = list(dict.fromkeys(usable))
     stats = {"lines": len(texts), "empty_or_short": len(texts) - len(usable), "duplicate_anchors": len(usable) - len(out)}
     return (out[:limit] if limit else out), stats
+
+
+def read_row_triplets(positive: Path, negative: Path, anchor_field: str, positive_field: str, negative_field: str, *,
+                      where: str, limit: int, seed: int = 0) -> list[dict]:
+    """(anchor, positive, hard negative) triplets from two row-aligned pair files (row i of the
+    negative file holds the hard negative of row i of the positive file, as in XL-LoRA's data);
+    a seeded sample of ``limit`` of them."""
+    rows_p, fields_p = _records(Path(positive), where)
+    rows_n, fields_n = _records(Path(negative), where)
+    for path, fields, need in ((positive, fields_p, (anchor_field, positive_field)), (negative, fields_n, (negative_field,))):
+        for f in need:
+            if f not in fields:
+                raise GlotkitError(f"{path}: {where}: no column '{f}' (columns: {', '.join(fields) or 'none'})")
+    if len(rows_p) != len(rows_n):
+        raise GlotkitError(f"{where}: the pair files are not row-aligned ({positive}: {len(rows_p)} rows, "
+                           f"{negative}: {len(rows_n)})")
+    out = [{"anchor": str(p[anchor_field]).strip(), "positive": str(p[positive_field]).strip(),
+            "hard_negative": str(n[negative_field]).strip()} for p, n in zip(rows_p, rows_n)]
+    out = [t for t in out if all(t.values())]
+    random.Random(seed).shuffle(out)
+    return out[:limit]
+

@@ -116,6 +116,9 @@ class EmbedSection(_Section):
     sts: str | None = None  # score<TAB>s1<TAB>s2 file (RO-STS dev)
     parallel: list[ParallelEval] = Field(default_factory=list)
     eval_limit: StrictInt | None = Field(None, gt=0)
+    # add this many (anchor, positive, hard negative) triplets of the pair files themselves (rows of the
+    # positive and negative files aligned) to the synthetic ones: the original cross-lingual data
+    mix_pairs: StrictInt = Field(0, ge=0)
 
 
 
@@ -449,6 +452,17 @@ def _embed(recipe, synth_dir: Path, embed_dir: Path, log, progress) -> None:
             if not triplets_path.is_file():
                 raise GlotkitError(f"{triplets_path}: no triplets; add 'synth' to stages")
             triplets = read_triplets(triplets_path)
+            if embed_cfg.mix_pairs:
+                from glotkit.data.pairs import read_row_triplets
+
+                p = recipe.pairs
+                if not (p.positive and p.negative):
+                    raise GlotkitError("embed.mix_pairs: needs pairs.positive and pairs.negative")
+                extra = read_row_triplets(Path(p.positive), Path(p.negative), p.anchor_field, p.positive_field,
+                                          p.negative_field, where="embed.mix_pairs", limit=embed_cfg.mix_pairs,
+                                          seed=recipe.seed)
+                log(f"embedding training: {len(extra)} triplets of the pair files mixed in (embed.mix_pairs)")
+                triplets = triplets + extra
             log(f"embedding training: {len(triplets)} triplets, batch {embed_cfg.batch_size}, "
                 f"{'CachedMNRL' if embed_cfg.cached else 'MNRL'} scale {embed_cfg.scale}, pooling {embed_cfg.pooling}")
             result = train_embeddings(model, triplets, model_dir, epochs=embed_cfg.epochs,
