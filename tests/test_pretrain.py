@@ -217,3 +217,41 @@ def test_eltec_novels_read():
         pytest.skip(f"{folder} not present (../shared/data is needed for this test)")
     docs = read_documents([folder / "ROM001.xml"], language="ro")
     assert docs[0].text.startswith("CAPITOLUL I. Robul") and len(docs[0].text) > 40_000
+
+
+def test_4bit_gradients_stay_right_after_an_evaluation_pass(tmp_path):
+    """bitsandbytes repacks 4-bit weights for CPU inference after an eval-mode pass (on CPUs with
+    AVX512-BF16) and then backpropagates wrongly through them; glotkit's loading prevents it: the
+    LoRA gradients of the 4-bit model after an evaluation pass equal those of the same weights
+    dequantized to fp32."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install 'glotkit[quant]')")
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from glotkit.config import ModelSection
+    from glotkit.models.loading import load_model
+
+    build_model(tmp_path, "llama", hidden=128, init=0.2)
+    q, _, _ = load_model(ModelSection(name=str(tmp_path), quantization="nf4", dtype="float32"), log=lambda m: None)
+    f = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        for mq, mf in zip(q.modules(), f.modules()):
+            if isinstance(mq, bnb.nn.Linear4bit):
+                mf.weight.copy_(bnb.functional.dequantize_4bit(mq.weight.data, mq.weight.quant_state).float())
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights="gaussian")
+    torch.manual_seed(0)
+    pq = get_peft_model(q, cfg)
+    torch.manual_seed(0)
+    pf = get_peft_model(f, cfg)
+    ids = torch.randint(3, 300, (2, 24))
+    pq.eval()
+    with torch.no_grad():
+        pq(input_ids=ids)  # the evaluation pass before training
+    grads = []
+    for m in (pq, pf):
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    for name, g in grads[1].items():
+        assert torch.allclose(grads[0][name], g, rtol=1e-3, atol=1e-5 * g.abs().max().item() + 1e-8), name
