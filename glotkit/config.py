@@ -230,6 +230,11 @@ class GenerateSection(_Section):
     concurrency: StrictInt = Field(4, gt=0)  # requests in flight
     retries: StrictInt = Field(3, ge=0)  # per request, with exponential backoff
     timeout: float = Field(120.0, gt=0)  # seconds per request
+    # the local backend's generation batches: as many prompts as fit in batch_tokens (rows x
+    # (padded prompt + new tokens): the key/value cache a batch holds), at most max_rows;
+    # batch_tokens 0: each stage's batch_size prompts a batch
+    batch_tokens: StrictInt = Field(16384, ge=0)
+    max_rows: StrictInt = Field(64, gt=0)
 
     @field_validator("base_url")
     @classmethod

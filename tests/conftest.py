@@ -38,7 +38,8 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_model(path: Path, arch: str = "gemma3", seed: int = 0, init: float = 0.02, hidden: int = 32):
+def build_model(path: Path, arch: str = "gemma3", seed: int = 0, init: float = 0.02, hidden: int = 32,
+                window: int = 16):
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
@@ -48,7 +49,7 @@ def build_model(path: Path, arch: str = "gemma3", seed: int = 0, init: float = 0
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=init)
     if arch == "gemma3":
-        cfg = Gemma3TextConfig(head_dim=16, sliding_window=16, final_logit_softcapping=30.0,
+        cfg = Gemma3TextConfig(head_dim=16, sliding_window=window, final_logit_softcapping=30.0,
                                query_pre_attn_scalar=16, **common)
         model = Gemma3ForCausalLM(cfg)
     else:

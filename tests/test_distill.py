@@ -167,7 +167,8 @@ def test_trace_generation_resumes_after_an_interruption(tmp_path, tiny_llama, mo
     files = _write_gold(tmp_path, docs=6, pairs=3)
     recipe = validate_recipe({"task": "distill", "seed": 1, "distill": {
         "data": files, "train_pairs": None, "test_ratio": 0.2, "dev_ratio": 0.0, "batch_size": 3,
-        "explain_tokens": 6, "label_tokens": 6, "max_chars": 200}})
+        "explain_tokens": 6, "label_tokens": 6, "max_chars": 200},
+        "generate": {"batch_tokens": 0}})  # batches of batch_size pairs, so that there is a third to kill
     splits = distill.make_splits(recipe)
     n = sum(len(d["sampled_pairs"]) for ds in splits["train"].values() for d in ds)
     monkeypatch.setattr(distill, "_usable", lambda text: bool(text))  # a random model's words count

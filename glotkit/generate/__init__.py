@@ -1,8 +1,9 @@
 """Generation, whichever backend runs it: one interface, :class:`Generator`.
 
-    local.py   LocalGenerator: the model loaded in this process (batched greedy decoding, seeded
-               sampling in a loop where finished rows leave the batch, option log-likelihoods
-               with the prompt computed once), one of its LoRA adapters active or all switched off
+    local.py   LocalGenerator: the model loaded in this process, one of its LoRA adapters active
+               or all switched off; option log-likelihoods with the prompt computed once
+    decode.py  its decoding loop: batches by a token budget, shared prompt prefixes computed once,
+               finished rows leaving the batch; greedy or seeded sampling
     server.py  ServerGenerator: a model on an OpenAI-compatible server (vLLM, TGI, llama.cpp's
                server), sent the same prompts as text
 
@@ -64,7 +65,8 @@ def for_role(cfg, role: str, local: Callable[[], Generator] | None, *, tokenizer
         log(f"{what}: no generate.models.{role}: that model answers locally")
     if local is None:
         raise ValueError(f"{what}: no local model for role '{role}'")
-    return local()
+    gen = local()
+    return gen.configure(cfg) if hasattr(gen, "configure") else gen
 
 
 def served(cfg, role: str, optional: bool = False) -> bool:

@@ -195,7 +195,7 @@ def split_by_tokens(batch: list[int], lengths: Sequence[int], budget: int | None
 # --------------------------------------------------------------------------- the loss
 
 
-def _causal_parts(model):
+def causal_parts(model):
     """(decoder body, LM head, logit softcap) of a causal LM, looking through a PEFT wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
@@ -224,7 +224,7 @@ class SupervisedLoss:
 
     def __init__(self, model):
         self.model = model
-        self.base, self.body, self.head, self.cap = _causal_parts(model)
+        self.base, self.body, self.head, self.cap = causal_parts(model)
         self.fast = self.body is not None and self.head is not None
         config = self.base.config
         layer_types = getattr(config, "layer_types", None)
