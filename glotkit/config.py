@@ -235,6 +235,11 @@ class GenerateSection(_Section):
     # batch_tokens 0: each stage's batch_size prompts a batch
     batch_tokens: StrictInt = Field(16384, ge=0)
     max_rows: StrictInt = Field(64, gt=0)
+    # local generation chooses only among the tokens these files/folders use (a corpus of the
+    # language the model writes; .txt/.jsonl/TEI .xml, like pretrain.corpus), the prompts' own
+    # tokens and end-of-sequence: the LM head runs on those rows only (faster decoding; the
+    # same greedy text wherever the whole head's choice is among them). Empty: the whole head.
+    vocab_corpus: list[str] = Field(default_factory=list)
 
     @field_validator("base_url")
     @classmethod
@@ -361,7 +366,7 @@ class RecipeBase(_Section):
     @classmethod
     def resolve_paths(cls, raw: dict[str, Any], resolve: Callable[[str], str]) -> None:
         """Make the file paths of ``raw`` (plain recipe data) relative to the recipe's folder."""
-        for section, key in cls.path_keys:
+        for section, key in cls.path_keys + (("generate", "vocab_corpus"),):
             sec = raw.get(section)
             if isinstance(sec, dict) and key in sec:
                 value = sec[key]

@@ -149,3 +149,20 @@ def test_prefixes_in_several_passes_joined(tmp_path, monkeypatch):
     want = _reference(model, tok, prompts, 10, None)
     monkeypatch.setattr(dec, "PREFIX_PASS_TOKENS", 1)
     assert decode(model, tok, prompts, max_new_tokens=10, stop=None, progress=False)[0] == want
+
+
+def test_vocab_corpus_from_a_recipe(tmp_path):
+    """generate.vocab_corpus (relative to the recipe, like its other paths) restricts the local
+    generator of every role to the corpus's tokens."""
+    from glotkit.config import GenerateSection
+    from glotkit.generate import for_role
+    from glotkit.generate.local import LocalGenerator
+
+    model, tok = build_model(tmp_path / "m", "llama", init=0.3)
+    (tmp_path / "corpus.txt").write_text("Sibiu Cibin Iași Brașov", encoding="utf-8")
+    gen = for_role(GenerateSection(vocab_corpus=[str(tmp_path / "corpus.txt")]), "base",
+                   lambda: LocalGenerator(model, tok), tokenizer=tok, log=lambda m: None, what="test")
+    assert gen.vocab == set(tok("Sibiu Cibin Iași Brașov", add_special_tokens=False)["input_ids"])
+    prompts = _prompts(tok)[:3]
+    got = gen.greedy(prompts, max_new_tokens=6, stop=None, progress=False).texts
+    assert got == decode(model, tok, prompts, max_new_tokens=6, stop=None, vocab=gen.vocab, progress=False)[0]

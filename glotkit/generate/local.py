@@ -43,6 +43,20 @@ def generate_sampled(model, tokenizer, prompts: Sequence[list[int]], *, max_new_
                   vocab=vocab)
 
 
+_VOCABS: dict[tuple, set[int]] = {}
+
+
+def corpus_vocab(tokenizer, paths: Sequence[str]) -> set[int]:
+    """The token ids the documents under ``paths`` use (read once per process and tokenizer)."""
+    from glotkit.data.corpus import read_documents
+    from glotkit.models.trim_vocab import used_ids
+
+    key = (getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer), tuple(paths))
+    if key not in _VOCABS:
+        _VOCABS[key] = used_ids(tokenizer, [d.text for d in read_documents(list(paths))])
+    return _VOCABS[key]
+
+
 class LocalGenerator:
     """The :class:`~glotkit.generate.Generator` of a model loaded in this process.  ``adapter``
     names the LoRA adapter to make active before each call (a PeftModel holding several);
@@ -65,8 +79,10 @@ class LocalGenerator:
         self.vocab = vocab
 
     def configure(self, cfg) -> LocalGenerator:
-        """Take the batch budget of a recipe's ``generate`` section."""
+        """Take the batch budget and the vocabulary corpus of a recipe's ``generate`` section."""
         self.batch_tokens, self.max_rows = cfg.batch_tokens, cfg.max_rows
+        if getattr(cfg, "vocab_corpus", None):
+            self.vocab = corpus_vocab(self.tokenizer, tuple(cfg.vocab_corpus))
         return self
 
     def restrict_vocab(self, texts: Sequence[str]) -> int:
@@ -76,6 +92,11 @@ class LocalGenerator:
         from glotkit.models.trim_vocab import used_ids
 
         self.vocab = used_ids(self.tokenizer, texts)
+        return len(self.vocab)
+
+    def restrict_to_corpus(self, paths: Sequence[str]) -> int:
+        """:meth:`restrict_vocab` to the documents under ``paths`` (files or folders)."""
+        self.vocab = corpus_vocab(self.tokenizer, paths)
         return len(self.vocab)
 
     def _rows(self, batch_size: int) -> tuple[int, int]:
