@@ -3,6 +3,11 @@
     python benchmarks/train_speed.py [--steps 8] [--warmup 2] [--batch-size 4] [--model gemma-3-270m]
     python benchmarks/train_speed.py --task chat [--trl-packing] [--model DIR_OF_A_TRIMMED_MODEL]
 
+``--task cpt`` (continued pretraining): the Romanian corpus (ELTeC + news) packed as the pretrain
+system packs it (rows of ``--block-size``, documents kept apart), loss on every token, LoRA r=8 /
+alpha 8 on all linear layers (recipes/roqllama.yaml, fp32) — glotkit against transformers'
+``Trainer`` + PEFT on the same rows (labels = the tokens; it attends across a row's documents).
+
 ``--task chat`` (instruction/chat fine-tuning, system sft): the ro-chat conversations
 (recipes/data/ro-chat/train.jsonl, OpenAI messages, a shared system prompt, a third multi-turn)
 rendered with recipes/templates/gemma3-chat.jinja, loss on the assistant turns only — glotkit's
@@ -285,6 +290,102 @@ def worker_trl(args) -> dict:
             "bf16_autocast": bool(cfg.bf16)}
 
 
+CORPUS = [REPO.parent / "shared" / "data" / "ro-corpus" / "eltec", REPO.parent / "shared" / "data" / "ro-corpus" / "news"]
+
+
+def _cpt_rows(tok, args):
+    """The Romanian corpus (ELTeC + news) tokenized and packed as the pretrain system packs it:
+    rows of --block-size tokens, steps × batch rows in all."""
+    from glotkit.data.corpus import pack_documents, read_documents, tokenize_documents
+
+    if not CORPUS[0].is_dir():
+        sys.exit(f"benchmark: {CORPUS[0]} not found (../shared/data)")
+    need = args.steps * args.batch_size * args.block_size
+    ids, n = [], 0
+    for doc in tokenize_documents(read_documents([str(c) for c in CORPUS], "text", "ro", True), tok):
+        ids.append(doc[: need - n])
+        n += len(ids[-1])
+        if n >= need:
+            break
+    return pack_documents(ids, args.block_size)[: args.steps * args.batch_size]
+
+
+CPT_LORA = dict(r=8, alpha=8, dropout=0.05, target_modules="all-linear")  # recipes/roqllama.yaml
+
+
+def worker_ours_cpt(args) -> dict:
+    import torch
+
+    from glotkit.config import LoraSection, ModelSection, TrainSection
+    from glotkit.models.loading import load_model
+    from glotkit.models.lora import apply_lora
+    from glotkit.train.engine import train
+
+    model, tok, device = load_model(ModelSection(name=args.model))
+    torch.manual_seed(0)
+    model = apply_lora(model, LoraSection(**CPT_LORA))
+    rows = _cpt_rows(tok, args)
+    cfg = TrainSection(batch_size=args.batch_size, max_steps=args.steps, lr=2e-4, scheduler="linear",
+                       checkpoint_every=10**6, max_tokens_per_forward=args.block_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(model, rows, cfg, seed=42, work_dir=Path(tmp), pad_id=tok.pad_token_id, device=device,
+                    progress=False)
+    t, n = _timed(res.log, args.warmup)
+    return {"engine": "glotkit", "device": device, "tokens_per_s": n / t, "timed_steps": len(res.log) - args.warmup,
+            "timed_tokens": n, "seconds": t, "mean_loss": sum(h["loss"] for h in res.log) / len(res.log),
+            "peak_mb": _peak(device)}
+
+
+def worker_trainer_cpt(args) -> dict:
+    """transformers ``Trainer`` + PEFT LoRA on the same packed rows, labels = the tokens (no loss on
+    a piece's first token, which has no earlier token of its document), its defaults otherwise; it
+    attends across the documents of a row (a plain causal mask), as users' scripts do."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from glotkit.models.loading import pick_device, resolve_model_path
+    from glotkit.models.memory import reset_peak
+
+    path = resolve_model_path(args.model)
+    device = pick_device("auto")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", attn_implementation="sdpa")
+    rows = _cpt_rows(tok, args)
+    data = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids),
+             "labels": [t if p else -100 for t, p in zip(r.input_ids, r.position_ids)]} for r in rows]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    marks: list[tuple[float, int]] = []
+    counted = {"tokens": 0}
+    losses: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            marks.append((time.perf_counter(), counted["tokens"]))
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    def count(module, a, kwargs):
+        counted["tokens"] += int(kwargs["attention_mask"].sum())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                                  learning_rate=2e-4, lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
+                                  report_to=[], seed=42, dataloader_num_workers=0, use_cpu=device == "cpu",
+                                  disable_tqdm=True, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(data), callbacks=[Timer()])
+        reset_peak(device)
+        trainer.train()
+    w = args.warmup
+    t, n = marks[-1][0] - marks[w - 1][0], marks[-1][1] - marks[w - 1][1]
+    return {"engine": "trainer", "device": device, "tokens_per_s": n / t, "timed_steps": len(marks) - w,
+            "timed_tokens": n, "seconds": t, "mean_loss": sum(losses) / max(len(losses), 1), "peak_mb": _peak(device)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8)
@@ -300,8 +401,10 @@ def main() -> None:
                    help="glotkit's train.max_tokens_per_forward (0: whole batch in one pass)")
     p.add_argument("--no-share-prefix", action="store_true",
                    help="glotkit without shared-prefix packing (each question computes its context again)")
-    p.add_argument("--task", choices=["qa", "chat"], default="qa",
-                   help="qa: XQuAD-ro, answer-only loss (default); chat: ro-chat conversations, assistant-only loss")
+    p.add_argument("--task", choices=["qa", "chat", "cpt"], default="qa",
+                   help="qa: XQuAD-ro, answer-only loss (default); chat: ro-chat conversations, assistant-only loss; "
+                        "cpt: continued pretraining on the Romanian corpus against transformers' Trainer")
+    p.add_argument("--block-size", type=int, default=512, help="--task cpt: packed row length")
     p.add_argument("--chat-row", type=int, default=512, help="--task chat: glotkit's packed row length")
     p.add_argument("--trl-packing", action="store_true", help="--task chat: TRL's packing=True")
     p.add_argument("--chat-no-pack", action="store_true",
@@ -320,7 +423,9 @@ def main() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        if args.task == "chat":
+        if args.task == "cpt":
+            out = worker_ours_cpt(args) if args.worker == "ours" else worker_trainer_cpt(args)
+        elif args.task == "chat":
             out = worker_ours_chat(args) if args.worker == "ours" else worker_trl_chat(args)
         else:
             out = worker_ours(args) if args.worker == "ours" else worker_trl(args)
@@ -337,7 +442,7 @@ def main() -> None:
         cmd += ["--trl-bf16"] if args.trl_bf16 else []
         cmd += ["--no-share-prefix"] if args.no_share_prefix else []
         cmd += ["--max-tokens-per-forward", str(args.max_tokens_per_forward), "--task", args.task,
-                "--chat-row", str(args.chat_row)]
+                "--chat-row", str(args.chat_row), "--block-size", str(args.block_size)]
         cmd += ["--trl-packing"] if args.trl_packing else []
         cmd += ["--chat-no-pack"] if args.chat_no_pack else []
         print(f"[bench] running {engine} ...", file=sys.stderr, flush=True)
@@ -346,7 +451,11 @@ def main() -> None:
         if proc.returncode or not line:
             sys.exit(f"benchmark: {engine} worker failed:\n{proc.stderr[-3000:]}")
         results[engine] = json.loads(line[7:])
-    if args.task == "chat":
+    if args.task == "cpt":
+        print(f"\nLoRA r=8/alpha 8 all-linear, batch {args.batch_size} rows of {args.block_size}, {args.steps} steps "
+              f"({args.warmup} warm-up steps not timed), model {args.model}, Romanian corpus, loss on every token; "
+              "'trl' = transformers Trainer")
+    elif args.task == "chat":
         print(f"\nLoRA r=8 q/k/v/o, ~{args.batch_size} conversations per step, one epoch over ro-chat "
               f"({args.warmup} warm-up steps not timed), model {args.model}, assistant-only loss, "
               f"device {next(iter(results.values()))['device']}")
@@ -361,7 +470,8 @@ def main() -> None:
               f"{r['mean_loss']:>11.4f}" + (f"{r['last3_loss']:>8.3f}{r['steps']:>7}{r['heldout_loss']:>10.4f}"
                                             if last else "") + f"{r['peak_mb']:>9.0f}")
     if len(results) == 2:
-        print(f"speed ratio glotkit/TRL: {results['ours']['tokens_per_s'] / results['trl']['tokens_per_s']:.1f}x; "
+        anchor = "Trainer" if args.task == "cpt" else "TRL"
+        print(f"speed ratio glotkit/{anchor}: {results['ours']['tokens_per_s'] / results['trl']['tokens_per_s']:.1f}x; "
               f"peak memory ratio: {results['ours']['peak_mb'] / results['trl']['peak_mb']:.2f}")
     print(json.dumps(results))
 
