@@ -252,6 +252,23 @@ def test_a_failed_start_is_fixed_by_fixing_the_recipe(tmp_path, count_system, ca
     assert "made with a different recipe (count.scale: 2 -> 3)" in capsys.readouterr().err
 
 
+def test_a_setting_added_since_the_run_was_made_is_no_change_at_its_default(tmp_path, count_system, capsys):
+    """A run folder made before a setting existed (its config.yaml lacks the key) resumes while the
+    new setting keeps its default; set to something else, it is a change like any other."""
+    import yaml
+
+    path = _count_recipe(tmp_path, "a b", scale=2)
+    assert main(["run", "--no-progress", str(path)]) == 0
+    saved = tmp_path / "runs" / "c" / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    del cfg["generate"]["vocab_corpus"]  # as an older glotkit wrote it
+    saved.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["run", "--no-progress", str(path)]) == 0
+    assert main(["run", "--no-progress", str(path), "--set", "generate.vocab_corpus=[x.txt]"]) == 2
+    assert "made with a different recipe (generate.vocab_corpus" in capsys.readouterr().err
+
+
 def test_a_moved_run_folder_and_a_read_only_one_rerun_as_no_ops(tmp_path, count_system, capsys, monkeypatch):
     import shutil
 

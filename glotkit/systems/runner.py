@@ -35,7 +35,8 @@ from glotkit.systems.base import Run, RunFolder, Stage, System
 # keys of every recipe that change how a run is carried out but not its results
 _RESULT_NEUTRAL = ("train.checkpoint_every", "train.max_tokens_per_forward", "generate.base_url",
                    "generate.base_urls", "generate.api_key_env", "generate.concurrency", "generate.retries",
-                   "generate.timeout", "sweep", "runs_dir", "train.report_to")
+                   "generate.timeout", "generate.batch_tokens", "generate.max_rows", "sweep", "runs_dir",
+                   "train.report_to")
 # stages may be added to (or removed from) a finished run
 _ALWAYS_REDONE = ("stages",)
 
@@ -55,12 +56,22 @@ def _diff(old: dict, new: dict, neutral: set[str], redone: tuple[str, ...], pref
 
 
 def _comparable(old: dict, recipe: RecipeBase) -> dict:
-    """A saved config.yaml as the current schema would write it: ``task`` is ``system``, and a
-    section the recipe's system does not have (older versions wrote all of them) is dropped."""
+    """A saved config.yaml as the current schema would write it: ``task`` is ``system``, a
+    section the recipe's system does not have (older versions wrote all of them) is dropped, and
+    a setting added to a section since the run was made takes its default (a new setting at its
+    default is no change to the run)."""
     old = dict(old)
     if "task" in old:
         old.setdefault("system", old.pop("task"))
-    return {k: v for k, v in old.items() if k in type(recipe).model_fields}
+    fields = type(recipe).model_fields
+    out = {k: v for k, v in old.items() if k in fields}
+    for name, value in out.items():
+        factory = fields[name].default_factory
+        if isinstance(value, dict) and factory is not None:
+            default = factory()
+            if hasattr(default, "model_dump"):
+                out[name] = {**default.model_dump(mode="json"), **value}
+    return out
 
 
 # what a run folder holds before any stage has produced something
