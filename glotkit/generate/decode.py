@@ -20,6 +20,7 @@ depend on which batch it landed in.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -230,7 +231,8 @@ def decode(
                            share_prefix=share_prefix, window=sliding_window(model), masks_ok=bool(mask_types(model)))
     kept = None
     if vocab is not None:
-        kept = torch.tensor(sorted(set(vocab) | eos | {t for p in prompts for t in p}), dtype=torch.long)
+        kept = torch.tensor(sorted(set(vocab) | eos | {t for p in prompts for t in p}), dtype=torch.long,
+                            device=device)
     step = _Stepper(model, kept)
     st = stats if stats is not None else DecodeStats()
     out: list[str] = [""] * len(prompts)
@@ -250,7 +252,7 @@ def decode(
             for _ in range(max_new_tokens):
                 nxt = _sample(logits, temperature, top_k, top_p, [gens[r] for r in active] if gens else [])
                 if kept is not None:
-                    nxt = kept.to(nxt.device)[nxt]
+                    nxt = kept[nxt]
                 keep = []
                 for k, row in enumerate(active):
                     t = int(nxt[k])
@@ -293,11 +295,16 @@ def decode(
     return out, produced
 
 
-def sliding_window(model) -> int | None:
-    """The smallest sliding attention window of the model's layers, or None when none slides."""
+def _text_config(model):
+    """The decoder's config, looking through a PEFT wrapper and a multimodal config."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    config = getattr(config, "text_config", None) or config
+    return getattr(config, "text_config", None) or config
+
+
+def sliding_window(model) -> int | None:
+    """The smallest sliding attention window of the model's layers, or None when none slides."""
+    config = _text_config(model)
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if not window or (types is not None and "sliding_attention" not in types):
@@ -308,10 +315,7 @@ def sliding_window(model) -> int | None:
 def mask_types(model) -> list[str] | None:
     """The attention types of the model's layers (``full_attention``, ``sliding_attention``) when
     it declares them (it then takes a dict of 4-D masks, one per type), else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    config = getattr(config, "text_config", None) or config
-    types = getattr(config, "layer_types", None)
+    types = getattr(_text_config(model), "layer_types", None)
     return sorted(set(types)) if types else None
 
 
@@ -381,6 +385,7 @@ def _parameters(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
+@functools.lru_cache(maxsize=None)
 def _roomy_layer_class(room: int):
     """A DynamicLayer that keeps room for the tokens to come, so a decoding step writes its keys
     and values in place instead of copying the whole cache (``torch.cat``: a fifth of a CPU
