@@ -89,9 +89,15 @@ def _parser() -> argparse.ArgumentParser:
             if verb.launchable:
                 launcher_args(sp)
     sp = sub.add_parser("trim-vocab", help="keep only the token ids a corpus uses (smaller embedding, same outputs)")
-    sp.add_argument("--model", default="gemma-3-270m", help="built-in name or Hugging Face folder")
-    sp.add_argument("--corpus", action="append", required=True, metavar="PATH",
+    sp.add_argument("--model", default=None,
+                    help="built-in name or Hugging Face folder (default: gemma-3-270m, or the recipe's model)")
+    sp.add_argument("--corpus", action="append", default=[], metavar="PATH",
                     help="text to take the vocabulary from: .txt/.jsonl/TEI .xml files or folders (repeatable)")
+    sp.add_argument("--recipe", default=None, metavar="YAML",
+                    help="instead of --corpus: a pretrain recipe; its model, and its corpus without the held-out "
+                         "documents (the same seeded split), so held-out bits per byte stay honest")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --recipe: override a recipe value (repeatable)")
     sp.add_argument("--text-field", default="text")
     sp.add_argument("--language", default=None, help="'ro': fix legacy cedilla letters in the corpus first")
     sp.add_argument("--out", required=True, help="folder for the trimmed model (must not exist or be empty)")
@@ -242,9 +248,20 @@ def main(argv: list[str] | None = None) -> int:
             from glotkit.models.loading import resolve_model_path
             from glotkit.models.trim_vocab import trim_vocabulary
 
-            path = resolve_model_path(args.model, log=_log)
-            docs = read_documents(args.corpus, args.text_field, args.language, bool(args.language))
-            info = trim_vocabulary(path, [d.text for d in docs], args.out, log=_log)
+            if bool(args.corpus) == bool(args.recipe):
+                raise GlotkitError("trim-vocab: give --corpus PATH (repeatable) or --recipe YAML, not both")
+            if args.recipe:
+                from glotkit.systems.pretrain import training_texts
+
+                recipe = load_recipe(args.recipe, args.overrides)
+                texts, model = training_texts(recipe, log=_log), args.model or recipe.model.name
+            else:
+                if args.overrides:
+                    raise GlotkitError("trim-vocab: --set needs --recipe")
+                docs = read_documents(args.corpus, args.text_field, args.language, bool(args.language))
+                texts, model = [d.text for d in docs], args.model or "gemma-3-270m"
+            path = resolve_model_path(model, log=_log)
+            info = trim_vocabulary(path, texts, args.out, log=_log)
             print(f"{args.out}: vocabulary {info['vocab_before']:,} -> {info['vocab_after']:,}, parameters "
                   f"{info['params_before']:,} -> {info['params_after']:,}, {info['size_on_disk_mb']} MB on disk")
             return 0

@@ -255,3 +255,28 @@ def test_4bit_gradients_stay_right_after_an_evaluation_pass(tmp_path):
         grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
     for name, g in grads[1].items():
         assert torch.allclose(grads[0][name], g, rtol=1e-3, atol=1e-5 * g.abs().max().item() + 1e-8), name
+
+
+def test_heldout_doc_tokens_caps_each_heldout_document(tmp_path, tiny_llama):
+    """`pretrain.heldout_doc_tokens`: every held-out document contributes at most that many tokens,
+    so one long novel does not take the whole held-out budget; its bytes are those of the kept part."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"d{i}.txt").write_text(f"Documentul {i}: Sibiu e pe Cibin, Iaşi e în Moldova. " * (40 if i % 2 else 2),
+                                          encoding="utf-8")
+
+    def held(**extra) -> dict:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(json.dumps({
+            "name": f"cpt{len(extra)}", "system": "pretrain", "runs_dir": str(tmp_path / "runs"),
+            "model": {"name": str(tiny_llama)}, "stages": ["eval_base"],
+            "pretrain": {"corpus": str(corpus), "block_size": 64, "heldout_ratio": 0.5, "max_heldout_tokens": 100,
+                         **extra}}), encoding="utf-8")
+        assert main(["run", "--no-progress", str(recipe)]) == 0
+        return json.loads((tmp_path / "runs" / f"cpt{len(extra)}" / "corpus.json").read_text())
+
+    whole, capped = held(), held(heldout_doc_tokens=12)
+    assert capped["heldout_documents"] > whole["heldout_documents"]
+    assert capped["heldout_tokens"] <= 12 * capped["heldout_documents"]
+    assert 0 < capped["heldout_bytes"] < 12 * 8 * capped["heldout_documents"]

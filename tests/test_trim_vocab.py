@@ -51,3 +51,36 @@ def test_trim_vocab_errors(tmp_path, capsys):
     assert main(["trim-vocab", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "nope"), "--out",
                  str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_trim_vocab_from_a_pretrain_recipe_leaves_the_heldout_documents_out(tmp_path, capsys):
+    """`trim-vocab --recipe`: the vocabulary of the recipe's training documents only (its own seeded
+    split), so held-out bits per byte of a run on the trimmed model do not see the held-out text."""
+    from glotkit.data.corpus import read_documents, split_documents
+    from glotkit.systems import load_recipe
+    from glotkit.systems.pretrain import training_texts
+
+    build_model(tmp_path / "m", "llama")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = ["Sibiu", "Cibin", "Iași", "Prut", "Dunărea", "Brașov", "Suceava", "Mureș"]
+    for i, w in enumerate(words):
+        (corpus / f"d{i}.txt").write_text(f"{w} e un nume. " * 3, encoding="utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "cpt", "system": "pretrain", "seed": 7, "model": {"name": str(tmp_path / "m")},
+                                  "pretrain": {"corpus": str(corpus), "heldout_ratio": 0.25}}), encoding="utf-8")
+    train_docs, held_docs = split_documents(read_documents([str(corpus)], "text", "ro", True), 0.25, 7)
+    texts = training_texts(load_recipe(str(recipe), []), log=lambda m: None)
+    assert texts == [d.text for d in train_docs] and len(held_docs) == 2
+    assert not any(d.text.split()[0] in t for d in held_docs for t in texts)
+
+    assert main(["trim-vocab", "--recipe", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    info = json.loads((tmp_path / "out" / "glotkit-trim.json").read_text())
+    direct = trim_vocabulary(tmp_path / "m", texts, tmp_path / "direct", log=lambda m: None)
+    assert info["vocab_after"] == direct["vocab_after"]
+    assert "6 training documents (2 held out, not used)" in capsys.readouterr().err
+    # one source of text, not two
+    assert main(["trim-vocab", "--recipe", str(recipe), "--corpus", str(corpus), "--out", str(tmp_path / "o2")]) == 2
+    assert "give --corpus PATH (repeatable) or --recipe YAML, not both" in capsys.readouterr().err
+    assert main(["trim-vocab", "--corpus", str(corpus), "--set", "seed=1", "--out", str(tmp_path / "o3")]) == 2
+    assert "--set needs --recipe" in capsys.readouterr().err

@@ -28,6 +28,7 @@ class PretrainSection(_Section):
     max_docs: StrictInt | None = Field(None, gt=0)
     max_train_tokens: StrictInt | None = Field(None, gt=0)
     max_heldout_tokens: StrictInt | None = Field(20000, gt=0)
+    heldout_doc_tokens: StrictInt | None = Field(None, gt=0)  # at most this many from each held-out document
 
     _language = field_validator("language")(classmethod(lambda cls, v: language_code(v)))
 
@@ -61,6 +62,18 @@ def _read(recipe: PretrainRecipe, log) -> Any:
     return docs[: recipe.pretrain.max_docs] if recipe.pretrain.max_docs else docs
 
 
+def training_texts(recipe: RecipeBase, log=print) -> list[str]:
+    """The texts a pretrain recipe trains on: its corpus without the held-out documents (the run's
+    own seeded split), e.g. to trim a vocabulary without looking at the held-out text."""
+    from glotkit.data.corpus import split_documents
+
+    if not isinstance(recipe, PretrainRecipe):
+        raise GlotkitError(f"{recipe.name}: system '{recipe.system}' has no corpus to train on; give a pretrain recipe")
+    train_docs, held_docs = split_documents(_read(recipe, log), recipe.pretrain.heldout_ratio, recipe.seed)
+    log(f"corpus: {len(train_docs)} training documents ({len(held_docs)} held out, not used)")
+    return [d.text for d in train_docs]
+
+
 def _prepare(run: Run, state) -> Any:
     """Packed training rows and held-out rows (whole documents, up to the token budget); writes corpus.json."""
     from glotkit.data.corpus import pack_documents, split_documents, tokenize_documents
@@ -70,10 +83,11 @@ def _prepare(run: Run, state) -> Any:
     train_docs, held_docs = split_documents(docs, cfg.heldout_ratio, recipe.seed)
     held_tok, held_bytes, total = [], 0, 0
     for d, ids in zip(held_docs, tokenize_documents(held_docs, tok)):
-        if cfg.max_heldout_tokens and total and total + len(ids) > cfg.max_heldout_tokens:
+        kept = ids[: cfg.heldout_doc_tokens] if cfg.heldout_doc_tokens else ids
+        if cfg.max_heldout_tokens and total and total + len(kept) > cfg.max_heldout_tokens:
             break
-        held_tok.append(ids[: cfg.max_heldout_tokens] if cfg.max_heldout_tokens else ids)
-        # bytes of the text those tokens cover (a document cut by the budget counts only its part)
+        held_tok.append(kept[: cfg.max_heldout_tokens] if cfg.max_heldout_tokens else kept)
+        # bytes of the text those tokens cover (a document cut by a budget counts only its part)
         covered = held_tok[-1] if len(held_tok[-1]) < len(ids) else None
         held_bytes += len((tok.decode(covered, skip_special_tokens=True) if covered else d.text).encode("utf-8"))
         total += len(held_tok[-1])
