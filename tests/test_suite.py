@@ -66,6 +66,49 @@ def test_loglik_equals_direct_computation(tmp_path, arch, share):
     assert options[0][:3] == options[1][:3]  # the alike options do share their first tokens
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_prompts_sharing_a_prefix_share_a_row_and_score_as_alone(tmp_path, arch):
+    """Prompts that begin alike (an instruction, the same demonstrations) are packed into one row:
+    the common part once, each prompt's own tokens and its options after it.  Every score equals
+    the prompt + option computed alone, whatever the grouping, the batch size or the row cap."""
+    from glotkit.models import lm
+
+    model, tok = build_model(tmp_path, arch, init=0.2)
+    model.eval()
+    instruction = "Instrucțiune: spune dacă recenzia este pozitivă sau negativă. " * 3
+    texts = [instruction + "Recenzie: Sibiu Cibin\nRăspuns:", instruction + "Recenzie: Iași Prut Iași\nRăspuns:",
+             "Recenzie: scurtă\nRăspuns:", instruction + "Recenzie: Sibiu Cibin\nRăspuns:",  # the same prompt twice
+             instruction + "Recenzie: Dunărea\nRăspuns:", instruction[:-2]]  # a prefix of the others
+    prompts = [tok(t)["input_ids"] for t in texts]
+    groups = lm._prefix_groups(sorted(prompts))
+    assert max(map(len, groups)) >= 4 and sum(map(len, groups)) == len(prompts)
+    for texts_o in ([" pozitivă", " negativă"], [' {"at": "TRUE"}', ' {"at": "FALSE"}', ' {"at": "PROBABLE"}']):
+        options = [tok(t, add_special_tokens=False)["input_ids"] for t in texts_o]
+        want = []
+        for p in prompts:
+            with torch.no_grad():
+                rows = []
+                for o in options:
+                    logp = torch.log_softmax(model(input_ids=torch.tensor([p + o])).logits[0].float(), -1)
+                    rows.append(sum(logp[len(p) - 1 + t, o[t]].item() for t in range(len(o))))
+            want.append(rows)
+        results = []
+        for batch_size, cap, per_pass in ((1, 1024, 4096), (8, 1024, 4096), (8, 60, 4096), (8, 1024, 1)):
+            old = lm.OPTION_ROW_TOKENS, lm.OPTION_PASS_TOKENS
+            lm.OPTION_ROW_TOKENS, lm.OPTION_PASS_TOKENS = cap, per_pass  # rows split; one row a pass
+            try:
+                results.append(option_logliks(model, tok, prompts, options, batch_size=batch_size))
+            finally:
+                lm.OPTION_ROW_TOKENS, lm.OPTION_PASS_TOKENS = old
+            for g, w in zip(results[-1], want):
+                assert g == pytest.approx(w, abs=1e-4)
+        assert results[0] == results[1]  # the batch size does not change a single bit
+    # the shared row computes the instruction once
+    shared = [p for p in prompts if len(p) > 30][:3]
+    row, _ = lm._option_row(shared, options, 0)
+    assert len(row.input_ids) < sum(len(p) + sum(map(len, options)) for p in shared) - 2 * 20
+
+
 def test_shots_are_reproducible_from_the_seed():
     task, data = _toy_task()
     a = [draw_shots(data["train"], 3, seed=5, index=i) for i in range(5)]

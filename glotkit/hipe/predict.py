@@ -32,6 +32,11 @@ from glotkit.logs import say
 
 Item = tuple[dict, dict]  # (document, pair)
 
+# pairs labelled per option-scoring call and appended together (an interrupted run keeps whole
+# chunks): a fixed number, so that the prompts scored together, and so the scores, do not depend
+# on the batch size or on where a run was resumed
+LABEL_CHUNK = 32
+
 
 def pair_key(doc: dict, pair: dict) -> tuple[str, str, str]:
     return (doc["document_id"], pair["pers_entity_id"], pair["loc_entity_id"])
@@ -101,7 +106,7 @@ def predict_pairs(generator: Generator, items: Sequence[Item], s: Settings, *, p
                            for q, e in zip(questions, explanations)]
             from tqdm.auto import tqdm
 
-            chunk = max(1, s.batch_size) * 4  # appended chunk by chunk, so an interrupted run keeps its answers
+            chunk = LABEL_CHUNK  # appended chunk by chunk, so an interrupted run keeps its answers
             with tqdm(total=len(todo), desc=f"{desc} (labels)", unit="pair", disable=not progress,
                       dynamic_ncols=True) as bar:
                 for start in range(0, len(todo), chunk):

@@ -41,6 +41,9 @@ class Row:
     targets: list[int]
     n_examples: int
     n_tokens: int  # tokens of the examples as written (a shared prefix counted once per example)
+    # optional second level: a token also sees the tokens of segment ``parents[t]`` (option scoring:
+    # each option sees its own prompt's part, which sees the prefix several prompts share)
+    parents: list[int] | None = None
 
 
 def _targets(e: Encoded) -> list[int]:
@@ -132,6 +135,7 @@ def collate_rows(rows: Sequence[Row], pad_id: int, device: str | torch.device = 
     mask = torch.zeros((b, width), dtype=torch.long)
     pos = torch.zeros((b, width), dtype=torch.long)
     seg = torch.full((b, width), -1, dtype=torch.long)
+    par = torch.full((b, width), -2, dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r.input_ids)
         ids[i, :n] = torch.tensor(r.input_ids)
@@ -139,6 +143,8 @@ def collate_rows(rows: Sequence[Row], pad_id: int, device: str | torch.device = 
         mask[i, :n] = 1
         pos[i, :n] = torch.tensor(r.position_ids)
         seg[i, :n] = torch.tensor(r.segments)
+        if r.parents is not None:
+            par[i, :n] = torch.tensor(r.parents)
     out = {"input_ids": ids.to(device), "targets": targets.to(device), "n_tokens": sum(r.n_tokens for r in rows),
            "n_compute": sum(len(r.input_ids) for r in rows)}
     if all(r.n_examples == 1 for r in rows):
@@ -146,7 +152,7 @@ def collate_rows(rows: Sequence[Row], pad_id: int, device: str | torch.device = 
         return out
     sq, sk = seg[:, :, None], seg[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = ((sq == sk) | (sk == 0)) & (sk >= 0) & causal
+    allowed = ((sq == sk) | (sk == 0) | (par[:, :, None] == sk)) & (sk >= 0) & causal
     allowed |= torch.eye(width, dtype=torch.bool)  # padding queries see themselves: no empty rows
     full = allowed[:, None].to(device)
     if mask_types:
@@ -329,6 +335,83 @@ class SupervisedLoss:
 
 
 @torch.no_grad()
+def _prefix_groups(prompts: Sequence[list[int]], min_prefix: int = PREFIX_KEY,
+                   min_share: float = 0.25) -> list[list[int]]:
+    """Neighbours (the prompts come sorted) that share at least ``min_prefix`` leading tokens and
+    ``min_share`` of their length, as lists of indices (a short common instruction is not worth a
+    packed row: its attention is computed over the whole row); a neighbour that would halve the
+    group's common part starts a new group."""
+    groups: list[list[int]] = []
+    lcp = 0
+    for i, p in enumerate(prompts):
+        if groups:
+            first, n = prompts[groups[-1][0]], min(lcp, len(p) - 1)
+            same = next((t for t in range(n) if first[t] != p[t]), n)
+            if same >= max(min_prefix, min_share * len(p)) and (len(groups[-1]) == 1 or 2 * same > lcp):
+                groups[-1].append(i)
+                lcp = same
+                continue
+        groups.append([i])
+        lcp = len(p) - 1
+    return groups
+
+
+OPTION_ROW_TOKENS = 1024  # option scoring: prompts sharing a prefix fill one row up to this many tokens
+OPTION_PASS_TOKENS = 2048  # option scoring: padded tokens of one forward pass (a longer row goes alone)
+
+
+def _shared_length(prompts: Sequence[list[int]]) -> int:
+    """The prefix the prompts of one option row share (every prompt keeps a token of its own)."""
+    if len(prompts) < 2:
+        return 0
+    lp = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        lp = min(lp, next((t for t in range(lp) if first[t] != p[t]), lp))
+    return lp
+
+
+def _option_row_length(prompts: Sequence[list[int]], options: Sequence[list[int]]) -> int:
+    lp = _shared_length(prompts)
+    return lp + sum(len(p) - lp for p in prompts) + len(prompts) * sum(map(len, options))
+
+
+def _option_row(prompts: Sequence[list[int]], options: Sequence[list[int]], common: int):
+    """One row for option scoring: the prompts' common prefix once (segment 0), then each prompt's
+    own tokens (a segment) followed by every option (a segment each, whose parent is that prompt's
+    segment), at the positions each would have alone.  Returns the row and, per prompt, (positions
+    predicting the ``common`` head tokens at the prompt's end, positions predicting each option)."""
+    lp = _shared_length(prompts)
+    ids, pos, seg, par = list(prompts[0][:lp]), list(range(lp)), [0] * lp, [-1] * lp
+    places, nxt = [], 1
+    for p in prompts:
+        own, begin = nxt, len(ids)
+        nxt += 1
+        ids += p[lp:]
+        pos += range(lp, len(p))
+        seg += [own] * (len(p) - lp)
+        par += [-1] * (len(p) - lp)
+
+        def at(t: int) -> int:  # the row index of the prompt's token t
+            return t if t < lp else begin + t - lp
+
+        shared_at = [at(t) for t in range(len(p) - common - 1, len(p) - 1)]
+        option_at = []
+        for o in options:
+            start = len(ids)
+            ids += o
+            pos += range(len(p), len(p) + len(o))
+            seg += [nxt] * len(o)
+            par += [own] * len(o)
+            nxt += 1
+            # token 0 is predicted from the prompt's last position, token t from the option's t-1
+            option_at.append([at(len(p) - 1)] + [start + t - 1 for t in range(1, len(o))])
+        places.append((shared_at, option_at))
+    n_tokens = sum(len(p) + len(o) for p in prompts for o in options)
+    return Row(ids, pos, seg, [IGNORE] * len(ids), len(prompts) * len(options), n_tokens, par), places
+
+
+@torch.no_grad()
 def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequence[list[int]],
                    batch_size: int, device: str = "cpu", share_prompt: bool = True) -> list[list[float]]:
     """Sum of log-probabilities of each option's tokens after each prompt.
@@ -336,7 +419,12 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
     With ``share_prompt`` (the default where the model takes 4-D masks) one row holds the prompt
     once and every option after it, each option attending to the prompt and to itself only, with
     its positions continuing the prompt's: the prompt is computed once instead of once per option
-    (the engine's shared-prefix rows; equal to separate sequences, tested).  Rows are right-padded
+    (the engine's shared-prefix rows; equal to separate sequences, tested).  Prompts that begin
+    alike (a task's instruction, a HIPE prompt's definitions, the same demonstrations) share one
+    row: their common prefix once, then each prompt's own tokens and its options, which see that
+    prompt only (a prefix of at least 16 tokens and a quarter of the prompt; rows up to
+    ``OPTION_ROW_TOKENS``, passes up to ``OPTION_PASS_TOKENS`` padded tokens whatever
+    ``batch_size``, so that the scores do not depend on it).  Rows are right-padded
     so every sequence sits at the same positions whatever its batch.  Tokens that begin every
     option alike (``{"at": "`` in a JSON answer) are scored once per prompt, not once per option."""
     import torch.nn.functional as F
@@ -360,29 +448,35 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
         return float(logp.gather(1, tgt[:, None]).sum())
 
     if share_prompt and loss_fn.fast:
-        for start in range(0, len(prompts), max(1, batch_size // max(1, len(options)))):
-            chunk = list(range(start, min(len(prompts), start + max(1, batch_size // max(1, len(options))))))
-            rows, spans = [], []
-            for i in chunk:
-                p = list(prompts[i]) + head
-                ids, pos, seg, starts = list(p), list(range(len(p))), [0] * len(p), []
-                for j, o in enumerate(options):
-                    starts.append(len(ids))
-                    ids += o
-                    pos += range(len(p), len(p) + len(o))
-                    seg += [j + 1] * len(o)
-                rows.append(Row(ids, pos, seg, [-100] * len(ids), len(options), len(ids)))
-                spans.append(starts)
-            batch = loss_fn.collate(rows, pad)
+        full = [list(p) + head for p in prompts]
+        order = sorted(range(len(full)), key=lambda i: full[i])  # prompts that begin alike side by side
+        # rows and passes depend on the prompts only, not on batch_size: the same scores whatever it is
+        cap, budget = OPTION_ROW_TOKENS, OPTION_PASS_TOKENS
+        rows: list[tuple[Row, list]] = []
+        for group in _prefix_groups([full[i] for i in order]):
+            members = [order[g] for g in group]
+            while members:  # a group too large for one row goes into several
+                take = 1
+                while take < len(members) and _option_row_length([full[i] for i in members[: take + 1]], options) <= cap:
+                    take += 1
+                row, places = _option_row([full[i] for i in members[:take]], options, common)
+                rows.append((row, list(zip(members[:take], places))))
+                members = members[take:]
+        rows.sort(key=lambda item: -len(item[0].input_ids))  # rows of like length pass together: little padding
+        passes: list[list[tuple[Row, list]]] = [[]]
+        for item in rows:  # a pass holds at most `budget` padded tokens
+            if passes[-1] and (len(passes[-1]) + 1) * len(passes[-1][0][0].input_ids) > budget:
+                passes.append([])
+            passes[-1].append(item)
+        for part in passes:
+            batch = loss_fn.collate([r for r, _ in part], pad)
             hidden = loss_fn.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-            for r, (i, starts) in enumerate(zip(chunk, spans)):
-                p = len(prompts[i]) + common
-                shared = option_scores(hidden[r], list(range(p - common - 1, p - 1)), head) if common else 0.0
-                for j, o in enumerate(options):
-                    # token 0 is predicted from the prompt's last position, token t from the option's t-1
-                    where = [p - 1] + [starts[j] + t - 1 for t in range(1, len(o))]
-                    scores[i][j] = shared + option_scores(hidden[r], where, o)
+            for r, (_, members) in enumerate(part):
+                for i, (shared_at, option_at) in members:
+                    shared = option_scores(hidden[r], shared_at, head) if common else 0.0
+                    for j, o in enumerate(options):
+                        scores[i][j] = shared + option_scores(hidden[r], option_at[j], o)
         return scores
 
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))]

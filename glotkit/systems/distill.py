@@ -870,13 +870,13 @@ def _choose_appending(generator, path: Path, prompts, fmt: str, key: Callable[[i
     from tqdm.auto import tqdm
 
     from glotkit.hipe.formats import label_options
-    from glotkit.hipe.predict import chosen_labels
+    from glotkit.hipe.predict import LABEL_CHUNK, chosen_labels
     from glotkit.io import append_rows
 
     if not prompts:
         return 0.0, 0
     t0 = time.perf_counter()
-    chunk = max(1, batch_size) * 4
+    chunk = LABEL_CHUNK  # fixed: the scores do not depend on the batch size
     with path.open("a", encoding="utf-8") as fh, tqdm(total=len(prompts), desc=desc, unit="pair",
                                                       disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), chunk):
