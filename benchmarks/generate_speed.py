@@ -1,7 +1,7 @@
 """Generation and option-scoring speed: glotkit against what users would run instead, same model,
 same prompts, same machine, each engine in its own fresh process.
 
-    python benchmarks/generate_speed.py [--scenarios qa,options,hipe,sample] [--model gemma-3-270m]
+    python benchmarks/generate_speed.py [--scenarios qa,options,labels,hipe,sample] [--model gemma-3-270m]
                                         [--trimmed DIR] [--n-qa 48] [--repeats 1]
 
 Scenarios (the prompts are the ones glotkit's stages build):
@@ -18,10 +18,16 @@ Scenarios (the prompts are the ones glotkit's stages build):
   options  the suite's 3-shot sentiment task (LaRoSeDa; items × 2 labels): ``plain`` (each
            (prompt, option) one sequence through the model, one at a time) against ``glotkit``
            (the suite's option scoring); the largest log-likelihood difference is printed.
+  labels   the distillation's label scoring: the HIPE prompts (json format) with the five valid
+           (at, isAt) options, ``plain`` against ``glotkit`` (pairs of one article share it).
   hipe     the distillation's explanation prompts (article layout, explain-json; 64 new tokens,
            greedy, stop at "Answer:"): ``hf1``, ``hfbatch``, ``glotkit``.
   sample   XL-LoRA synthesis prompts (RO-STS anchors), top-k 50 / top-p 0.9 / temperature 0.7,
            128 new tokens, batch 32: ``hfbatch`` (``generate(do_sample=True)``) against ``glotkit``.
+
+Opt-in engines (``--engines``, qa only): ``hfbatch-compile`` (``generate`` with a static cache and
+``torch.compile``, Hugging Face's recipe) and ``glotkit-compile`` (glotkit's loop on a compiled
+forward); their compile time is the warm-up, printed apart.
 
 Each worker loads the model, warms up on two prompts (not timed), then times the whole set.
 Printed per engine: seconds, prompts/s, new tokens/s, peak resident memory and the ratio to the
@@ -42,8 +48,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 QA_TEMPLATE = "Context: {context}\nÎntrebare: {question}\nRăspuns:"
 ENGINES = {"qa": ["hf1", "hfbatch", "glotkit", "glotkit-vocab", "glotkit-trimmed"], "options": ["plain", "glotkit"],
+           "labels": ["plain", "glotkit"],
            "hipe": ["hf1", "hfbatch", "glotkit"], "sample": ["hfbatch", "glotkit"]}
-ANCHOR = {"qa": "hf1", "options": "plain", "hipe": "hf1", "sample": "hfbatch"}
+ANCHOR = {"qa": "hf1", "options": "plain", "labels": "plain", "hipe": "hf1", "sample": "hfbatch"}
+# opt-in (--engines): a static KV cache with torch.compile of the forward pass.  ``hfbatch-compile``
+# is Hugging Face's own way (generate with cache_implementation="static" and a compile config);
+# ``glotkit-compile`` compiles the model's forward (dynamic shapes) under glotkit's loop.  Their
+# warm-up, which includes compiling, is timed separately ("warm-up s").
+OPT_IN = {"qa": ["hfbatch-compile", "glotkit-compile"]}
 
 
 # --------------------------------------------------------------------------- prompts
@@ -61,14 +73,14 @@ def qa_prompts(tok, n: int) -> list[list[int]]:
     return [fmt.prompt_ids(e) for e in read_examples(path, DataSection())[:n]]
 
 
-def hipe_prompts(tok, n: int) -> list[list[int]]:
+def hipe_prompts(tok, n: int, fmt: str = "explain-json") -> list[list[int]]:
     from glotkit.hipe.data import read_hipe
     from glotkit.hipe.formats import PromptBuilder, question
 
     docs = read_hipe(DATA / "hipe-2026" / "newspapers" / "HIPE-2026-v1.0-impresso-train-en.jsonl")
     builder = PromptBuilder(tok)
     items = [(d, p) for d in docs for p in d.get("sampled_pairs") or []][:n]
-    return [builder.prompt_ids(question(d, p, "explain-json", 1000, "article"), "explain-json") for d, p in items]
+    return [builder.prompt_ids(question(d, p, fmt, 1000, "article"), fmt) for d, p in items]
 
 
 def sample_prompts(tok, n: int) -> list[list[int]]:
@@ -104,7 +116,7 @@ class _Stops:
         return torch.tensor([cut_at_stop(t, self.stop) is not None for t in texts], dtype=torch.bool)
 
 
-def hf_generate(model, tok, prompts, batch: int, new: int, stop, sampling) -> tuple[list[str], int]:
+def hf_generate(model, tok, prompts, batch: int, new: int, stop, sampling, **extra) -> tuple[list[str], int]:
     """``model.generate`` on length-sorted, left-padded batches (batch 1: one prompt at a time)."""
     import torch
     from transformers import StoppingCriteriaList
@@ -122,7 +134,7 @@ def hf_generate(model, tok, prompts, batch: int, new: int, stop, sampling) -> tu
                                                                     top_k=None)
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=pad,
-                                 stopping_criteria=StoppingCriteriaList([_Stops(tok, w, stop)]), **kw)
+                                 stopping_criteria=StoppingCriteriaList([_Stops(tok, w, stop)]), **kw, **extra)
         for r, i in enumerate(idx):
             toks = gen[r, w:]
             produced += int((toks != pad).sum())
@@ -189,10 +201,29 @@ def worker(a) -> dict:
             res["seconds"] = time.perf_counter() - t0
         res["prompts"] = len(res["scores"])
         res["new_tokens"] = 0
+    elif a.scenario == "labels":
+        from glotkit.hipe.formats import label_options
+
+        prompts = hipe_prompts(tok, a.n, fmt="json")
+        texts = label_options("json")
+        if a.engine == "glotkit":
+            gen = LocalGenerator(model, tok, device)
+            gen.option_logliks(prompts[:2], texts, progress=False)  # warm-up
+            t0 = time.perf_counter()
+            res["scores"] = gen.option_logliks(prompts, texts, progress=False)
+        else:
+            plain_option_scores(model, tok, prompts[:2], texts)  # warm-up
+            t0 = time.perf_counter()
+            res["scores"] = plain_option_scores(model, tok, prompts, texts)
+        res["seconds"] = time.perf_counter() - t0
+        res["prompts"], res["new_tokens"] = len(prompts), 0
+        res["prompt_tokens"] = sum(map(len, prompts))
     else:
         make = {"qa": qa_prompts, "hipe": hipe_prompts, "sample": sample_prompts}[a.scenario]
         prompts = make(tok, a.n)
         new, stop, sampling = SETTINGS[a.scenario]
+        if a.engine.endswith("-compile") and a.engine.startswith("glotkit"):
+            model.forward = torch.compile(model.forward, dynamic=True)
         if a.engine.startswith("glotkit"):
             if a.trimmed and a.engine == "glotkit-trimmed":  # the same text, in the trimmed model's ids
                 from glotkit.models.loading import load_tokenizer, resolve_model_path
@@ -210,7 +241,9 @@ def worker(a) -> dict:
                 t0 = time.perf_counter()
                 out = gen.sample(prompts, **kw, **sampling, seed=1)
             else:
+                t0 = time.perf_counter()
                 gen.greedy(prompts[:2], **kw)
+                res["warmup_seconds"] = time.perf_counter() - t0
                 gen.stats.__init__()
                 t0 = time.perf_counter()
                 out = gen.greedy(prompts, **kw)
@@ -222,9 +255,18 @@ def worker(a) -> dict:
             res["steps"] = gen.stats.steps
         else:
             batch = 1 if a.engine == "hf1" else a.hf_batch
-            hf_generate(model, tok, prompts[:2], batch, new, stop, sampling)
+            extra = {}
+            if a.engine == "hfbatch-compile":
+                from transformers import CompileConfig
+
+                cc = CompileConfig(fullgraph=False, dynamic=None, mode="default")
+                cc._compile_all_devices = True  # transformers compiles on GPUs only unless told
+                extra = dict(cache_implementation="static", compile_config=cc)
             t0 = time.perf_counter()
-            res["texts"], res["new_tokens"] = hf_generate(model, tok, prompts, batch, new, stop, sampling)
+            hf_generate(model, tok, prompts[:2], batch, new, stop, sampling, **extra)
+            res["warmup_seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res["texts"], res["new_tokens"] = hf_generate(model, tok, prompts, batch, new, stop, sampling, **extra)
             res["seconds"] = time.perf_counter() - t0
         res["prompts"] = len(prompts)
         res["prompt_tokens"] = sum(map(len, prompts))
@@ -235,7 +277,7 @@ def worker(a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenarios", default="qa,options,hipe,sample")
+    p.add_argument("--scenarios", default="qa,options,labels,hipe,sample")
     p.add_argument("--engines", default=None, help="only these engines (comma-separated)")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--trimmed", default=None, help="a trimmed-vocabulary model folder (glotkit trim-vocab)")
@@ -269,9 +311,9 @@ def main() -> None:
         vocab_file = _corpus_vocab(a.model)
     everything = {}
     for scenario in a.scenarios.split(","):
-        n = getattr(a, f"n_{scenario}")
+        n = getattr(a, f"n_{'hipe' if scenario == 'labels' else scenario}")
         results: dict[str, dict] = {}
-        for engine in ENGINES[scenario]:
+        for engine in ENGINES[scenario] + [e for e in OPT_IN.get(scenario, []) if only and e in only]:
             if (only and engine not in only) or (engine == "glotkit-trimmed" and not a.trimmed):
                 continue
             runs = []
@@ -287,6 +329,7 @@ def main() -> None:
                 if proc.returncode or not line:
                     sys.exit(f"benchmark: {scenario}/{engine} failed:\n{proc.stderr[-3000:]}")
                 runs.append(json.loads(line[7:]))
+                print(f"[bench] {scenario}: {engine}: {runs[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
             runs.sort(key=lambda r: r["seconds"])
             results[engine] = runs[len(runs) // 2] | {"all_seconds": [round(r["seconds"], 2) for r in runs]}
         everything[scenario] = results
@@ -334,6 +377,8 @@ def _print(scenario: str, results: dict[str, dict], a) -> None:
             notes.append(f"prompt tokens computed {r['computed_prompt_tokens']}/{r['prompt_tokens']}, "
                          f"{r['batches']} batches, prefill {r['prefill_seconds']:.1f} s, {r['steps']} steps "
                          f"{r['decode_seconds']:.1f} s")
+        if e.endswith("-compile"):
+            notes.append(f"warm-up (compiling) {r['warmup_seconds']:.1f} s")
         if a.repeats > 1:
             notes.append(f"runs {r['all_seconds']}")
         print(f"{e:<17}{r['seconds']:>9.1f}{r['prompts'] / r['seconds']:>11.2f}"
