@@ -500,3 +500,32 @@ def test_rationale_checks():
     assert not names("He went to Bernhardsthal", ["Bern"])  # whole words only
     assert names("MEIER spoke", ["Herr Meier"])  # a title is not required
     assert names("the UN met", ["UN"]) and not names("unless", ["UN"])
+
+
+def test_an_evaluation_made_with_other_settings_is_labelled_again(tmp_path, tiny_llama):
+    """evaluate_model reuses result.json only when it was made with the same settings (the batch
+    size aside): a decision calibrated since, another format or excerpt length labels again."""
+    from pathlib import Path
+
+    from glotkit.hipe.predict import Settings, evaluate_model
+
+    items = Path(_write_gold(tmp_path, langs=("de",), docs=2, pairs=2)[0])
+    out, logs = tmp_path / "eval", []
+
+    def run(**kw):
+        s = Settings(**{"fmt": "json", "max_chars": 200, "label_tokens": 4, "batch_size": 4} | kw)
+        return evaluate_model("m", {"name": str(tiny_llama)}, None, items, s, out, in_process=True, progress=False,
+                              log=logs.append)
+
+    first = run()
+    assert first["made_with"]["offsets"] is None and "batch_size" not in first["made_with"]
+    logs.clear()
+    assert run(batch_size=1) == first and not logs  # the batch size changes no answer: reused
+    again = run(offsets={"TRUE/TRUE": 50.0})
+    assert any("labelled before with offsets = None, now {'TRUE/TRUE': 50.0}: labelling again" in m for m in logs)
+    assert again["made_with"]["offsets"] == {"TRUE/TRUE": 50.0}
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert all((a["at"], a["isAt"]) == ("TRUE", "TRUE") for a in answers)  # the new decision, not the old file
+    logs.clear()
+    run(offsets={"TRUE/TRUE": 50.0}, max_chars=100)
+    assert any("max_chars = 200, now 100" in m for m in logs)

@@ -325,6 +325,13 @@ def _served(job: dict, server, log: Callable[[str], None]) -> dict:
     return _write_and_score(job, docs, rows) | {"timing": timing, "memory": {"peak_rss_mb": None, "served": True}}
 
 
+def _made_with(settings: Settings, adapter: str | None, items_file: Path) -> dict:
+    """What an evaluation's answers depend on (the batch size does not change them), kept in its
+    result.json: a result made otherwise is not reused."""
+    return {k: v for k, v in asdict(settings).items() if k != "batch_size"} | {
+        "adapter": "/".join(Path(adapter).parts[-2:]) if adapter else None, "items": Path(items_file).name}
+
+
 def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Path, settings: Settings,
                    out_dir: Path, *, progress: bool = True, log: Callable[[str], None] = say,
                    in_process: bool = False, server=None) -> dict:
@@ -332,7 +339,8 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
     :class:`~glotkit.generate.server.ServerGenerator` serving this model and adapter, or a
     function that connects one when the result is not there yet);
     ``out_dir/result.json`` holds the scores, timing, peak memory and size (an existing one made
-    on the same backend is returned as it is)."""
+    on the same backend with the same settings, adapter and items is returned as it is; one made
+    with other settings, e.g. before the decision was calibrated, is labelled again)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -341,12 +349,19 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
 
     done = out_dir / "result.json"
     kind = "openai" if server is not None else "local"
+    made_with = _made_with(settings, adapter, items_file)
     if done.is_file():
         before = json.loads(done.read_text(encoding="utf-8"))
-        if before.get("backend", "local").split()[0] == kind:  # the server may have moved
+        changed = [k for k in made_with if k in before.get("made_with", {}) and before["made_with"][k] != made_with[k]]
+        if changed:  # e.g. calibration offsets fit since: the old answers are not these settings' answers
+            k = changed[0]
+            log(f"{label}: labelled before with {k} = {before['made_with'][k]!r}, now {made_with[k]!r}: labelling again")
+            (out_dir / "answers.partial.jsonl").unlink(missing_ok=True)
+        elif before.get("backend", "local").split()[0] == kind:  # the server may have moved
             return before
-        log(f"{label}: labelled before on {before.get('backend', 'local')}, now asked on {kind}: "
-            "labelling again")
+        else:
+            log(f"{label}: labelled before on {before.get('backend', 'local')}, now asked on {kind}: "
+                "labelling again")
     if callable(server):  # connected only when something is left to ask
         server = server()
     backend = server.backend if server is not None else "local"
@@ -369,6 +384,7 @@ def evaluate_model(label: str, model: dict, adapter: str | None, items_file: Pat
                                    f"{type(err).__name__}: {err}") from None
     result["model"] = model["name"]
     result["backend"] = backend
+    result["made_with"] = made_with
     result["size"] = model_size(path, adapter)
     atomic_write_json(done, result)
     (out_dir / "answers.partial.jsonl").unlink(missing_ok=True)  # served answers, now in answers.jsonl
