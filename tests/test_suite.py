@@ -80,7 +80,7 @@ def test_prompts_sharing_a_prefix_share_a_row_and_score_as_alone(tmp_path, arch)
              "Recenzie: scurtă\nRăspuns:", instruction + "Recenzie: Sibiu Cibin\nRăspuns:",  # the same prompt twice
              instruction + "Recenzie: Dunărea\nRăspuns:", instruction[:-2]]  # a prefix of the others
     prompts = [tok(t)["input_ids"] for t in texts]
-    groups = lm._prefix_groups(sorted(prompts))
+    groups = [members for _, members in lm.prefix_groups(prompts, lm.PREFIX_KEY, min_share=0.25)]
     assert max(map(len, groups)) >= 4 and sum(map(len, groups)) == len(prompts)
     for texts_o in ([" pozitivă", " negativă"], [' {"at": "TRUE"}', ' {"at": "FALSE"}', ' {"at": "PROBABLE"}']):
         options = [tok(t, add_special_tokens=False)["input_ids"] for t in texts_o]

@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from glotkit.models.lm import prefix_groups
+
 DEFAULT_BATCH_TOKENS = 16384
 DEFAULT_MAX_ROWS = 64
 SHARE_MIN = 16  # fewer shared leading tokens than this: not worth a pass of their own
@@ -70,15 +72,6 @@ class DecodeStats:
     steps: int = 0  # decoding steps (one token for each row still in its batch)
 
 
-def _common(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if n >= limit or x != y:
-            break
-        n += 1
-    return n
-
-
 def plan_batches(prompts: Sequence[list[int]], *, max_new_tokens: int, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  max_rows: int = DEFAULT_MAX_ROWS, share_prefix: bool = True,
                  share_min: int = SHARE_MIN, window: int | None = None, masks_ok: bool = False) -> list[Batch]:
@@ -93,24 +86,8 @@ def plan_batches(prompts: Sequence[list[int]], *, max_new_tokens: int, batch_tok
     n = len(prompts)
     if not n:
         return []
-    # groups of neighbours in token order sharing >= share_min leading tokens (each prompt keeps
-    # at least its last token out of the prefix: its logits start the continuation)
-    groups: list[tuple[int, list[int]]] = []  # (prefix length, members)
-    if share_prefix:
-        order = sorted(range(n), key=lambda i: prompts[i])
-        members, plen = [order[0]], len(prompts[order[0]]) - 1
-        for i in order[1:]:
-            c = _common(prompts[members[0]], prompts[i], min(plen, len(prompts[i]) - 1))
-            # a neighbour that would halve the group's shared part starts a group of its own
-            if c >= share_min and (len(members) == 1 or 2 * c >= plen):
-                members.append(i)
-                plen = c
-            else:
-                groups.append((plen, members))
-                members, plen = [i], len(prompts[i]) - 1
-        groups.append((plen, members))
-    else:
-        groups = [(0, [i]) for i in range(n)]
+    # groups of neighbours in token order sharing >= share_min leading tokens
+    groups = prefix_groups(prompts, share_min) if share_prefix else [(0, [i]) for i in range(n)]
     # longest first, so a batch holds prompts of like length
     groups.sort(key=lambda g: -max(len(prompts[i]) for i in g[1]))
     batches: list[Batch] = []

@@ -91,8 +91,7 @@ def build_rows(examples: Sequence[Encoded], share_prefix: bool = False, min_pref
         lcp = min(len(e.input_ids) for e in group)
         first = group[0].input_ids
         for e in group[1:]:
-            same = next((i for i, (a, b) in enumerate(zip(first, e.input_ids)) if a != b), lcp)
-            lcp = min(lcp, same)
+            lcp = common_prefix(first, e.input_ids, lcp)
         # the prefix must end before any supervised position: its last token predicts a prompt token
         lp = min(lcp, min(_first_label(e) for e in group) - 1)
         mean_len = sum(len(e.input_ids) for e in group) / len(group)
@@ -334,25 +333,37 @@ class SupervisedLoss:
             )
 
 
-@torch.no_grad()
-def _prefix_groups(prompts: Sequence[list[int]], min_prefix: int = PREFIX_KEY,
-                   min_share: float = 0.25) -> list[list[int]]:
-    """Neighbours (the prompts come sorted) that share at least ``min_prefix`` leading tokens and
-    ``min_share`` of their length, as lists of indices (a short common instruction is not worth a
-    packed row: its attention is computed over the whole row); a neighbour that would halve the
-    group's common part starts a new group."""
-    groups: list[list[int]] = []
-    lcp = 0
-    for i, p in enumerate(prompts):
-        if groups:
-            first, n = prompts[groups[-1][0]], min(lcp, len(p) - 1)
-            same = next((t for t in range(n) if first[t] != p[t]), n)
-            if same >= max(min_prefix, min_share * len(p)) and (len(groups[-1]) == 1 or 2 * same > lcp):
-                groups[-1].append(i)
-                lcp = same
-                continue
-        groups.append([i])
-        lcp = len(p) - 1
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_groups(prompts: Sequence[Sequence[int]], min_prefix: int,
+                  min_share: float = 0.0) -> list[tuple[int, list[int]]]:
+    """Prompts that begin alike, as (shared length, indices): neighbours in token order sharing at
+    least ``min_prefix`` leading tokens and ``min_share`` of their length (each prompt keeps at
+    least its last token out of the shared part); a neighbour that would halve the group's shared
+    part starts a group of its own.  Used by generation (a prefix's cache computed once) and by
+    option scoring (a prefix once per row)."""
+    if not prompts:
+        return []
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    groups: list[tuple[int, list[int]]] = []
+    members, plen = [order[0]], len(prompts[order[0]]) - 1
+    for i in order[1:]:
+        c = common_prefix(prompts[members[0]], prompts[i], min(plen, len(prompts[i]) - 1))
+        if c >= max(min_prefix, min_share * len(prompts[i])) and (len(members) == 1 or 2 * c >= plen):
+            members.append(i)
+            plen = c
+        else:
+            groups.append((plen, members))
+            members, plen = [i], len(prompts[i]) - 1
+    groups.append((plen, members))
     return groups
 
 
@@ -365,9 +376,8 @@ def _shared_length(prompts: Sequence[list[int]]) -> int:
     if len(prompts) < 2:
         return 0
     lp = min(len(p) for p in prompts) - 1
-    first = prompts[0]
     for p in prompts[1:]:
-        lp = min(lp, next((t for t in range(lp) if first[t] != p[t]), lp))
+        lp = common_prefix(prompts[0], p, lp)
     return lp
 
 
@@ -449,12 +459,10 @@ def option_logliks(model, tokenizer, prompts: Sequence[list[int]], options: Sequ
 
     if share_prompt and loss_fn.fast:
         full = [list(p) + head for p in prompts]
-        order = sorted(range(len(full)), key=lambda i: full[i])  # prompts that begin alike side by side
         # rows and passes depend on the prompts only, not on batch_size: the same scores whatever it is
         cap, budget = OPTION_ROW_TOKENS, OPTION_PASS_TOKENS
         rows: list[tuple[Row, list]] = []
-        for group in _prefix_groups([full[i] for i in order]):
-            members = [order[g] for g in group]
+        for _, members in prefix_groups(full, PREFIX_KEY, min_share=0.25):
             while members:  # a group too large for one row goes into several
                 take = 1
                 while take < len(members) and _option_row_length([full[i] for i in members[: take + 1]], options) <= cap:
