@@ -283,8 +283,19 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     assert [d["document_id"] for d in pred] == [d["document_id"] for d in test_docs if d["language"] == "de"]
     trim = json.loads((run / "students" / "trimmed" / "model" / "glotkit-trim.json").read_text())
     assert trim["vocab_after"] < trim["vocab_before"] and trim["check"]["max_abs_logit_diff"] < 1e-4
+    refs = table["references"]  # what a model must beat, on the same test pairs
+    assert list(refs) == ["FALSE/FALSE everywhere", "mention positions (logistic regression)"]
+    from glotkit.hipe.predict import score_rows
+    from glotkit.systems.distill import _by_language
+
+    gold = _by_language(test_docs, "test")
+    all_ff = [{"key": [d["document_id"], p["pers_entity_id"], p["loc_entity_id"]], "at": "FALSE", "isAt": "FALSE",
+               "parsed": True, "corrected": False} for d in test_docs for p in d["sampled_pairs"]]
+    assert refs["FALSE/FALSE everywhere"]["score"] == score_rows(gold, all_ff, resamples=0)["profile"]["score"]
+    assert all(0 <= r["score"] <= 1 and r["ci"][0] <= r["score"] <= r["ci"][1] for r in refs.values())
+    assert sum("FALSE/FALSE everywhere" in a and "mention-position regression" in a for a in table["answer"]) == 3
     report = (run / "report.md").read_text()
-    for part in ("## 1. Prompt comparison", "## 2. Teacher and its traces", "The teacher on the dev split after each epoch",
+    for part in ("What a model must beat", "| FALSE/FALSE everywhere | ", "## 1. Prompt comparison", "## 2. Teacher and its traces", "The teacher on the dev split after each epoch",
                  "## 3. Students",
                  "## Efficiency and accuracy", "Does the student stay within 3 points", "student 'llama' vs teacher",
                  "`teacher`, isAt:", "| gold \\ predicted | TRUE | PROBABLE | FALSE |",

@@ -159,6 +159,53 @@ def test_marked_excerpt_centres_on_the_closest_mentions_and_marks_them():
     assert q.startswith(DEFINITIONS) and q.endswith("Person: Smith\nPlace: Bern")  # the same start for every pair
 
 
+
+def test_mention_facts_count_the_whole_article_and_measure_the_closest_gap():
+    from glotkit.hipe.data import mention_facts
+    from glotkit.hipe.formats import question
+
+    pad = "word " * 300
+    text = f"Smith was born far away. {pad}Smith went to Bern. {pad}The Bern council met."
+    facts = mention_facts(text, ["Smith"], ["Bern"])
+    assert facts == (f"The article has {len(text.split())} words; the person is mentioned 2 times, the place "
+                     "2 times; their closest mentions are 2 words apart, in the same sentence.")
+    assert mention_facts("Smith stayed home. Later, Bern.", ["Smith"], ["Bern"]).endswith(
+        "3 words apart, in different sentences.")
+    assert mention_facts("Smith alone.", ["Smith"], ["Bern"]) == \
+        "The article has 2 words; the person is mentioned once, the place nowhere in the text."
+    line = _hipe_line()
+    marked = question(line, line["sampled_pairs"][0], "json", 2000, layout="marked")
+    with_facts = question(line, line["sampled_pairs"][0], "json", 2000, layout="facts")
+    # the facts sentence sits between the excerpt and the pair; the rest is the marked prompt
+    head, pair = marked.rsplit("\n\nPerson:", 1)
+    assert with_facts.startswith(head + "\n\nThe article has ") and with_facts.endswith("\n\nPerson:" + pair)
+
+
+def test_the_surface_baseline_learns_where_the_pair_is_mentioned():
+    from glotkit.hipe.baseline import SurfaceBaseline, all_false_rows
+    from glotkit.hipe.predict import score_rows
+
+    def doc(i, near):  # near: the person at the place in one sentence (TRUE/TRUE); else far apart (FALSE/FALSE)
+        pad = "word " * (5 + i % 7)
+        text = (f"Smith{i} arrived in Bern{i} yesterday. {pad}" if near else
+                f"Smith{i} spoke. {pad * 20}The city of Bern{i} was quiet. {pad}")
+        label = ("TRUE", "TRUE") if near else ("FALSE", "FALSE")
+        return {"document_id": f"d{i}", "language": "en" if i % 2 else "de", "text": text,
+                "sampled_pairs": [{"pers_entity_id": f"p{i}", "loc_entity_id": f"l{i}", "pers_mentions_list": [f"Smith{i}"],
+                                   "loc_mentions_list": [f"Bern{i}"], "at": label[0], "isAt": label[1]}]}
+
+    docs = [doc(i, i % 3 == 0) for i in range(60)]
+    items = [(d, p) for d in docs for p in d["sampled_pairs"]]
+    train, test = items[:40], items[40:]
+    rows = SurfaceBaseline(seed=1).fit(train).rows(test)
+    assert [(r["at"], r["isAt"]) for r in rows] == [(p["at"], p["isAt"]) for _, p in test]
+    gold = {"de": [d for d in docs[40:] if d["language"] == "de"], "en": [d for d in docs[40:] if d["language"] == "en"]}
+    assert score_rows(gold, rows, resamples=0)["profile"]["score"] > \
+        score_rows(gold, all_false_rows(test), resamples=0)["profile"]["score"]
+    # one label only in training: it is the answer, and the combination stays valid
+    only_ff = [it for it in train if it[1]["at"] == "FALSE"]
+    assert {(r["at"], r["isAt"]) for r in SurfaceBaseline().fit(only_ff).rows(test)} == {("FALSE", "FALSE")}
+
 # ----------------------------------------------------------------- official targets, precision, intervals
 
 

@@ -9,6 +9,8 @@ is an error.  Every error is one line naming the file, the line and the field.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -136,7 +138,7 @@ def marked_excerpt(text: str, persons: Sequence[str], places: Sequence[str], max
     the two are is the strongest single cue for ``at`` (on the gold training pairs the distance
     alone separates at≠FALSE from FALSE with an AUC of 0.66), and a small model cannot find that in
     a long article by itself."""
-    spans = sorted(_spans(text, persons, "person") + _spans(text, places, "place"),
+    spans = sorted(mention_spans(text, persons, "person") + mention_spans(text, places, "place"),
                    key=lambda s: (s[0], -(s[1] - s[0])))
     if len(text) <= max_chars:
         return _mark(text, spans, 0, len(text))
@@ -157,6 +159,49 @@ def marked_excerpt(text: str, persons: Sequence[str], places: Sequence[str], max
     parts = [_mark(text, spans, lo, hi) for lo, hi in windows]
     return (("… " if windows[0][0] > 0 else "") + " … ".join(parts)
             + (" …" if windows[-1][1] < len(text) else ""))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the whole article mentions a pair: every person and place mention (start, end,
+    kind), the article's length in words, and the words between the closest person and place
+    mentions and whether a sentence ends between them (None when one of the two is missing)."""
+
+    persons: list[tuple[int, int, str]]
+    places: list[tuple[int, int, str]]
+    words: int
+    gap: int | None
+    same_sentence: bool | None
+
+
+def placement(text: str, persons: Sequence[str], places: Sequence[str]) -> Placement:
+    pers, locs = mention_spans(text, persons, "person"), mention_spans(text, places, "place")
+    gap = same = None
+    if pers and locs:
+        a, b = min(((a, b) for a in pers for b in locs), key=lambda ab: (abs(ab[0][0] - ab[1][0]), ab[0][0]))
+        between = text[min(a[1], b[1]):max(a[0], b[0])] if max(a[0], b[0]) > min(a[1], b[1]) else ""
+        gap, same = len(between.split()), not _SENTENCE_END.search(between)
+    return Placement(pers, locs, len(text.split()), gap, same)
+
+
+_SENTENCE_END = re.compile(r"[.!?;]\s")
+
+
+def mention_facts(text: str, persons: Sequence[str], places: Sequence[str]) -> str:
+    """One sentence of what the whole article says about where the pair is mentioned, which an
+    excerpt cannot show: how often the person and the place occur, how long the article is, and
+    how many words lie between their closest mentions, in one sentence or not (:func:`placement`)."""
+    at = placement(text, persons, places)
+    said = (f"The article has {at.words} words; the person is mentioned {_times(len(at.persons))}, "
+            f"the place {_times(len(at.places))}")
+    if at.gap is None:
+        return said + "."
+    where = "in the same sentence" if at.same_sentence else "in different sentences"
+    return said + f"; their closest mentions are {at.gap} word{'s' if at.gap != 1 else ''} apart, {where}."
+
+
+def _times(n: int) -> str:
+    return "nowhere in the text" if n == 0 else "once" if n == 1 else f"{n} times"
 
 
 def _window(text: str, centre: int, size: int) -> tuple[int, int]:
@@ -190,7 +235,7 @@ def _mark(text: str, spans: Sequence[tuple[int, int, str]], start: int, end: int
     return "".join(out)
 
 
-def _spans(text: str, mentions: Sequence[str], kind: str) -> list[tuple[int, int, str]]:
+def mention_spans(text: str, mentions: Sequence[str], kind: str) -> list[tuple[int, int, str]]:
     """Every occurrence of the mentions (once each, in no particular order)."""
     return list({(i, i + len(m), kind) for m in mentions if m.strip() for i in _find_all(text, m)})
 

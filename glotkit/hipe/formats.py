@@ -59,7 +59,7 @@ def labels_text(at: str, is_at: str, fmt: str) -> str:
     return f"at: {at}\nisAt: {is_at}"
 
 
-LAYOUTS = ("pair", "article", "marked")
+LAYOUTS = ("pair", "article", "marked", "facts")
 
 
 def question(doc: dict, pair: dict, fmt: str, max_chars: int, layout: str = "pair") -> str:
@@ -71,8 +71,10 @@ def question(doc: dict, pair: dict, fmt: str, max_chars: int, layout: str = "pai
     starts with the same text, which training computes once per document (shared-prefix rows).
     ``layout="marked"``: the definitions and the request first (the same text for every pair: a
     shared prefix in training batches), then the excerpt centred where this pair's person and
-    place come closest, its mentions marked (:func:`glotkit.hipe.data.marked_excerpt`), then the pair."""
-    from glotkit.hipe.data import excerpt, marked_excerpt
+    place come closest, its mentions marked (:func:`glotkit.hipe.data.marked_excerpt`), then the pair.
+    ``layout="facts"``: as ``marked``, with one sentence after the excerpt of where the whole
+    article mentions the pair (:func:`glotkit.hipe.data.mention_facts`)."""
+    from glotkit.hipe.data import excerpt, marked_excerpt, mention_facts
 
     head = f"Article (published {doc.get('date') or 'at an unknown date'}):\n"
     pair_text = f"Person: {_mention(pair, 'pers_mentions_list')}\nPlace: {_mention(pair, 'loc_mentions_list')}"
@@ -81,8 +83,10 @@ def question(doc: dict, pair: dict, fmt: str, max_chars: int, layout: str = "pai
                     for m in list(p["pers_mentions_list"]) + list(p["loc_mentions_list"])]
         return (f"{head}{excerpt(doc['text'], mentions, max_chars)}\n\n{DEFINITIONS}\n{_ASK[fmt]}\n\n"
                 f"{pair_text}")
-    if layout == "marked":
+    if layout in ("marked", "facts"):
         text = marked_excerpt(doc["text"], pair["pers_mentions_list"], pair["loc_mentions_list"], max_chars)
+        if layout == "facts":
+            text += "\n\n" + mention_facts(doc["text"], pair["pers_mentions_list"], pair["loc_mentions_list"])
         return (f"{DEFINITIONS}\n{_ASK[fmt]}\n\n{head}{text}\n\n{pair_text}")
     if layout != "pair":
         raise GlotkitError(f"prompt layout: unknown '{layout}' (layouts: {', '.join(LAYOUTS)})")

@@ -76,7 +76,9 @@ class DistillSection(_Section):
     # their prompt's start, which training computes once per document)
     # "marked": the definitions first, then an excerpt centred where the pair's person and place
     # come closest with their mentions marked <person>…</person> / <place>…</place>, then the pair
-    prompt_layout: Literal["pair", "article", "marked"] = "pair"
+    # "facts": as marked, with one sentence after the excerpt of where the whole article mentions
+    # the pair (how often each, how many words apart at their closest, one sentence or not)
+    prompt_layout: Literal["pair", "article", "marked", "facts"] = "pair"
     # the teacher's label imbalance (most gold pairs are FALSE/FALSE): "oversample" repeats the
     # pairs of each (at, isAt) combination round(sqrt(largest / its count)) times
     balance: Literal["none", "oversample"] = "none"
@@ -600,7 +602,9 @@ def train_teacher(recipe: DistillRecipe, run_dir: Path, splits, log, progress, o
     items = training_items(splits)
     repeats = label_repeats(items) if distill_cfg.balance == "oversample" else {}
     counts = label_counts(items)
-    log("teacher: gold labels " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    silver = len(items_of(splits.get("silver", {})))
+    log(f"teacher: {len(items)} training pairs ({len(items) - silver} gold, {silver} silver), labels "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
         + (" ; oversampled " + ", ".join(f"{k} ×{v}" for k, v in repeats.items()) if repeats else ""))
     examples = [builder.example(question(doc, p, fmt, distill_cfg.max_chars, distill_cfg.prompt_layout), fmt,
                                 response(fmt, p["at"], p["isAt"]), group=doc["document_id"])
@@ -1003,11 +1007,53 @@ def run_evaluate(recipe: DistillRecipe, run_dir: Path, log, progress) -> dict:
             r["calibration"] = calibration | {"test_uncalibrated": _uncalibrated(f, e["label"])}
         results.append(r | {"label": e["label"], "role": e["role"], "format": e["format"]})
     table = efficiency_table(results, recipe.distill.within_points)
+    table["references"] = reference_scores(recipe, f)
+    table["answer"] += beats_references(table["rows"], table["references"])
     atomic_write_json(f.table_json, table)
     atomic_write_text(f.table_md, table["markdown"])
     for line in table["answer"]:
         log(f"{line}")
     return table
+
+
+def beats_references(rows: Sequence[dict], refs: dict[str, dict]) -> list[str]:
+    """Per tuned model: the languages where it does not beat FALSE/FALSE everywhere, and its
+    overall score against the mention-position regression."""
+    floor = refs["FALSE/FALSE everywhere"]
+    surface = refs["mention positions (logistic regression)"]
+    out = []
+    for r in rows:
+        if r["role"] not in ("teacher", "student"):
+            continue
+        low = [x for x, v in r["languages"].items() if v <= floor["languages"][x]["score"]]
+        out.append(f"{r['role']} '{r['label']}': "
+                   + ("above FALSE/FALSE everywhere in every language" if not low else
+                      "NOT above FALSE/FALSE everywhere in " + ", ".join(low))
+                   + f"; overall {r['score'] * 100:.2f} vs {surface['score'] * 100:.2f} for the mention-position "
+                   "regression")
+    return out
+
+
+def reference_scores(recipe: DistillRecipe, f: DistillFolder) -> dict[str, dict]:
+    """What a model must beat on the test split to be said to read the article: FALSE/FALSE
+    everywhere, and a logistic regression on where the pair is mentioned, fit on the teacher's
+    training pairs (:mod:`glotkit.hipe.baseline`); each with its interval, like the models."""
+    from glotkit.hipe.baseline import SurfaceBaseline, all_false_rows
+    from glotkit.hipe.predict import score_rows
+
+    test = _split_gold(f, "test", "the reference scores")
+    items = items_of(test)
+    train = items_of(_split_gold(f, "train", "the surface baseline"))
+    silver = f.split_file("silver")
+    if silver.is_file() and silver.stat().st_size:
+        train += items_of(_split_gold(f, "silver", "the surface baseline"))
+    out = {}
+    for name, rows in (("FALSE/FALSE everywhere", all_false_rows(items)),
+                       ("mention positions (logistic regression)", SurfaceBaseline(recipe.seed).fit(train).rows(items))):
+        r = score_rows(test, rows)
+        out[name] = _scores_brief(r) | {"binary": r["profile"]["binary_score"],
+                                        "binary_ci": _ci(r["profile"], "binary_score")}
+    return out
 
 
 def _calibrate(f: DistillFolder, e: dict, settings, server, log, progress) -> dict | None:
@@ -1107,10 +1153,13 @@ SCORE_NOTE = ("Score: mean over languages of each file's score, ×100: the mean 
 
 def _layout_note(distill_cfg: DistillSection) -> str:
     n = distill_cfg.max_chars
-    if distill_cfg.prompt_layout == "marked":
-        return (f"Prompt layout `marked`: the definitions first, then at most {n} characters of the article around the "
-                "place where the pair's person and place come closest (two stretches when they are farther apart), "
-                "every mention marked <person>…</person> / <place>…</place>, then the pair.")
+    if distill_cfg.prompt_layout in ("marked", "facts"):
+        facts = (", then one sentence of where the whole article mentions them (how often each, how many words "
+                 "apart at their closest, one sentence or not)") if distill_cfg.prompt_layout == "facts" else ""
+        return (f"Prompt layout `{distill_cfg.prompt_layout}`: the definitions first, then at most {n} characters of "
+                "the article around the place where the pair's person and place come closest (two stretches when "
+                f"they are farther apart), every mention marked <person>…</person> / <place>…</place>{facts}, "
+                "then the pair.")
     whose = "the document's pairs" if distill_cfg.prompt_layout == "article" else "the pair"
     return (f"Prompt layout `{distill_cfg.prompt_layout}`: articles longer than {n} characters are shown as the excerpt "
             f"of that length that covers the most mentions of {whose} (cut at whitespace, marked with …).")
@@ -1203,6 +1252,18 @@ def write_report(folder: DistillFolder, recipe: DistillRecipe) -> Path:
                   + SCORE_NOTE, "",
                   f"**Does the student stay within {eff['within_points']:g} points of the teacher in every language?**", ""]
         lines += [f"- {a}" for a in eff["answer"]] or ["- no student was evaluated"]
+        refs = eff.get("references")
+        if refs:
+            langs = eff["languages"]
+            lines += ["", "What a model must beat (same test pairs; the regression is fit on the teacher's training "
+                      "pairs, on where the person and the place are mentioned — words between their closest mentions, "
+                      "one sentence or not, how often and how early each occurs, the article's length, the pairs in "
+                      "the document, the language — never on what the article says):", "",
+                      "| reference | " + " | ".join(langs) + " | overall | binary |", "|---|" + "---:|" * (len(langs) + 2)]
+            lines += [f"| {name} | " + " | ".join(with_ci(r["languages"][x]["score"], r["languages"][x]["ci"])
+                                                  if x in r["languages"] else "–" for x in langs)
+                      + f" | **{with_ci(r['score'], r['ci'])}** | {with_ci(r['binary'], r['binary_ci'])} |"
+                      for name, r in refs.items()]
         calibrated = [r for r in eff["rows"] if r.get("calibration")]
         if calibrated:
             lines += ["", "Label decisions calibrated on the dev split (`calibrate`: offsets added to the five option "
