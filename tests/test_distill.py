@@ -295,7 +295,8 @@ def test_distill_recipe_end_to_end(tmp_path, tiny_llama, tiny_gemma, monkeypatch
     assert all(0 <= r["score"] <= 1 and r["ci"][0] <= r["score"] <= r["ci"][1] for r in refs.values())
     assert sum("FALSE/FALSE everywhere" in a and "mention-position regression" in a for a in table["answer"]) == 3
     report = (run / "report.md").read_text()
-    for part in ("What a model must beat", "| FALSE/FALSE everywhere | ", "## 1. Prompt comparison", "## 2. Teacher and its traces", "The teacher on the dev split after each epoch",
+    for part in ("What a model must beat", "| FALSE/FALSE everywhere | ",
+                 "## 1. Prompt comparison", "## 2. Teacher and its traces", "The teacher on the dev split after each epoch",
                  "## 3. Students",
                  "## Efficiency and accuracy", "Does the student stay within 3 points", "student 'llama' vs teacher",
                  "`teacher`, isAt:", "| gold \\ predicted | TRUE | PROBABLE | FALSE |",
