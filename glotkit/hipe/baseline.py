@@ -19,8 +19,12 @@ from typing import Sequence
 
 from glotkit.hipe.data import placement
 from glotkit.hipe.parse import VALID_LABELS
+from glotkit.hipe.predict import pair_key
 
 Item = tuple[dict, dict]  # (document, pair)
+
+ALL_FALSE = "FALSE/FALSE everywhere"  # the names of the references in reports and table.json
+SURFACE = "mention positions (logistic regression)"
 
 FEATURES = ("log words between", "same sentence", "log person mentions", "log place mentions",
             "first person mention (share of the text)", "first place mention (share of the text)",
@@ -28,7 +32,7 @@ FEATURES = ("log words between", "same sentence", "log person mentions", "log pl
 
 
 def _row(doc: dict, pair: dict, at: str, is_at: str) -> dict:
-    return {"key": [doc["document_id"], pair["pers_entity_id"], pair["loc_entity_id"]],
+    return {"key": list(pair_key(doc, pair)),
             "language": doc.get("language"), "at": at, "isAt": is_at, "parsed": True, "corrected": False}
 
 

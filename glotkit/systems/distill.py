@@ -1019,8 +1019,9 @@ def run_evaluate(recipe: DistillRecipe, run_dir: Path, log, progress) -> dict:
 def beats_references(rows: Sequence[dict], refs: dict[str, dict]) -> list[str]:
     """Per tuned model: the languages where it does not beat FALSE/FALSE everywhere, and its
     overall score against the mention-position regression."""
-    floor = refs["FALSE/FALSE everywhere"]
-    surface = refs["mention positions (logistic regression)"]
+    from glotkit.hipe.baseline import ALL_FALSE, SURFACE
+
+    floor, surface = refs[ALL_FALSE], refs[SURFACE]
     out = []
     for r in rows:
         if r["role"] not in ("teacher", "student"):
@@ -1038,7 +1039,7 @@ def reference_scores(recipe: DistillRecipe, f: DistillFolder) -> dict[str, dict]
     """What a model must beat on the test split to be said to read the article: FALSE/FALSE
     everywhere, and a logistic regression on where the pair is mentioned, fit on the teacher's
     training pairs (:mod:`glotkit.hipe.baseline`); each with its interval, like the models."""
-    from glotkit.hipe.baseline import SurfaceBaseline, all_false_rows
+    from glotkit.hipe.baseline import ALL_FALSE, SURFACE, SurfaceBaseline, all_false_rows
     from glotkit.hipe.predict import score_rows
 
     test = _split_gold(f, "test", "the reference scores")
@@ -1048,8 +1049,7 @@ def reference_scores(recipe: DistillRecipe, f: DistillFolder) -> dict[str, dict]
     if silver.is_file() and silver.stat().st_size:
         train += items_of(_split_gold(f, "silver", "the surface baseline"))
     out = {}
-    for name, rows in (("FALSE/FALSE everywhere", all_false_rows(items)),
-                       ("mention positions (logistic regression)", SurfaceBaseline(recipe.seed).fit(train).rows(items))):
+    for name, rows in ((ALL_FALSE, all_false_rows(items)), (SURFACE, SurfaceBaseline(recipe.seed).fit(train).rows(items))):
         r = score_rows(test, rows)
         out[name] = _scores_brief(r) | {"binary": r["profile"]["binary_score"],
                                         "binary_ci": _ci(r["profile"], "binary_score")}
